@@ -1,0 +1,57 @@
+"""Tunables, in one place.
+
+Every constant here can be overridden by an environment variable of the same
+name prefixed with ``FUTUREPOOL_`` (``FUTUREPOOL_HEARTBEAT_INTERVAL=0.2``), read
+once at import. Durations are seconds. Tests patch the module attributes
+directly; code must therefore read them as ``config.NAME`` at use time, never
+copy them into a default argument.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+
+def _env(name: str, default, kind=None):
+    raw = os.environ.get("FUTUREPOOL_" + name)
+    if raw is None:
+        return default
+    kind = kind or type(default)
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"FUTUREPOOL_{name} must be a {kind.__name__}, got {raw!r}") from None
+
+
+#: Directory under which each executor makes its private (0700) run directory
+#: holding its ``ipc://`` sockets. Tests point this at a per-worker folder so
+#: that a leak check only sees its own run directories.
+TMPDIR: str = _env("TMPDIR", tempfile.gettempdir(), str)
+
+#: Tasks a worker may hold beyond the one it runs, for functions whose run
+#: time is not known yet. Once the owner has measured a function, the queue
+#: depth adapts so that about QUEUED_WORK_TARGET seconds of work wait at a
+#: worker (never more than MAX_QUEUE_DEPTH tasks).
+INITIAL_QUEUE_DEPTH: int = _env("INITIAL_QUEUE_DEPTH", 1)
+MAX_QUEUE_DEPTH: int = _env("MAX_QUEUE_DEPTH", 64)
+QUEUED_WORK_TARGET: float = _env("QUEUED_WORK_TARGET", 0.002)
+
+#: How often the node checks its workers and the driver, and the I/O thread
+#: wakes at the latest.
+HEARTBEAT_INTERVAL: float = _env("HEARTBEAT_INTERVAL", 0.5)
+
+#: After a worker is reported dead, results it sent before dying may still be
+#: in flight on its socket; its running task is failed only after this grace.
+DEATH_GRACE: float = _env("DEATH_GRACE", 0.05)
+
+#: A worker that cannot start (initializer fails, import error) is restarted
+#: with exponential back-off; after this many consecutive failures the pool is
+#: declared broken instead of respawning forever (cpython#87472).
+MAX_START_FAILURES: int = _env("MAX_START_FAILURES", 3)
+
+#: Seconds given to workers and the node to exit on shutdown before SIGKILL.
+SHUTDOWN_TIMEOUT: float = _env("SHUTDOWN_TIMEOUT", 5.0)
+
+#: Seconds the driver waits for its node to start before giving up.
+START_TIMEOUT: float = _env("START_TIMEOUT", 60.0)

@@ -1,0 +1,206 @@
+"""The node: one per host, it starts, watches and replaces worker processes.
+
+::
+
+    driver (owner's I/O thread)                      node (this module)
+      cmd pipe  ── NODE_CONFIG, NODE_STOP ────────►  main loop (one thread)
+      event pipe ◄── WORKER_EXITED ─────────────────   ├─ os.fork() ─► worker 0 ─┐
+                                                       ├─ os.fork() ─► worker 1 ─┤ zmq ipc
+      owner ROUTER ◄──────────── READY / RESULTS ──────────────────────────────────┘ to owner
+
+Who owns what: the node owns nothing but its children. It has no threads and
+no zmq context, which is what makes ``os.fork()`` safe and cheap here (about
+a millisecond, with the interpreter and our modules already loaded); the
+workers build their own zmq context after the fork. User code never runs in
+the node, so workers inherit no user state: code reaches them by value
+(cloudpickle) or by import.
+
+Liveness, both ways, without heartbeat traffic:
+* the driver holds the write end of the command pipe: end of file on it
+  means the driver is gone, and the node kills its workers and exits;
+* workers get ``PR_SET_PDEATHSIG``: if the node is killed, so are they;
+* the driver sees end of file on the event pipe when the node dies.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import select
+import signal
+import sys
+import time
+import traceback
+
+from .. import config
+from ..protocol.framing import PipeReader, write_pipe_message
+from ..protocol.messages import MessageType
+from ..store import serialize
+from .processes import EXIT_INITIALIZER_FAILED, describe_status, set_parent_death_signal
+
+class Node:
+    def __init__(self, settings: dict, cmd_fd: int, event_fd: int):
+        self.settings = settings
+        self.cmd_fd = cmd_fd
+        self.event_fd = event_fd
+        self.workers: dict[int, tuple[int, float]] = {}  # pid -> (worker_id, start time)
+        self.next_worker_id = 0
+        self.stopping = False
+        self.quick_deaths = 0
+        self.respawn_at: float | None = None
+        self.cmd = PipeReader(cmd_fd)
+        self.wakeup_r, self.wakeup_w = os.pipe()
+
+    # -- workers --------------------------------------------------------------
+
+    def spawn_worker(self) -> None:
+        worker_id = self.next_worker_id
+        self.next_worker_id += 1
+        node_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                self._become_worker(node_pid)
+                from .worker import run_worker
+                code = run_worker(worker_id, self.settings)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:  # noqa: BLE001 - report, then leave without cleanup
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        self.workers[pid] = (worker_id, time.monotonic())
+
+    def _become_worker(self, node_pid: int) -> None:
+        set_parent_death_signal()
+        if os.getppid() != node_pid:  # the node died before prctl took effect
+            os._exit(1)
+        signal.set_wakeup_fd(-1)
+        for fd in (self.cmd_fd, self.event_fd, self.wakeup_r, self.wakeup_w):
+            os.close(fd)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # Ctrl-C is the driver's to handle; it stops us (FAULTS.md 44).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker_id, started = self.workers.pop(pid, (None, 0.0))
+            if worker_id is None:
+                continue
+            exitcode, signame = describe_status(status)
+            self.report(MessageType.WORKER_EXITED, (worker_id, pid, exitcode, signame))
+            if self.stopping or exitcode == EXIT_INITIALIZER_FAILED:
+                continue  # a failing initializer breaks the pool: no respawn storm
+            # A worker dying right after start repeatedly is backed off.
+            if time.monotonic() - started < 1.0:
+                self.quick_deaths += 1
+            else:
+                self.quick_deaths = 0
+            delay = 0.0 if self.quick_deaths <= 1 else min(5.0, 0.05 * 2 ** self.quick_deaths)
+            if delay:
+                self.respawn_at = time.monotonic() + delay
+            else:
+                self.spawn_worker()
+
+    def top_up(self) -> None:
+        if self.respawn_at is not None and time.monotonic() >= self.respawn_at:
+            self.respawn_at = None
+            self.spawn_worker()
+
+    def report(self, kind: MessageType, body) -> None:
+        try:
+            write_pipe_message(self.event_fd, kind, serialize.dumps_plain(body))
+        except OSError:  # the driver is gone; the command pipe will say so too
+            self.stopping = True
+
+    def stop_workers(self, sig: int) -> None:
+        for pid in list(self.workers):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    # -- main loop ------------------------------------------------------------
+
+    def run(self) -> int:
+        for _ in range(self.settings["workers"]):
+            self.spawn_worker()
+        poller = select.poll()
+        poller.register(self.cmd_fd, select.POLLIN)
+        poller.register(self.wakeup_r, select.POLLIN)
+        deadline = None
+        while True:
+            timeout = config.HEARTBEAT_INTERVAL
+            if self.respawn_at is not None:
+                timeout = max(0.0, min(timeout, self.respawn_at - time.monotonic()))
+            for fd, _ in poller.poll(timeout * 1000):
+                if fd == self.wakeup_r:
+                    os.read(self.wakeup_r, 4096)
+                elif not self.stopping:
+                    try:
+                        for kind, _ident, _body in self.cmd.read():
+                            if kind == MessageType.NODE_STOP:
+                                self.begin_stop(signal.SIGTERM)
+                    except Exception:  # noqa: BLE001 - a corrupt pipe means the driver is gone
+                        self.cmd.closed = True
+                    if self.cmd.closed:  # driver died: nobody wants results any more
+                        self.begin_stop(signal.SIGKILL)
+                    if self.stopping:
+                        poller.unregister(self.cmd_fd)
+                        deadline = time.monotonic() + config.SHUTDOWN_TIMEOUT
+            self.reap()
+            if self.stopping:
+                if not self.workers:
+                    return 0
+                if time.monotonic() > deadline:
+                    self.stop_workers(signal.SIGKILL)
+                    deadline = time.monotonic() + config.SHUTDOWN_TIMEOUT
+            else:
+                self.top_up()
+
+    def begin_stop(self, sig: int) -> None:
+        self.stopping = True
+        self.stop_workers(sig)
+
+
+def main() -> None:
+    """Entry point of the node process (started by ``processes.start_node``).
+
+    ``sys.argv[1:3]`` are the command and event pipe descriptors.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cmd_fd, event_fd = int(sys.argv[1]), int(sys.argv[2])
+    settings = _read_settings(cmd_fd)
+    multiprocessing.current_process().authkey = settings["authkey"]
+    os.set_blocking(cmd_fd, False)
+    node = Node(settings, cmd_fd, event_fd)
+    os.set_blocking(node.wakeup_w, False)
+    signal.set_wakeup_fd(node.wakeup_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGTERM, lambda *_: node.begin_stop(signal.SIGTERM))
+    sys.exit(node.run())
+
+
+def _read_settings(cmd_fd: int) -> dict:
+    reader = PipeReader(cmd_fd)
+    poller = select.poll()
+    poller.register(cmd_fd, select.POLLIN)
+    deadline = time.monotonic() + config.START_TIMEOUT
+    while time.monotonic() < deadline:
+        poller.poll(1000)
+        for kind, _ident, body in reader.read():
+            if kind == MessageType.NODE_CONFIG:
+                return serialize.loads(body)
+        if reader.closed:
+            break
+    sys.exit(1)

@@ -1,0 +1,631 @@
+"""The owner: object table, dependencies and scheduling, driven by one I/O thread.
+
+::
+
+    user threads                       owner I/O thread (this module)          node + workers
+    ─────────────                      ──────────────────────────────          ──────────────
+    Executor.submit ─┐                 ┌─ admit: wait for dependencies
+     (pickles fn,    ├─ commands ─────►│   (done-callbacks post 'dep')
+      args; makes    │  deque + wake   ├─ ready deque ─ Scheduler.pick ─ TASKS ─► worker DEALERs
+      the Future)    │  (eventfd)      │                                          │
+    Future.cancel ───┘                 ├─ RESULTS ◄──────────────────────────────┘
+                                       │   set the Future (bytes kept encoded)
+    Executor.shutdown ── 'shutdown' ──►├─ WORKER_EXITED ◄── event pipe ───────── node
+                                       └─ fail the dead worker's task (after a grace),
+                                          requeue the ones it had not started
+
+Who owns which state: every attribute below the "I/O thread only" line
+belongs to the I/O thread; user threads only append to ``commands`` and
+call :meth:`wake`, which never blocks (an eventfd write, and only when the
+thread is about to sleep: cpython gh-105829 is the hang this avoids). The
+zmq socket and the node's pipes are the I/O thread's alone. Futures are
+completed by the I/O thread, so done-callbacks run there, as in the stdlib.
+
+Lifetime: the thread holds the executor only by weak reference; when the
+executor is collected, or ``shutdown`` is called, or the interpreter exits,
+the thread finishes the outstanding tasks, stops the node (which stops its
+workers), removes the run directory and exits.
+
+Objects: in this version every result is inline: the worker sends the
+pickled value, the owner keeps the bytes in the Future, and a dependent task
+receives them inside its TASKS message. The Future is the object table's
+entry; Python's reference counting frees a value when neither the user nor a
+pending task holds its Future.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from concurrent.futures import CancelledError
+
+import zmq
+
+from .. import config
+from ..errors import InitializerError, ProtocolError, UnpicklingFailedError, WorkerCrashedError
+from ..protocol.framing import PipeReader, decode_header, pack_header, write_pipe_message
+from ..protocol.messages import MessageType, ResultStatus
+from ..store import serialize
+from .processes import EXIT_INITIALIZER_FAILED, start_node
+from .scheduler import Scheduler, WorkerSlot
+
+LOGGER = logging.getLogger("futurepool")
+
+_task_ids = itertools.count(1)
+_HOST = os.uname().nodename
+
+
+class Task:
+    """One submitted call, as the owner tracks it until its future settles."""
+
+    __slots__ = ("task_id", "future", "fn_id", "fn_bytes", "fn_name", "args", "deps",
+                 "waiting", "attempt", "retries_left", "deaths", "started")
+
+    def __init__(self, future, fn_id, fn_bytes, fn_name, args, deps, retries):
+        self.task_id = next(_task_ids)
+        self.future = future
+        self.fn_id = fn_id
+        self.fn_bytes = fn_bytes
+        self.fn_name = fn_name
+        self.args = args
+        self.deps = deps  # {object_id: Future} the arguments refer to
+        self.waiting = len(deps)
+        self.attempt = 1
+        self.retries_left = retries
+        self.deaths = 0
+        self.started = False
+
+    def describe(self) -> str:
+        return f"task {self.task_id} ({self.fn_name})"
+
+
+class Owner:
+    """Owns the tasks one executor submits; see the module docstring."""
+
+    def __init__(self, executor, *, max_workers: int, initializer_blob: bytes | None,
+                 inherited_fds: list[int], max_tasks_per_child: int | None,
+                 max_retries: int, initializer_name: str = ""):
+        self.max_workers = max_workers
+        self.initializer_blob = initializer_blob
+        self.initializer_name = initializer_name
+        self.inherited_fds = inherited_fds
+        self.max_tasks_per_child = max_tasks_per_child
+        self.max_retries = max_retries
+        self.functions = serialize.FunctionCache()
+        # Shared with user threads.
+        self.commands: collections.deque = collections.deque()
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Closes our descriptors exactly once: at the end of the I/O thread, or
+        # when an executor that never started is shut down or collected.
+        self.release_fds = weakref.finalize(self, _close_fds, [self.wake_fd, *inherited_fds])
+        self.sleeping = False
+        self.broken: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        self.executor_ref = weakref.ref(executor, self._executor_gone)
+        # ---- I/O thread only below ----
+        self.tasks: dict[int, Task] = {}          # admitted, not settled
+        self.ready: collections.deque[Task] = collections.deque()
+        self.scheduler = Scheduler()
+        self.by_routing: dict[bytes, WorkerSlot] = {}
+        self.timers: list = []
+        self.timer_seq = itertools.count()
+        self.stopping = False
+        self.start_failures = 0
+        self.node_restarts = 0
+        self.node = None
+        self.node_cmd = -1
+        self.node_events: PipeReader | None = None
+        self.ctx = self.sock = self.poller = None
+        self.run_dir = None
+
+    # -- called from user threads ---------------------------------------------
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="futurepool-owner", daemon=False)
+        self.thread.start()
+        _live_owners.add(self)
+
+    def post(self, command) -> None:
+        self.commands.append(command)
+        if self.sleeping:
+            os.eventfd_write(self.wake_fd, 1)
+
+    def make_task(self, future, fn, args, kwargs) -> Task:
+        """Pickle a call (in the caller's thread); raises PicklingError naming the culprit."""
+        try:
+            fn_id, fn_bytes = self.functions.get(fn)
+        except Exception as exc:
+            raise _pickling_error(f"Could not pickle the function {serialize.describe_callable(fn)}",
+                                  exc) from exc
+        try:
+            data, deps = serialize.dumps_arguments(args, kwargs)
+        except Exception as exc:
+            raise _pickling_error(_culprit(fn, args, kwargs), exc) from exc
+        task = Task(future, fn_id, fn_bytes, serialize.describe_callable(fn), data, deps,
+                    self.max_retries)
+        future._description = task.describe()
+        return task
+
+    def request_shutdown(self, cancel_futures: bool = False) -> None:
+        self.post(("shutdown", cancel_futures))
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+
+    def close_unstarted(self) -> None:
+        """Shutdown of an executor that never ran a task: nothing but fds to free."""
+        self.release_fds()
+
+    def _executor_gone(self, _ref) -> None:
+        self.post(("shutdown", False))
+
+    # -- the I/O thread -------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._open()
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - never die silently, never leave futures hanging
+            LOGGER.critical("futurepool owner thread failed", exc_info=True)
+            self._break(exc)
+        finally:
+            self._close()
+            _live_owners.discard(self)
+
+    def _open(self) -> None:
+        self.run_dir = tempfile.mkdtemp(prefix="futurepool-", dir=config.TMPDIR)
+        self.address = f"ipc://{self.run_dir}/owner"
+        self.ctx = zmq.Context(1)
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        # Unknown or gone peers raise instead of silently dropping (FAULTS.md 1.6).
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(self.address)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.wake_fd, zmq.POLLIN)
+        self._start_node()
+
+    def _start_node(self) -> None:
+        cmd_r, cmd_w = os.pipe()
+        ev_r, ev_w = os.pipe()
+        try:
+            self.node = start_node(cmd_r, ev_w, tuple(self.inherited_fds))
+        finally:
+            os.close(cmd_r)
+            os.close(ev_w)
+        self.node_cmd = cmd_w
+        os.set_blocking(ev_r, False)
+        self.node_events = PipeReader(ev_r)
+        self.poller.register(ev_r, zmq.POLLIN)
+        settings = {
+            "authkey": bytes(multiprocessing.current_process().authkey),
+            "workers": self.max_workers,
+            "owner_address": self.address,
+            "initializer": self.initializer_blob,
+            "max_tasks_per_child": self.max_tasks_per_child,
+        }
+        write_pipe_message(cmd_w, MessageType.NODE_CONFIG, serialize.dumps_plain(settings))
+
+    def _loop(self) -> None:
+        sock, wake_fd, poll = self.sock, self.wake_fd, self.poller.poll
+        while True:
+            if self.commands:
+                self._drain_commands()
+            if self.ready:
+                self._dispatch()
+            if self.stopping and self._idle():
+                return
+            timeout = config.HEARTBEAT_INTERVAL
+            if self.timers:
+                timeout = max(0.0, min(timeout, self.timers[0][0] - time.monotonic()))
+            self.sleeping = True
+            if self.commands:
+                timeout = 0
+            events = poll(timeout * 1000)
+            self.sleeping = False
+            for what, _ in events:
+                if what is sock:
+                    self._drain_socket()
+                elif what == wake_fd:
+                    os.eventfd_read(wake_fd)
+                elif self.node_events is not None and what == self.node_events.fd:
+                    self._read_node_events()
+            if self.timers:
+                self._run_timers()
+
+    def _idle(self) -> bool:
+        if self.commands:
+            return False
+        if self.tasks:  # cancelled tasks still waiting on dependencies do not count
+            for task_id in [t for t, task in self.tasks.items() if task.future.cancelled()]:
+                del self.tasks[task_id]
+        return not self.tasks
+
+    # -- commands -------------------------------------------------------------
+
+    def _drain_commands(self) -> None:
+        commands = self.commands
+        while commands:
+            command = commands.popleft()
+            kind = command[0]
+            if kind == "task":
+                self._admit(command[1])
+            elif kind == "dep":
+                self._dependency_done(command[1], command[2])
+            elif kind == "shutdown":
+                self.stopping = True
+                if command[1]:
+                    self._cancel_pending()
+
+    def _admit(self, task: Task) -> None:
+        if self.broken is not None:
+            self._settle_exception(task, self._broken_error())
+            return
+        self.tasks[task.task_id] = task
+        if not task.deps:
+            self.ready.append(task)
+            return
+        for dep in list(task.deps.values()):
+            dep.add_done_callback(lambda f, t=task: self.post(("dep", t, f)))
+
+    def _dependency_done(self, task: Task, dep) -> None:
+        if task.future.done():
+            return
+        if dep.cancelled():
+            task.future.cancel()
+            self.tasks.pop(task.task_id, None)
+            return
+        exc = dep._exception
+        if exc is not None:  # fails without running, with the same exception
+            self._settle_exception(task, exc)
+            return
+        task.waiting -= 1
+        if task.waiting == 0:
+            self.ready.append(task)
+
+    def _cancel_pending(self) -> None:
+        for task in list(self.tasks.values()):
+            if not task.started and task.future.cancel():
+                del self.tasks[task.task_id]
+        self.ready = collections.deque(t for t in self.ready if t.task_id in self.tasks)
+
+    # -- dispatch -------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        batches: dict[WorkerSlot, list] = {}
+        ready, pick = self.ready, self.scheduler.pick
+        while ready:
+            task = ready[0]
+            worker = pick(task.fn_id)
+            if worker is None:
+                break
+            ready.popleft()
+            if not task.started:
+                if not task.future.set_running_or_notify_cancel():
+                    self.tasks.pop(task.task_id, None)
+                    continue
+                task.started = True
+            if task.fn_id in worker.functions:
+                fn_bytes = b""
+                worker.functions.move_to_end(task.fn_id)
+            else:
+                fn_bytes = task.fn_bytes
+                worker.functions[task.fn_id] = None
+                if len(worker.functions) > 512:
+                    worker.functions.popitem(last=False)
+            deps = tuple((oid, dep._payload()) for oid, dep in task.deps.items())
+            worker.inflight.append(task)
+            if worker.quota is not None:
+                worker.quota -= 1
+            batches.setdefault(worker, []).append(
+                (task.task_id, task.attempt, task.fn_id, fn_bytes, task.args, deps))
+        for worker, items in batches.items():
+            try:
+                self.sock.send_multipart([
+                    worker.routing_id,
+                    pack_header(MessageType.TASKS, len(items), worker.worker_id),
+                    serialize.dumps_plain(items),
+                ])
+            except zmq.ZMQError:  # the worker is gone; its node will tell us how
+                worker.alive = False
+                self._requeue(worker, len(items))
+
+    def _requeue(self, worker: WorkerSlot, count: int) -> None:
+        """Put the last ``count`` tasks sent to ``worker`` back at the head of the queue."""
+        for _ in range(min(count, len(worker.inflight))):
+            task = worker.inflight.pop()
+            self.ready.appendleft(task)
+            if worker.quota is not None:
+                worker.quota += 1
+
+    # -- messages from workers ------------------------------------------------
+
+    def _drain_socket(self) -> None:
+        sock = self.sock
+        for _ in range(10000):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._handle(frames)
+            except ProtocolError as exc:
+                LOGGER.warning("dropped a malformed message from %r: %s", frames[0], exc)
+
+    def _handle(self, frames) -> None:
+        if len(frames) < 3:
+            raise ProtocolError(f"{len(frames)} frames")
+        kind, _count, ident = decode_header(frames[1])
+        worker = self.by_routing.get(frames[0])
+        if kind == MessageType.RESULTS:
+            if worker is not None:
+                self._results(worker, serialize.loads(frames[2]))
+        elif kind == MessageType.READY:
+            worker_id, pid, tasks_left = serialize.loads(frames[2])
+            slot = WorkerSlot(worker_id, frames[0], pid, tasks_left)
+            self.by_routing[frames[0]] = slot
+            self.scheduler.workers[worker_id] = slot
+            self.start_failures = 0
+        elif kind == MessageType.INIT_FAILED:
+            self._initializer_failed(ident, serialize.loads_exception(frames[2]))
+        else:
+            raise ProtocolError(f"unexpected {kind.name} from a worker")
+
+    def _results(self, worker: WorkerSlot, results) -> None:
+        inflight = worker.inflight
+        for task_id, attempt, status, payload, took in results:
+            if inflight and inflight[0].task_id == task_id:
+                task = inflight.popleft()
+            else:
+                task = next((t for t in inflight if t.task_id == task_id), None)
+                if task is None:
+                    continue  # fenced: from an attempt we gave up on
+                inflight.remove(task)
+            if attempt != task.attempt:
+                continue
+            if status == ResultStatus.OK:
+                self.scheduler.record(task.fn_id, took)
+                self.tasks.pop(task.task_id, None)
+                try:
+                    task.future._set_encoded_result(payload)
+                except BaseException:  # noqa: BLE001 - a callback must not stop us
+                    LOGGER.exception("setting the result of %s", task.describe())
+            elif status == ResultStatus.ERROR:
+                self.scheduler.record(task.fn_id, took)
+                self._settle_exception(task, serialize.loads_exception(payload))
+            elif status == ResultStatus.ARGS_FAILED:
+                original = serialize.loads_exception(payload)
+                error = UnpicklingFailedError(
+                    f"The arguments of {task.describe()} could not be unpickled in worker"
+                    f" {worker.worker_id}: {type(original).__name__}: {original}. The task"
+                    " did not run; the worker and the pool are fine.", what="arguments")
+                error.__cause__ = original
+                self._settle_exception(task, error)
+            elif status == ResultStatus.MISSING_FUNCTION:
+                worker.functions.pop(task.fn_id, None)
+                self.ready.appendleft(task)
+                if worker.quota is not None:
+                    worker.quota += 1
+
+    def _settle_exception(self, task: Task, exc: BaseException) -> None:
+        self.tasks.pop(task.task_id, None)
+        try:
+            task.future.set_exception(exc)
+        except BaseException:  # noqa: BLE001 - already cancelled, or a callback failed
+            LOGGER.debug("could not fail %s", task.describe(), exc_info=True)
+
+    def _initializer_failed(self, worker_id: int, exc: BaseException) -> None:
+        if self.broken is not None:
+            return
+        error = InitializerError(
+            f"The pool's initializer {self.initializer_name} failed in worker {worker_id}"
+            f" with {type(exc).__name__}: {exc}. As with the stdlib's ProcessPoolExecutor, a"
+            " pool whose initializer fails cannot run tasks: fix the initializer and create a"
+            " new executor.")
+        error.__cause__ = exc
+        self._break(error)
+
+    # -- the node and dead workers -------------------------------------------
+
+    def _read_node_events(self) -> None:
+        reader = self.node_events
+        try:
+            events = reader.read()
+        except ProtocolError:
+            events = []
+        for kind, _ident, body in events:
+            if kind == MessageType.WORKER_EXITED:
+                self._worker_exited(*serialize.loads(body))
+        if reader.closed:
+            self._node_died()
+
+    def _worker_exited(self, worker_id, pid, exitcode, signal_name, detail="") -> None:
+        slot = self.scheduler.workers.get(worker_id)
+        if exitcode == EXIT_INITIALIZER_FAILED:
+            self._initializer_failed(worker_id, RuntimeError("the initializer failed"))
+            return
+        if slot is None:  # died before saying READY
+            self.start_failures += 1
+            if self.start_failures >= config.MAX_START_FAILURES and not self.scheduler.has_capacity():
+                self._break(WorkerCrashedError(
+                    "starting a worker", worker_id, pid, _HOST, exitcode, signal_name,
+                    detail=f"{self.start_failures} workers in a row died before they could take"
+                           " a task; see their stderr above."))
+            return
+        slot.alive = False
+        # Results it sent just before dying may still be in flight: wait a moment.
+        self._add_timer(config.DEATH_GRACE,
+                        lambda: self._bury(slot, exitcode, signal_name, detail))
+
+    def _bury(self, slot: WorkerSlot, exitcode, signal_name, detail) -> None:
+        self.scheduler.workers.pop(slot.worker_id, None)
+        self.by_routing.pop(slot.routing_id, None)
+        if not slot.inflight:
+            return
+        running = slot.inflight.popleft()
+        self._requeue(slot, len(slot.inflight))  # never started: run them elsewhere
+        running.deaths += 1
+        if running.retries_left > 0:
+            running.retries_left -= 1
+            running.attempt += 1
+            self.ready.appendleft(running)
+            return
+        self._settle_exception(running, WorkerCrashedError(
+            running.describe(), slot.worker_id, slot.pid, _HOST, exitcode, signal_name,
+            deaths=running.deaths, detail=detail))
+
+    def _node_died(self) -> None:
+        self.poller.unregister(self.node_events.fd)
+        os.close(self.node_events.fd)
+        self.node_events = None
+        code = self.node.wait()
+        self._close_node_pipes()
+        for slot in list(self.scheduler.workers.values()):
+            self._worker_exited(slot.worker_id, slot.pid, None, "SIGKILL",
+                                detail=f"Its node process (pid {self.node.pid}) died"
+                                       f" ({code}), taking its workers with it.")
+        if self.stopping and not self.tasks:
+            return
+        self.node_restarts += 1
+        if self.node_restarts > 3:
+            self._break(WorkerCrashedError("the pool", detail="The node process died 4 times."))
+        else:
+            self._start_node()
+
+    # -- timers ---------------------------------------------------------------
+
+    def _add_timer(self, delay: float, action) -> None:
+        heapq.heappush(self.timers, (time.monotonic() + delay, next(self.timer_seq), action))
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            heapq.heappop(self.timers)[2]()
+
+    # -- breaking and closing -------------------------------------------------
+
+    def _break(self, error: BaseException) -> None:
+        """The pool cannot run tasks any more: fail everything, stop."""
+        self.broken = error
+        self.stopping = True
+        self._drain_commands()
+        for task in list(self.tasks.values()):
+            if not task.future.done():
+                self._settle_exception(task, self._broken_error())
+        self.tasks.clear()
+        self.ready.clear()
+
+    def _broken_error(self) -> BaseException:
+        """A fresh exception per future: one object raised in many threads would tangle tracebacks."""
+        error = self.broken
+        if isinstance(error, (InitializerError, WorkerCrashedError)):
+            fresh = InitializerError(*error.args) if isinstance(error, InitializerError) \
+                else WorkerCrashedError(error.task, error.worker_id, error.pid, error.host,
+                                        error.exitcode, error.signal_name, detail=error.detail)
+            fresh.__cause__ = error.__cause__
+            return fresh
+        return CancelledError(f"the pool stopped: {error!r}")
+
+    def _close_node_pipes(self) -> None:
+        if self.node_cmd >= 0:
+            os.close(self.node_cmd)
+            self.node_cmd = -1
+
+    def _close(self) -> None:
+        self.stopping = True
+        if self.node is not None:
+            if self.node_cmd >= 0:
+                try:
+                    write_pipe_message(self.node_cmd, MessageType.NODE_STOP)
+                except OSError:
+                    pass
+            self._close_node_pipes()
+            try:
+                self.node.wait(config.SHUTDOWN_TIMEOUT + 1)
+            except Exception:  # noqa: BLE001 - TimeoutExpired: make sure
+                self.node.kill()
+                self.node.wait()
+        if self.node_events is not None:
+            os.close(self.node_events.fd)
+            self.node_events = None
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.ctx.term()
+        self.release_fds()
+        if self.run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        # Whatever is still pending can never complete now.
+        for task in list(self.tasks.values()):
+            if not task.future.done():
+                self._settle_exception(task, CancelledError("the executor was shut down"))
+        self.tasks.clear()
+
+
+def _close_fds(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _pickling_error(what: str, exc: BaseException):
+    import pickle
+    error = pickle.PicklingError(f"{what}: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _culprit(fn, args, kwargs) -> str:
+    """Name the first argument that does not pickle, for the error message."""
+    name = serialize.describe_callable(fn)
+    for index, value in enumerate(args):
+        try:
+            serialize.dumps_arguments((value,), {})
+        except Exception:  # noqa: BLE001
+            return f"Could not pickle argument {index} ({type(value).__name__}) of {name}()"
+    for key, value in kwargs.items():
+        try:
+            serialize.dumps_arguments((value,), {})
+        except Exception:  # noqa: BLE001
+            return f"Could not pickle keyword argument {key!r} ({type(value).__name__}) of {name}()"
+    return f"Could not pickle the arguments of {name}()"
+
+
+# --- interpreter exit --------------------------------------------------------
+
+_live_owners: weakref.WeakSet = weakref.WeakSet()
+_interpreter_exiting = False
+
+
+def interpreter_exiting() -> bool:
+    return _interpreter_exiting
+
+
+def _python_exit() -> None:
+    """As the stdlib does: at exit, finish outstanding work, then stop."""
+    global _interpreter_exiting
+    _interpreter_exiting = True
+    owners = list(_live_owners)
+    for owner in owners:
+        owner.request_shutdown()
+    for owner in owners:
+        owner.join()
+
+
+# Runs before the interpreter joins non-daemon threads, like the stdlib's
+# executors (threading._register_atexit exists since 3.9).
+threading._register_atexit(_python_exit)

@@ -1,0 +1,195 @@
+"""The worker: resolve arguments, run the function, report the result.
+
+A worker is forked by its node, connects a DEALER socket to its owner's
+ROUTER, runs the pool's initializer, says READY, and then serves TASKS
+batches in arrival order until told to STOP (or until its task quota for
+``max_tasks_per_child`` is used up). One thread; SIGINT is ignored (the
+driver handles Ctrl-C and stops workers itself).
+
+Results are batched: while the next queued task's function is known to be
+quick, results already computed wait (at most ``_HOLD_SECONDS``) to travel
+in one message. A function not yet timed, or a slow one, first flushes what
+is held, so a long task never delays an earlier result.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import pickle
+import time
+
+import zmq
+
+from ..protocol.framing import decode_header, pack_header
+from ..protocol.messages import MessageType, ResultStatus
+from ..store import serialize
+from .processes import EXIT_INITIALIZER_FAILED
+
+# The stdlib logs initializer failures here; code (and CPython's tests) watch it.
+LOGGER = logging.getLogger("concurrent.futures")
+
+_HOLD_SECONDS = 0.001
+_QUICK_SECONDS = 0.0001
+_FUNCTION_CACHE_SIZE = 512
+
+
+def routing_id(worker_id: int) -> bytes:
+    return b"w%d" % worker_id
+
+
+class Worker:
+    def __init__(self, worker_id: int, settings: dict):
+        self.worker_id = worker_id
+        self.settings = settings
+        self.functions: collections.OrderedDict[bytes, object] = collections.OrderedDict()
+        self.run_time: dict[bytes, float] = {}  # fn_id -> moving average of seconds
+        self.queue: collections.deque = collections.deque()
+        self.outbox: list = []
+        self.held_since = 0.0
+        self.keepalive: list = []  # last tasks' objects, dropped only after their result left
+        self.ctx = zmq.Context(1)
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.ROUTING_ID, routing_id(worker_id))
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.connect(settings["owner_address"])
+
+    def close(self) -> None:
+        # Linger so the last results reach the owner before the process exits.
+        self.sock.close(linger=5000)
+        self.ctx.term()
+
+    # -- start-up -------------------------------------------------------------
+
+    def initialize(self) -> bool:
+        blob = self.settings.get("initializer")
+        if blob is None:
+            return True
+        try:
+            initializer, initargs = serialize.loads(blob)
+            initializer(*initargs)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit in an initializer too
+            LOGGER.critical("Exception in initializer:", exc_info=True)
+            self.sock.send_multipart([
+                pack_header(MessageType.INIT_FAILED, 0, self.worker_id),
+                serialize.dumps_exception(exc),
+            ])
+            return False
+        return True
+
+    # -- tasks ----------------------------------------------------------------
+
+    def run_task(self, item) -> tuple:
+        task_id, attempt, fn_id, fn_bytes, args_bytes, deps = item
+        try:
+            fn = self.functions.get(fn_id)
+            if fn is None:
+                if not fn_bytes:
+                    return (task_id, attempt, ResultStatus.MISSING_FUNCTION, b"", 0.0), None
+                fn = serialize.loads(fn_bytes)
+                self.functions[fn_id] = fn
+                if len(self.functions) > _FUNCTION_CACHE_SIZE:
+                    self.functions.popitem(last=False)
+            else:
+                self.functions.move_to_end(fn_id)
+            args, kwargs = serialize.loads_arguments(args_bytes, dict(deps))
+        except BaseException as exc:  # noqa: BLE001 - a __setstate__ may raise anything
+            return (task_id, attempt, ResultStatus.ARGS_FAILED,
+                    serialize.dumps_exception(exc), 0.0), None
+        start = time.perf_counter()
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - sys.exit() in a task is its result
+            took = time.perf_counter() - start
+            return (task_id, attempt, ResultStatus.ERROR, serialize.dumps_exception(exc),
+                    took), (args, kwargs)
+        took = time.perf_counter() - start
+        try:
+            payload = serialize.dumps(result)
+        except Exception as exc:  # noqa: BLE001
+            error = pickle.PicklingError(
+                f"Could not pickle the result of {serialize.describe_callable(fn)}():"
+                f" {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            return (task_id, attempt, ResultStatus.ERROR, serialize.dumps_exception(error),
+                    took), (args, kwargs, result)
+        except BaseException as exc:  # noqa: BLE001 - sys.exit() in __reduce__, as the stdlib
+            return (task_id, attempt, ResultStatus.ERROR, serialize.dumps_exception(exc),
+                    took), (args, kwargs, result)
+        return (task_id, attempt, ResultStatus.OK, payload, took), (args, kwargs, result)
+
+    def flush(self) -> None:
+        if self.outbox:
+            self.sock.send_multipart([
+                pack_header(MessageType.RESULTS, len(self.outbox), self.worker_id),
+                serialize.dumps_plain(self.outbox),
+            ])
+            self.outbox = []
+
+    def should_hold(self) -> bool:
+        """Whether computed results may wait for the next queued task."""
+        if not self.queue or not self.outbox:
+            return False
+        next_fn = self.queue[0][2]
+        quick = self.run_time.get(next_fn, 1.0) < _QUICK_SECONDS
+        return quick and time.perf_counter() - self.held_since < _HOLD_SECONDS
+
+    def serve(self) -> None:
+        tasks_left = self.settings.get("max_tasks_per_child") or 0
+        self.sock.send_multipart([
+            pack_header(MessageType.READY, 0, self.worker_id),
+            serialize.dumps_plain((self.worker_id, os.getpid(), tasks_left)),
+        ])
+        while True:
+            if not self.queue:
+                self.flush()
+                frames = self.sock.recv_multipart()
+                self.keepalive.clear()
+                if not self._accept(frames):
+                    return
+            while self.queue:
+                # Take what else arrived without blocking, so batches stay full.
+                while self.sock.poll(0):
+                    if not self._accept(self.sock.recv_multipart()):
+                        self.flush()
+                        return
+                item = self.queue.popleft()
+                outcome, keep = self.run_task(item)
+                if not self.outbox:
+                    self.held_since = time.perf_counter()
+                self.outbox.append(outcome)
+                self.keepalive.append(keep)
+                fn_id = item[2]
+                previous = self.run_time.get(fn_id)
+                took = outcome[4]
+                self.run_time[fn_id] = took if previous is None else 0.8 * previous + 0.2 * took
+                if tasks_left:
+                    tasks_left -= 1
+                    if tasks_left == 0:  # max_tasks_per_child: leave for a fresh worker
+                        self.flush()
+                        return
+                if not self.should_hold():
+                    self.flush()
+
+    def _accept(self, frames) -> bool:
+        """Queue a message's tasks; False when the owner says STOP."""
+        kind, _count, _ident = decode_header(frames[0])
+        if kind == MessageType.STOP:
+            return False
+        if kind == MessageType.TASKS:
+            self.queue.extend(serialize.loads(frames[1]))
+        return True
+
+
+def run_worker(worker_id: int, settings: dict) -> int:
+    """Body of a worker process; returns its exit code."""
+    worker = Worker(worker_id, settings)
+    try:
+        if not worker.initialize():
+            return EXIT_INITIALIZER_FAILED
+        worker.serve()
+    finally:
+        worker.close()
+    return 0

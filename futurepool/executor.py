@@ -1,0 +1,254 @@
+"""``futurepool.Executor``: a drop-in ``concurrent.futures.ProcessPoolExecutor``.
+
+The facade validates arguments exactly as the stdlib does, pickles each call
+in the caller's thread (so an unpicklable argument fails that future at
+once, naming the argument) and hands it to the owner (``core.owner``), which
+does everything else on its I/O thread.
+
+Intended differences from the stdlib (each keeps the stdlib's exception
+types):
+
+* A worker that dies fails only the task it was running, with
+  :class:`~futurepool.errors.WorkerCrashedError` (a ``BrokenProcessPool``)
+  naming the exit code or signal; the pool replaces the worker. The stdlib
+  breaks the whole pool.
+* A result that cannot be unpickled in the caller fails that future only
+  (:class:`~futurepool.errors.UnpicklingFailedError`, also a
+  ``BrokenProcessPool``), not the pool.
+* Futures are values: pass them as arguments to ``submit``/``map``.
+* Code reaches workers by value (cloudpickle) or by import, never by fork
+  inheritance, whatever ``mp_context`` says: lambdas, closures and
+  ``__main__`` functions work, ``max_tasks_per_child`` works with any
+  context, and objects that only survive a fork (a ``Lock`` made by a
+  *fork* context) cannot be passed in ``initargs``. ``mp_context`` is
+  validated and kept as ``_mp_context`` for code that reads it.
+* Extra keyword-only argument ``max_retries`` (default 0, the stdlib's
+  behaviour): how many times a task whose worker died is re-run.
+* ``map`` accepts ``buffersize`` (as in Python 3.14) on every version.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+import multiprocessing as mp
+import os
+import threading
+import time
+import weakref
+from concurrent.futures import Executor as _StdExecutor
+
+from .core import owner as _owner
+from .future import Future
+from .store import serialize
+
+__all__ = ["Executor", "ProcessPoolExecutor"]
+
+
+def _default_workers() -> int:
+    if hasattr(os, "process_cpu_count"):
+        return os.process_cpu_count() or 1
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _process_chunk(fn, chunk):
+    """Runs in the worker: one task of ``map(..., chunksize>1)``."""
+    return [fn(*args) for args in chunk]
+
+
+def _batched(iterable, n):
+    it = iter(iterable)
+    while batch := tuple(itertools.islice(it, n)):
+        yield batch
+
+
+class Executor(_StdExecutor):
+    """Runs calls in worker processes; a drop-in ``ProcessPoolExecutor``.
+
+    Args:
+        max_workers: number of worker processes; default the number of CPUs
+            this process may use (``os.process_cpu_count()``).
+        mp_context: accepted and validated for compatibility; workers are
+            always started by futurepool's node (see the module docstring).
+        initializer: called with ``initargs`` in each worker before it
+            takes tasks. If it fails, the pool is broken, as in the stdlib.
+        initargs: arguments for ``initializer``; may hold
+            ``multiprocessing`` queues and pipes, as with the stdlib.
+        max_tasks_per_child: a worker exits after this many tasks and is
+            replaced by a fresh one.
+        max_retries: times a task is re-run when its worker dies (not when
+            it raises). Default 0, as in the stdlib.
+
+    Raises:
+        ValueError: ``max_workers`` or ``max_tasks_per_child`` below 1.
+        TypeError: ``initializer`` not callable, ``max_tasks_per_child`` not
+            an int, or ``initargs`` that cannot be pickled.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(),
+                 *, max_tasks_per_child=None, max_retries=0):
+        if max_workers is None:
+            max_workers = _default_workers()
+        elif max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if mp_context is None:
+            mp_context = mp.get_context("spawn" if max_tasks_per_child is not None else None)
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if max_tasks_per_child is not None:
+            if not isinstance(max_tasks_per_child, int):
+                raise TypeError("max_tasks_per_child must be an integer")
+            if max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be >= 1")
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        self._max_workers = max_workers
+        self._mp_context = mp_context
+        self._initializer = initializer
+        self._initargs = initargs
+        self._max_tasks_per_child = max_tasks_per_child
+        blob, fds = None, []
+        if initializer is not None:
+            try:
+                blob, fds = serialize.dumps_for_spawn((initializer, tuple(initargs)))
+            except Exception as exc:
+                raise TypeError(f"initializer and initargs must be picklable: "
+                                f"{type(exc).__name__}: {exc}") from exc
+        self._owner = _owner.Owner(
+            self, max_workers=max_workers, initializer_blob=blob, inherited_fds=fds,
+            max_tasks_per_child=max_tasks_per_child, max_retries=max_retries,
+            initializer_name=serialize.describe_callable(initializer) if initializer else "")
+        self._shutdown_thread = False
+        self._shutdown_lock = threading.Lock()
+
+    @property
+    def _broken(self):
+        """Truthy (the reason) once the pool cannot run tasks, as in the stdlib."""
+        error = self._owner.broken
+        return str(error) if error is not None else False
+
+    def submit(self, fn, /, *args, **kwargs):
+        """Schedule ``fn(*args, **kwargs)``; return a :class:`futurepool.Future`.
+
+        Futures among the arguments (at any depth) are waited for and
+        replaced by their values in the worker. An argument that cannot be
+        pickled fails the returned future with ``pickle.PicklingError``
+        naming it; nothing is sent.
+
+        Raises:
+            RuntimeError: after ``shutdown`` (or interpreter shutdown).
+            BrokenProcessPool: the pool is broken (its initializer failed).
+        """
+        future = Future()
+        owner = self._owner
+        try:
+            task = owner.make_task(future, fn, args, kwargs)
+        except Exception as exc:
+            task = None
+            error = exc
+        with self._shutdown_lock:
+            if owner.broken is not None:
+                raise owner._broken_error()
+            if self._shutdown_thread:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if _owner.interpreter_exiting():
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            if task is None:
+                future.set_exception(error)
+                return future
+            if owner.thread is None:
+                owner.start()
+            owner.post(("task", task))
+        return future
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
+        """Like ``map(fn, *iterables)``, run in the pool; results in input order.
+
+        Args:
+            timeout: seconds, counted from this call, for the whole iteration.
+            chunksize: items per task (the function runs over a chunk in one
+                worker call).
+            buffersize: at most this many tasks are submitted ahead of the
+                consumer (Python 3.14 semantics); None submits all at once.
+
+        Raises:
+            TimeoutError: when ``__next__`` is called and the result is not
+                ready before the deadline.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if buffersize is not None:
+            if not isinstance(buffersize, int):
+                raise TypeError("buffersize must be an integer or None")
+            if buffersize < 1:
+                raise ValueError("buffersize must be None or > 0")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        calls = zip(*iterables)
+        if chunksize > 1:
+            chunk_fn = functools.partial(_process_chunk, fn)
+            calls = ((chunk,) for chunk in _batched(calls, chunksize))
+            call = chunk_fn
+        else:
+            call = fn
+        if buffersize is None:
+            fs = collections.deque(self.submit(call, *args) for args in calls)
+            calls = None
+        else:
+            fs = collections.deque(self.submit(call, *args)
+                                   for args in itertools.islice(calls, buffersize))
+        results = _result_iterator(fs, end_time, calls, call, weakref.ref(self))
+        if chunksize > 1:
+            return itertools.chain.from_iterable(results)
+        return results
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        """Stop taking tasks; free the workers once pending work is done.
+
+        Args:
+            wait: block until every pending future has settled and every
+                worker process has exited.
+            cancel_futures: cancel the futures not yet sent to a worker.
+        """
+        with self._shutdown_lock:
+            self._shutdown_thread = True
+            owner = self._owner
+            if owner.thread is None:
+                owner.close_unstarted()
+                return
+            owner.request_shutdown(cancel_futures)
+        if wait:
+            owner.join()
+
+
+
+def _result_iterator(fs, end_time, calls, call, executor_ref):
+    """Yield results in order; submit more when bounded; cancel the rest when closed."""
+    try:
+        while fs:
+            if calls is not None:
+                executor = executor_ref()
+                args = next(calls, None) if executor is not None else None
+                if args is not None:
+                    fs.append(executor.submit(call, *args))
+                del executor
+            future = fs.popleft()
+            try:
+                if end_time is None:
+                    yield future.result()
+                else:
+                    yield future.result(end_time - time.monotonic())
+            finally:
+                future.cancel()
+                del future
+    finally:
+        for future in fs:
+            future.cancel()
+
+
+ProcessPoolExecutor = Executor

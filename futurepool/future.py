@@ -1,0 +1,120 @@
+"""``futurepool.Future``: a ``concurrent.futures.Future`` that is also a value.
+
+It subclasses the stdlib class, so ``concurrent.futures.wait`` and
+``as_completed`` accept it, alone or mixed with stdlib futures. What it adds:
+
+* **It can be passed to another task.** Among a task's arguments (at any
+  depth) it pickles as a reference; the task waits for it at the owner and
+  the worker receives the value. The caller never fetches it.
+* **Its result stays serialized until asked for.** The owner keeps the bytes
+  the worker sent; ``result()`` unpickles them once, in the caller's thread.
+  A value that only feeds other tasks is never unpickled in the driver, and
+  a result that fails to unpickle fails this future only, with
+  :class:`~futurepool.errors.UnpicklingFailedError` naming the result.
+* A done-callback that raises, even ``SystemExit``, is logged and the others
+  still run: it can never take down the owner's I/O thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from concurrent.futures import Future as _StdFuture
+
+from .errors import UnpicklingFailedError
+from .store import serialize
+
+__all__ = ["Future"]
+
+LOGGER = logging.getLogger("concurrent.futures")
+
+_object_ids = itertools.count(1)
+
+
+class _Encoded:
+    """A result still in its pickled form."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+
+class Future(_StdFuture):
+    """The result of a task submitted to :class:`futurepool.Executor`.
+
+    Everything ``concurrent.futures.Future`` offers works the same way;
+    additionally a Future may be passed as an argument to ``submit`` or
+    ``map``, anywhere inside the arguments.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.object_id = next(_object_ids)
+        self._description = None
+        self._encoded = None
+
+    def __reduce__(self):
+        if serialize.collect_references(self):
+            return serialize.resolve_reference, (self.object_id,)
+        raise TypeError(
+            "futurepool.Future can only be pickled as an argument of a task submitted to a"
+            " futurepool executor, where it stands for its result; pass future.result() to"
+            " send the value itself")
+
+    # -- set by the owner -----------------------------------------------------
+
+    def _set_encoded_result(self, data: bytes) -> None:
+        self._encoded = data
+        self.set_result(_Encoded(data))
+
+    def _payload(self) -> bytes:
+        """The pickled result, for a dependent task (the future is done, not failed)."""
+        if self._encoded is not None:
+            return self._encoded
+        return serialize.dumps(self._result)  # set_result() called directly by a user
+
+    # -- read by the user -----------------------------------------------------
+
+    def result(self, timeout=None):
+        value = super().result(timeout)
+        if type(value) is _Encoded:
+            value = self._decode()
+        return value
+
+    def exception(self, timeout=None):
+        exc = super().exception(timeout)
+        if exc is None and type(self._result) is _Encoded:
+            try:
+                self._decode()
+            except UnpicklingFailedError as error:
+                return error
+        return exc
+
+    def _decode(self):
+        with self._condition:
+            value = self._result
+            if type(value) is not _Encoded:
+                return value
+            try:
+                self._result = serialize.loads(value.data)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - __setstate__ may even sys.exit()
+                error = UnpicklingFailedError(
+                    f"The result of {self._description or 'the task'} could not be unpickled"
+                    f" in the caller: {type(exc).__name__}: {exc}. The task itself succeeded;"
+                    " check that the result's type can be imported here and that its"
+                    " __reduce__/__setstate__ work.", what="result")
+                error.__cause__ = exc
+                raise error from exc
+            return self._result
+
+    def _invoke_callbacks(self):
+        for callback in self._done_callbacks:
+            try:
+                callback(self)
+            except BaseException:  # noqa: BLE001 - SystemExit must not kill the I/O thread
+                LOGGER.exception("exception calling callback for %r", self)

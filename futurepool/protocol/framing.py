@@ -1,0 +1,100 @@
+"""Between messages and frames: the only module that packs or parses headers.
+
+Two transports carry the same messages:
+
+* zmq multipart messages: ``[header, body]``;
+* byte pipes (driver <-> its local node): ``u32 length | header | body``.
+
+``decode`` validates magic, version, type and sizes before returning the
+body, still as bytes. Anything malformed raises :class:`ProtocolError`; the
+I/O loops log and drop it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from ..errors import ProtocolError
+from .messages import (
+    _KNOWN_TYPES,
+    HEADER,
+    MAGIC,
+    MAX_PIPE_FRAME,
+    PROTOCOL_VERSION,
+    MessageType,
+)
+
+_LENGTH = struct.Struct("<I")
+_HEADER_SIZE = HEADER.size
+
+
+def pack_header(kind: MessageType, count: int = 0, ident: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, count, ident)
+
+
+def decode_header(frame) -> tuple[MessageType, int, int]:
+    """Validate a header frame; return ``(type, count, ident)``."""
+    if len(frame) != _HEADER_SIZE:
+        raise ProtocolError(f"header of {len(frame)} bytes, expected {_HEADER_SIZE}")
+    magic, version, kind, count, ident = HEADER.unpack(frame)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r}")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version}, this side speaks {PROTOCOL_VERSION}")
+    if kind not in _KNOWN_TYPES:
+        raise ProtocolError(f"unknown message type {kind}")
+    return MessageType(kind), count, ident
+
+
+# --- pipes -------------------------------------------------------------------
+
+def write_pipe_message(fd: int, kind: MessageType, body: bytes = b"", ident: int = 0) -> None:
+    """Write one framed message to a blocking pipe (short messages, rare)."""
+    header = pack_header(kind, 0, ident)
+    data = _LENGTH.pack(len(header) + len(body)) + header + body
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class PipeReader:
+    """Incremental reader of framed messages from a non-blocking pipe."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._buffer = bytearray()
+        self.closed = False
+
+    def read(self) -> list[tuple[MessageType, int, bytes]]:
+        """Read what is available; return complete ``(type, ident, body)`` messages.
+
+        Sets :attr:`closed` at end of file (the other process is gone).
+        """
+        try:
+            while True:
+                chunk = os.read(self.fd, 1 << 16)
+                if not chunk:
+                    self.closed = True
+                    break
+                self._buffer += chunk
+                if len(chunk) < (1 << 16):
+                    break
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.closed = True
+        messages = []
+        buf = self._buffer
+        while len(buf) >= 4:
+            (length,) = _LENGTH.unpack_from(buf)
+            if length < _HEADER_SIZE or length > MAX_PIPE_FRAME:
+                self.closed = True  # the stream is corrupt: nothing after it can be trusted
+                raise ProtocolError(f"pipe frame of {length} bytes")
+            if len(buf) < 4 + length:
+                break
+            kind, _count, ident = decode_header(bytes(buf[4:4 + _HEADER_SIZE]))
+            messages.append((kind, ident, bytes(buf[4 + _HEADER_SIZE:4 + length])))
+            del buf[:4 + length]
+        return messages

@@ -1,0 +1,80 @@
+"""Message types and the fixed binary header.
+
+Every message is a header frame followed by body frames. The header is a
+fixed ``struct`` layout, validated before anything else is read::
+
+    magic  b"fp"   2 bytes
+    version        1 byte   (PROTOCOL_VERSION)
+    type           1 byte   (MessageType)
+    count          4 bytes  (items in a batch, or a flag word)
+    ident          8 bytes  (task id, worker id, ... depending on the type)
+
+Bodies are bytes that only ``core`` decodes (with ``store.serialize``): the
+wire layer never unpickles. Batches keep the per-message cost off the hot
+path: one ``TASKS`` message carries every task dispatched to a worker in one
+round of the owner's loop, one ``RESULTS`` message every result a worker had
+ready.
+
+Body layouts (pickled tuples of builtins; user data is inside as bytes):
+
+=============  =========================  =====================================
+type           direction                  body
+=============  =========================  =====================================
+READY          worker -> owner            (worker_id, pid, tasks_left)
+TASKS          owner -> worker            [(task_id, attempt, fn_id, fn_bytes,
+                                           args_bytes, ((object_id, value),..))]
+RESULTS        worker -> owner            [(task_id, attempt, status, payload,
+                                           run_seconds)]
+INIT_FAILED    worker -> owner            exception bytes (serialize.dumps_exception)
+STOP           owner -> worker            empty
+NODE_CONFIG    driver -> node (pipe)      dict of start-up settings
+WORKER_EXITED  node -> driver (pipe)      (worker_id, pid, exitcode, signal_name)
+NODE_STOP      driver -> node (pipe)      empty
+=============  =========================  =====================================
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+PROTOCOL_VERSION = 1
+MAGIC = b"fp"
+HEADER = struct.Struct("<2sBBIQ")
+
+#: Upper bound of one pipe frame, a guard against a corrupt length prefix.
+MAX_PIPE_FRAME = 1 << 30
+
+
+class MessageType(enum.IntEnum):
+    READY = 1
+    TASKS = 2
+    RESULTS = 3
+    INIT_FAILED = 4
+    STOP = 5
+    NODE_CONFIG = 10
+    WORKER_EXITED = 11
+    NODE_STOP = 12
+
+
+_KNOWN_TYPES = frozenset(int(t) for t in MessageType)
+
+
+class ResultStatus(enum.IntEnum):
+    """How a task ended, as a worker reports it."""
+
+    OK = 0               #: payload is the pickled return value
+    ERROR = 1            #: payload is serialize.dumps_exception(...) of the task's exception
+    ARGS_FAILED = 2      #: the arguments (or function) could not be unpickled
+    MISSING_FUNCTION = 3  #: the worker's cache lost the function: send it again
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    type: MessageType
+    count: int = 0
+    ident: int = 0
+
+    def pack(self) -> bytes:
+        return HEADER.pack(MAGIC, PROTOCOL_VERSION, self.type, self.count, self.ident)

@@ -1,0 +1,253 @@
+"""Serialization: the one module that pickles and unpickles user data.
+
+* Functions, arguments and results go through cloudpickle (protocol 5), so
+  lambdas, closures and ``__main__`` functions work without fork inheritance.
+* A function is pickled once per function object and identified by the hash
+  of its pickle; workers cache functions by that id (like Ray and Dask, a
+  function object is snapshotted the first time it is submitted).
+* A ``futurepool.Future`` inside the arguments pickles as a reference to its
+  result; the worker substitutes the value while unpickling (at any depth).
+* Exceptions travel with their traceback (tblib), and become a faithful
+  :class:`~futurepool.errors.RemoteError` surrogate when they cannot cross.
+
+Trust: everything unpickled here comes from processes of the same session
+over private ``ipc://`` sockets and pipes; unpickling runs arbitrary code, so
+nothing here may ever read bytes from an unauthenticated peer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import multiprocessing.context
+import os
+import pickle
+import threading
+import traceback
+import weakref
+from concurrent.futures.process import _RemoteTraceback
+
+import cloudpickle
+import tblib
+
+from ..errors import RemoteError
+
+PROTOCOL = 5
+
+loads = pickle.loads
+
+
+def dumps(obj) -> bytes:
+    """Pickle user data (cloudpickle, protocol 5)."""
+    return cloudpickle.dumps(obj, protocol=PROTOCOL)
+
+
+def dumps_plain(obj) -> bytes:
+    """Pickle our own messages' bodies: only builtins inside, C speed."""
+    return pickle.dumps(obj, protocol=PROTOCOL)
+
+
+# --- functions ---------------------------------------------------------------
+
+class FunctionCache:
+    """Maps function objects to ``(fn_id, pickled bytes)``, pickling each once.
+
+    Weakly keyed where the function allows it, so closures made per call do
+    not pile up; objects that refuse weak references (builtins, some
+    callables) are keyed by identity in a small bounded table holding them.
+    Called from user threads: the lock keeps the two tables consistent.
+    """
+
+    _STRONG_LIMIT = 256
+
+    def __init__(self):
+        self._weak = weakref.WeakKeyDictionary()
+        self._strong: dict[int, tuple[object, bytes, bytes]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, fn) -> tuple[bytes, bytes]:
+        with self._lock:
+            try:
+                hit = self._weak.get(fn)
+            except TypeError:  # unhashable or no weakref support
+                hit = None
+                strong = self._strong.get(id(fn))
+                if strong is not None and strong[0] is fn:
+                    return strong[1], strong[2]
+            if hit is not None:
+                return hit
+        data = dumps(fn)
+        fn_id = hashlib.blake2b(data, digest_size=16).digest()
+        entry = (fn_id, data)
+        with self._lock:
+            try:
+                self._weak[fn] = entry
+            except TypeError:
+                if len(self._strong) >= self._STRONG_LIMIT:
+                    self._strong.pop(next(iter(self._strong)))
+                self._strong[id(fn)] = (fn, fn_id, data)
+        return entry
+
+
+def describe_callable(fn) -> str:
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    if name is None:
+        return repr(fn)[:80]
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{name}" if module and module != "builtins" else name
+
+
+# --- futures inside arguments ------------------------------------------------
+
+_collector = threading.local()
+
+
+def collect_references(dep) -> bool:
+    """Record a future met while pickling task arguments.
+
+    Returns False when no task is being pickled in this thread (the future
+    then refuses to pickle: it only travels as a task argument).
+    """
+    found = getattr(_collector, "deps", None)
+    if found is None:
+        return False
+    found[dep.object_id] = dep
+    return True
+
+
+def dumps_arguments(args, kwargs) -> tuple[bytes, dict]:
+    """Pickle ``(args, kwargs)`` and return the futures found inside them."""
+    _collector.deps = deps = {}
+    try:
+        return dumps((args, kwargs)), deps
+    finally:
+        _collector.deps = None
+
+
+# Worker side: values of the current task's dependencies, by object id.
+_resolving = threading.local()
+
+
+def resolve_reference(object_id: int):
+    """Unpickling hook: the value of a dependency of the task being loaded."""
+    values = getattr(_resolving, "values", None)
+    if values is None or object_id not in values:
+        raise RuntimeError(
+            f"futurepool: reference to object {object_id} outside of a task that depends on it")
+    value = values[object_id]
+    if isinstance(value, (bytes, memoryview)):
+        value = values[object_id] = loads(value)
+    return value
+
+
+def loads_arguments(data, dep_values: dict):
+    """Unpickle ``(args, kwargs)``, substituting dependency values."""
+    if not dep_values:
+        return loads(data)
+    _resolving.values = dict(dep_values)
+    try:
+        return loads(data)
+    finally:
+        _resolving.values = None
+
+
+# --- exceptions --------------------------------------------------------------
+
+def dumps_exception(exc: BaseException) -> bytes:
+    """Pickle an exception with its traceback; never raises for the exception's sake."""
+    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        tb_dict = tblib.Traceback(exc.__traceback__).as_dict() if exc.__traceback__ else None
+    except Exception:
+        tb_dict = None
+    try:
+        exc_bytes = dumps(exc)
+    except BaseException:  # noqa: BLE001 - a __reduce__ may raise anything
+        exc_bytes = None
+    type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    try:
+        message = str(exc)
+    except BaseException:  # noqa: BLE001
+        message = "<str() failed>"
+    return dumps_plain((exc_bytes, type_name, message, tb_text, tb_dict))
+
+
+def loads_exception(data) -> BaseException:
+    """Rebuild an exception from :func:`dumps_exception`, with a surrogate on failure.
+
+    The remote traceback is attached twice, deliberately: as real frames
+    (tblib) so debuggers and ``traceback.print_exc()`` show the worker's
+    frames, and as the stdlib's ``_RemoteTraceback`` ``__cause__`` holding the
+    text, as ``ProcessPoolExecutor`` does.
+    """
+    exc_bytes, type_name, message, tb_text, tb_dict = loads(data)
+    exc = None
+    if exc_bytes is not None:
+        try:
+            exc = loads(exc_bytes)
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # noqa: BLE001 - a __setstate__ may raise anything
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(type_name, message, tb_text)
+    if tb_dict is not None:
+        try:
+            exc = exc.with_traceback(tblib.Traceback.from_dict(tb_dict).as_traceback())
+        except Exception:  # noqa: BLE001 - frames are a nicety, the text stays
+            pass
+    exc.__cause__ = _RemoteTraceback(f'\n"""\n{tb_text}"""')
+    return exc
+
+
+# --- pool start-up state: initializer and initargs ---------------------------
+
+class _InheritedFd:
+    """A file descriptor in initargs, passed to the node by inheritance.
+
+    ``multiprocessing`` objects (``Queue``, ``Pipe`` connections) only pickle
+    while a process is being spawned; this stands in for the spawning popen's
+    fd handle. The driver passes the fds to the node with ``pass_fds``; the
+    node's forked workers inherit them; each worker dups its own copy.
+    """
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def detach(self) -> int:
+        return os.dup(self.fd)
+
+
+class _SpawningPopen:
+    """What ``multiprocessing`` asks of a process being spawned while pickling."""
+
+    def __init__(self):
+        self.fds: list[int] = []
+
+    def duplicate_for_child(self, fd: int) -> int:
+        dup = os.dup(fd)  # ours to keep: the caller may close the original
+        self.fds.append(dup)
+        return dup
+
+    def DupFd(self, fd: int) -> _InheritedFd:  # noqa: N802 - multiprocessing's name
+        return _InheritedFd(fd)
+
+
+def dumps_for_spawn(obj) -> tuple[bytes, list[int]]:
+    """Pickle start-up state the way ``multiprocessing`` does when spawning.
+
+    Returns the pickle and the file descriptors the receiving processes must
+    inherit (owned by the caller, who closes them when the pool is gone).
+    """
+    popen = _SpawningPopen()
+    multiprocessing.context.set_spawning_popen(popen)
+    try:
+        buf = io.BytesIO()
+        cloudpickle.CloudPickler(buf, protocol=PROTOCOL).dump(obj)
+    except BaseException:
+        for fd in popen.fds:
+            os.close(fd)
+        raise
+    finally:
+        multiprocessing.context.set_spawning_popen(None)
+    return buf.getvalue(), popen.fds

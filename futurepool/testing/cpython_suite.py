@@ -1,0 +1,555 @@
+"""CPython's own ``concurrent.futures`` process-pool tests, bound to any executor.
+
+``futurepool.Executor`` is meant to be a drop-in ``ProcessPoolExecutor``, and
+CPython's test suite for that class is the yardstick. This module does not
+copy those tests: it imports them from the interpreter's installed ``test``
+package (``test.test_concurrent_futures``: a package of modules from 3.12 on,
+one big module on 3.10 and 3.11) and subclasses the classes CPython generated
+for the ``spawn`` start method, replacing only ``executor_type``.
+
+How CPython binds a test to an executor: each behaviour lives in a plain
+mixin (``ExecutorTest``/``ProcessPoolExecutorTest``, ``ExecutorDeadlockTest``,
+``ProcessPoolShutdownTest``, ``WaitTests``, ``AsCompletedTests``,
+``InitializerMixin``, ``FailingInitializerMixin``), and
+``create_executor_tests`` builds ``type(name, (mixin, executor_mixin,
+BaseTestCase))`` for each executor mixin. The executor mixins
+(``ProcessPoolForkMixin``, ``ProcessPoolSpawnMixin``,
+``ProcessPoolForkserverMixin``, ``ThreadPoolMixin``) set ``executor_type``
+and ``ctx``; ``ExecutorMixin.setUp`` creates ``executor_type(max_workers=...,
+mp_context=get_context(), **executor_kwargs)`` and ``tearDown`` shuts it down.
+``BaseTestCase`` checks for leaked threads and reaps children after every
+test (``test.support.reap_children``).
+
+Only the **spawn** classes are bound. futurepool never forks the caller:
+workers get the task's code by value (cloudpickle) or by import, whatever
+``mp_context`` says, so the fork and forkserver variants would run exactly
+the same code paths a second and third time.
+
+What the adapter changes, and nothing else:
+
+* ``executor_type`` is the executor under test.
+* Tests listed in :data:`SKIPS` are skipped: they read or patch the stdlib's
+  private attributes, so they cannot apply to another implementation. Those
+  also listed in :data:`RUN_IF_EXPOSED` run anyway as soon as the executor
+  object has every attribute named there (``_max_workers``, ``_processes``,
+  ``_broken``...).
+* Three shutdown tests run a script in a fresh interpreter that does
+  ``from concurrent.futures import <executor_type.__name__>``. For a
+  non-stdlib executor that would import the wrong class (or the abstract
+  ``Executor``), so the script is rewritten to import the executor under
+  test, and ``PYTHONPATH`` points at it. The rewrite also adds ``import
+  multiprocessing``: ``test_hang_gh83386`` calls
+  ``multiprocessing.set_start_method`` without importing it, a CPython bug
+  that never shows because that test is skipped for the stdlib class.
+* Classmethods of CPython's test classes (``_test_traceback``) are re-bound
+  to CPython's class, so a task that references one pickles by reference
+  to an importable class rather than to the generated one.
+* ``ExecutorDeadlockTest.TIMEOUT`` (5 minutes on 3.13) is capped (default
+  30 s, the 3.10 value): it is how long a task waits before the test calls
+  the pool deadlocked.
+* ``FailingInitializerResourcesTest.test_spawn`` runs the bound
+  failing-initializer class instead of CPython's own; its forkserver variant
+  is dropped.
+
+``test.support`` sets ``environment_altered`` when a test leaves threads
+running or child processes unreaped (CPython's CI fails such a test with
+``--fail-env-changed``). Every bound test records that in
+:data:`ENV_CHANGED`, and fails when strict (``--strict-env`` or
+``FUTUREPOOL_CPYTHON_SUITE_STRICT_ENV=1``).
+
+Use from pytest (``tests/stdlib/test_cpython_concurrent_futures.py``)::
+
+    globals().update(build_test_classes(module=__name__))
+
+or from the command line, with unittest, on Python 3.10-3.13::
+
+    python -m futurepool.testing.cpython_suite [--executor module:Class] [-k pattern] [-v]
+
+``--executor concurrent.futures:ProcessPoolExecutor`` runs the same selection
+against the stdlib, which shows the adapter itself is right.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import faulthandler
+import functools
+import importlib
+import importlib.util
+import inspect
+import os
+import pkgutil
+import sys
+import time
+import types
+import unittest
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+__all__ = [
+    "DEFAULT_EXECUTOR",
+    "ENV_CHANGED",
+    "RUN_IF_EXPOSED",
+    "SKIPS",
+    "CPythonSuiteUnavailable",
+    "build_test_classes",
+    "load_executor",
+    "main",
+]
+
+#: The executor bound when none is given ("module:qualname").
+DEFAULT_EXECUTOR = "futurepool:Executor"
+#: Environment variable that overrides :data:`DEFAULT_EXECUTOR`.
+EXECUTOR_ENV = "FUTUREPOOL_CPYTHON_SUITE_EXECUTOR"
+#: Environment variable that makes an altered environment a test failure.
+STRICT_ENV_ENV = "FUTUREPOOL_CPYTHON_SUITE_STRICT_ENV"
+#: Seconds a deadlock test waits for a result before it declares a deadlock.
+DEADLOCK_TIMEOUT = 30.0
+#: Seconds one test may run under ``main()`` before every stack is dumped
+#: and the process exits (CPython's own tests mostly wait without a deadline).
+TEST_TIMEOUT = 180.0
+
+_PACKAGE = "test.test_concurrent_futures"
+
+# CPython's generated spawn classes, by the names it gives them.
+_POOL = "ProcessPoolSpawnProcessPoolExecutorTest"
+_DEADLOCK = "ProcessPoolSpawnExecutorDeadlockTest"
+_SHUTDOWN = "ProcessPoolSpawnProcessPoolShutdownTest"
+_FAILING_INIT = "ProcessPoolSpawnFailingInitializerTest"
+# A plain TestCase (3.12+) that runs _FAILING_INIT and then checks that the
+# multiprocessing resource tracker exits cleanly (gh-104090).
+_RESOURCES = "FailingInitializerResourcesTest"
+
+_STDLIB_CLASS = "also constructs concurrent.futures.ProcessPoolExecutor itself, so it never runs the bound executor"
+
+#: Tests that cannot apply to another implementation, ``"Class.test": reason``.
+#: Only tests that read or patch the stdlib's private internals belong here.
+SKIPS: dict[str, str] = {
+    f"{_POOL}.test_killed_child": "reads executor._processes (pid -> multiprocessing.Process) to terminate a worker",
+    f"{_POOL}.test_saturation": "reads executor._max_workers and executor._processes to count started workers",
+    f"{_POOL}.test_idle_process_reuse_one": "reads executor._max_workers and executor._processes to count started workers",
+    f"{_POOL}.test_idle_process_reuse_multiple": "reads executor._max_workers and executor._processes to count started workers",
+    f"{_POOL}.test_max_tasks_per_child": "reads executor._processes to count live workers",
+    f"{_POOL}.test_max_tasks_per_child_defaults_to_spawn_context": "reads executor._mp_context to check the default start method",
+    f"{_POOL}.test_python_finalization_error": "patches threading._start_joinable_thread to fail the stdlib's second thread start (its call-queue feeder)",
+    f"{_DEADLOCK}.test_shutdown_deadlock_pickle": "reads executor._executor_manager_thread to join it",
+    f"{_DEADLOCK}.test_gh105829_should_not_deadlock_if_wakeup_pipe_full": "patches concurrent.futures.process._ExecutorManagerThread.run and _ThreadWakeup",
+    f"{_SHUTDOWN}.test_processes_terminate": "reads executor._processes to count and join workers",
+    f"{_SHUTDOWN}.test_context_manager_shutdown": f"reads executor._processes; {_STDLIB_CLASS}",
+    f"{_SHUTDOWN}.test_del_shutdown": f"reads executor._executor_manager_thread, _processes and _call_queue; {_STDLIB_CLASS}",
+    f"{_SHUTDOWN}.test_shutdown_no_wait": f"reads executor._executor_manager_thread, _processes and _call_queue; {_STDLIB_CLASS}",
+    f"{_FAILING_INIT}.test_initializer": "polls executor._broken until the pool is marked broken",
+}
+
+#: Tests of :data:`SKIPS` that run after all if the executor object (the one
+#: ``setUp`` made) has every attribute named: the test needs nothing else
+#: from the stdlib's internals.
+RUN_IF_EXPOSED: dict[str, tuple[str, ...]] = {
+    f"{_POOL}.test_killed_child": ("_processes",),
+    f"{_POOL}.test_saturation": ("_max_workers", "_processes"),
+    f"{_POOL}.test_idle_process_reuse_one": ("_max_workers", "_processes"),
+    f"{_POOL}.test_idle_process_reuse_multiple": ("_max_workers", "_processes"),
+    f"{_POOL}.test_max_tasks_per_child": ("_processes",),
+    f"{_POOL}.test_max_tasks_per_child_defaults_to_spawn_context": ("_mp_context",),
+    f"{_DEADLOCK}.test_shutdown_deadlock_pickle": ("_executor_manager_thread",),
+    f"{_SHUTDOWN}.test_processes_terminate": ("_processes",),
+    f"{_FAILING_INIT}.test_initializer": ("_broken",),
+}
+
+#: Ids of the tests that altered the environment (leaked threads, unreaped
+#: children), filled in as the tests run.
+ENV_CHANGED: list[str] = []
+
+
+class CPythonSuiteUnavailable(Exception):
+    """This interpreter has no usable ``test.test_concurrent_futures``."""
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where this interpreter keeps the tests, whichever version it is."""
+
+    modules: tuple[types.ModuleType, ...]
+    spawn_mixin: type
+    setup_module: Callable[[], None]
+
+
+def _load_layout() -> _Layout:
+    try:
+        package = importlib.import_module(_PACKAGE)
+    except unittest.SkipTest as exc:
+        raise CPythonSuiteUnavailable(f"{_PACKAGE} skips itself here: {exc}") from exc
+    except ImportError as exc:
+        raise CPythonSuiteUnavailable(
+            f"CPython's {_PACKAGE} is not installed with {sys.executable} "
+            f"(Python {sys.version.split()[0]}): {exc}. Debian and Ubuntu ship "
+            "it separately (libpython3.X-testsuite); pyenv and python.org "
+            "builds include it."
+        ) from exc
+    if hasattr(package, "__path__"):
+        # 3.12+: one module per subject, shared pieces in util.py.
+        util = importlib.import_module(f"{_PACKAGE}.util")
+        modules = []
+        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+            if info.name.startswith("test_"):
+                try:
+                    modules.append(importlib.import_module(f"{_PACKAGE}.{info.name}"))
+                except unittest.SkipTest:
+                    continue
+        setup_module = util.setup_module
+    else:
+        # 3.10 and 3.11: everything in one module.
+        util = package
+        modules = [package]
+        setup_module = package.setUpModule
+    return _Layout(tuple(modules), util.ProcessPoolSpawnMixin, setup_module)
+
+
+def load_executor(spec: str) -> type:
+    """Import ``"module:qualname"`` (``"futurepool:Executor"``) and return it."""
+    module_name, sep, qualname = spec.partition(":")
+    if not sep or not module_name or not qualname:
+        raise ValueError(f"executor must look like 'module:Class', got {spec!r}")
+    obj = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _strict_env_default() -> bool:
+    return os.environ.get(STRICT_ENV_ENV, "") not in ("", "0")
+
+
+class _Adapter:
+    """Mixed in first: what every bound test does around CPython's setUp/tearDown."""
+
+    _strict_env = False
+
+    def setUp(self):
+        from test import support
+
+        self._env_before = support.environment_altered
+        support.environment_altered = False
+        self._patch_subprocess_scripts()
+        super().setUp()
+
+    def tearDown(self):
+        from test import support
+
+        try:
+            super().tearDown()
+        finally:
+            altered = support.environment_altered
+            support.environment_altered = self._env_before or altered
+        if altered:
+            ENV_CHANGED.append(self.id())
+            if self._strict_env:
+                self.fail(
+                    "test altered the environment: threads still running or "
+                    "child processes reaped by test.support (see the warnings "
+                    "on stderr)"
+                )
+
+    def _patch_subprocess_scripts(self):
+        # The shutdown tests call ``assert_python_ok`` from their module's
+        # globals; swap it for one that imports the executor under test.
+        test = inspect.unwrap(getattr(type(self), self._testMethodName))
+        namespace = getattr(test, "__globals__", {})
+        original = namespace.get("assert_python_ok")
+        if original is None or getattr(original, "_cpython_suite_wrapper", False):
+            return
+        wrapper = _script_runner(original, self.executor_type)
+        if wrapper is original:
+            return
+        namespace["assert_python_ok"] = wrapper
+        self.addCleanup(namespace.__setitem__, "assert_python_ok", original)
+
+    def _fail_on_deadlock(self, executor):
+        # CPython's version terminates ``executor._processes`` first; keep it
+        # when the executor has that, else dump the stacks and give up on the
+        # executor without waiting for it.
+        if hasattr(executor, "_processes"):
+            return super()._fail_on_deadlock(executor)
+        faulthandler.dump_traceback(file=sys.__stderr__)
+        try:
+            executor.shutdown(wait=False, cancel_futures=True)
+        finally:
+            self.fail(f"executor deadlock: no result within {self.TIMEOUT} s (stacks dumped to stderr)")
+
+
+def _import_roots(executor: type) -> list[str]:
+    """Directories to put on ``sys.path`` so a fresh interpreter finds ``executor``."""
+    top = executor.__module__.partition(".")[0]
+    spec = importlib.util.find_spec(top)
+    if spec is None:
+        return []
+    if spec.submodule_search_locations:
+        return [os.path.dirname(p) for p in spec.submodule_search_locations]
+    return [os.path.dirname(spec.origin)] if spec.origin else []
+
+
+def _script_runner(original: Callable, executor: type) -> Callable:
+    """Wrap ``assert_python_ok`` so the ``-c`` script imports ``executor``."""
+    name = executor.__name__
+    if getattr(concurrent.futures, name, None) is executor:
+        return original  # the stdlib class: CPython's script is already right
+    needle = f"from concurrent.futures import {name}"
+    replacement = (
+        f"import importlib; {name} = importlib.import_module("
+        f"{executor.__module__!r}).{executor.__qualname__}; import multiprocessing"
+    )
+
+    @functools.wraps(original)
+    def run(*args, **env_vars):
+        if executor.__module__ == "__main__":
+            raise unittest.SkipTest("the executor is defined in __main__; a fresh interpreter cannot import it")
+        args = list(args)
+        index = args.index("-c") + 1
+        if needle not in args[index]:
+            raise AssertionError(
+                f"cpython_suite: CPython's script no longer contains {needle!r}; "
+                "update _script_runner before trusting this test"
+            )
+        args[index] = args[index].replace(needle, replacement)
+        # Any environment variable turns off -I/-E in test.support, so the
+        # interpreter sees PYTHONPATH (and keeps site-packages).
+        path = [*_import_roots(executor), os.environ.get("PYTHONPATH", "")]
+        env_vars.setdefault("PYTHONPATH", os.pathsep.join(p for p in path if p))
+        return original(*args, **env_vars)
+
+    run._cpython_suite_wrapper = True
+    return run
+
+
+def _skip(test: Callable, reason: str, needs: tuple[str, ...]) -> Callable:
+    if not needs:
+        return unittest.skip(reason)(test)
+
+    @functools.wraps(test)
+    def run_if_exposed(self, *args, **kwargs):
+        missing = [attr for attr in needs if not hasattr(self.executor, attr)]
+        if missing:
+            raise unittest.SkipTest(f"{reason} (the executor has no {', '.join(missing)})")
+        return test(self, *args, **kwargs)
+
+    run_if_exposed._cpython_suite_needs = needs
+    return run_if_exposed
+
+
+def _rebound_classmethods(cls: type, test_modules: set[str]) -> dict[str, staticmethod]:
+    # ``self._test_traceback`` would be a method bound to the generated
+    # class, which workers cannot import; bind it to CPython's class instead.
+    found = {}
+    for klass in reversed(cls.__mro__):
+        if klass.__module__ not in test_modules:
+            continue
+        for attr, raw in vars(klass).items():
+            if isinstance(raw, classmethod):
+                found[attr] = staticmethod(getattr(cls, attr))
+    return found
+
+
+def build_test_classes(
+    executor: type | str | None = None,
+    *,
+    module: str | None = None,
+    skips: Mapping[str, str] | None = None,
+    run_if_exposed: Mapping[str, tuple[str, ...]] | None = None,
+    deadlock_timeout: float | None = DEADLOCK_TIMEOUT,
+    strict_env: bool | None = None,
+) -> dict[str, type]:
+    """Build ``unittest`` classes running CPython's process-pool tests on ``executor``.
+
+    Args:
+        executor: the executor class, or ``"module:Class"``. Default: the
+            ``FUTUREPOOL_CPYTHON_SUITE_EXECUTOR`` environment variable, else
+            :data:`DEFAULT_EXECUTOR`.
+        module: ``__module__`` for the classes; a pytest module passes its
+            ``__name__`` and puts the result in its globals.
+        skips: ``"Class.test": reason`` to skip (default :data:`SKIPS`;
+            pass ``{}`` to run everything, which only the stdlib passes).
+        run_if_exposed: the skips lifted when the executor object has the
+            named attributes (default :data:`RUN_IF_EXPOSED`).
+        deadlock_timeout: cap, in seconds, on ``ExecutorDeadlockTest.TIMEOUT``;
+            ``None`` keeps CPython's value.
+        strict_env: fail tests that alter the environment (default: the
+            ``FUTUREPOOL_CPYTHON_SUITE_STRICT_ENV`` environment variable).
+
+    Returns:
+        ``{class name: class}``, named as CPython names its spawn classes
+        (``ProcessPoolSpawnProcessPoolExecutorTest``...).
+
+    Raises:
+        CPythonSuiteUnavailable: this interpreter has no usable CPython tests.
+    """
+    layout = _load_layout()
+    if executor is None:
+        executor = os.environ.get(EXECUTOR_ENV) or DEFAULT_EXECUTOR
+    if isinstance(executor, str):
+        executor = load_executor(executor)
+    skips = SKIPS if skips is None else skips
+    run_if_exposed = RUN_IF_EXPOSED if run_if_exposed is None else run_if_exposed
+    strict_env = _strict_env_default() if strict_env is None else strict_env
+    module = module or __name__
+    test_modules = {m.__name__ for m in layout.modules} | {_PACKAGE, f"{_PACKAGE}.util", f"{_PACKAGE}.executor"}
+
+    classes: dict[str, type] = {}
+    for cpython_module in layout.modules:
+        for name, cls in sorted(vars(cpython_module).items()):
+            if not (isinstance(cls, type) and issubclass(cls, unittest.TestCase)):
+                continue
+            if not issubclass(cls, layout.spawn_mixin) or name in classes:
+                continue
+            attrs = {
+                "__module__": module,
+                "__qualname__": name,
+                "__doc__": f"CPython's {cpython_module.__name__}.{name}, bound to {executor.__module__}.{executor.__qualname__}.",
+                "executor_type": executor if isinstance(executor, type) else staticmethod(executor),
+                "_strict_env": strict_env,
+                **_rebound_classmethods(cls, test_modules),
+            }
+            timeout = getattr(cls, "TIMEOUT", None)
+            if deadlock_timeout is not None and isinstance(timeout, (int, float)):
+                attrs["TIMEOUT"] = min(timeout, deadlock_timeout)
+            for key, reason in skips.items():
+                cls_name, _, test_name = key.partition(".")
+                if cls_name == name and callable(getattr(cls, test_name, None)):
+                    needs = tuple(run_if_exposed.get(key, ()))
+                    attrs[test_name] = _skip(getattr(cls, test_name), reason, needs)
+            classes[name] = type(name, (_Adapter, cls), attrs)
+
+    for cpython_module in layout.modules:
+        resources = vars(cpython_module).get(_RESOURCES)
+        if resources is not None and _FAILING_INIT in classes:
+            classes[_RESOURCES] = _bind_resources_test(resources, classes[_FAILING_INIT], module, strict_env)
+    return classes
+
+
+def _bind_resources_test(cls: type, failing_init: type, module: str, strict_env: bool) -> type:
+    def test_spawn(self):
+        self._test(failing_init)
+
+    attrs = {
+        "__module__": module,
+        "__qualname__": cls.__name__,
+        "executor_type": failing_init.executor_type,
+        "_strict_env": strict_env,
+        "test_spawn": test_spawn,
+    }
+    for attr in dir(cls):
+        if attr.startswith("test") and attr != "test_spawn":
+            attrs[attr] = None  # forkserver variant: not bound (see module doc)
+    return type(cls.__name__, (_Adapter, cls), attrs)
+
+
+class _TimedResult(unittest.TextTestResult):
+    """Arms a watchdog per test and records each test's duration."""
+
+    test_timeout = TEST_TIMEOUT
+    timings: list[tuple[float, str]] = []
+
+    def startTest(self, test):
+        self._started = time.monotonic()
+        if self.test_timeout:
+            faulthandler.dump_traceback_later(self.test_timeout, exit=True)
+        super().startTest(test)
+
+    def stopTest(self, test):
+        faulthandler.cancel_dump_traceback_later()
+        self.timings.append((time.monotonic() - self._started, test.id()))
+        super().stopTest(test)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: run the bound tests with unittest; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m futurepool.testing.cpython_suite",
+        description="Run CPython's concurrent.futures process-pool tests against an executor.",
+    )
+    parser.add_argument("--executor", default=os.environ.get(EXECUTOR_ENV) or DEFAULT_EXECUTOR,
+                        metavar="MODULE:CLASS", help="executor class to test (default: %(default)s)")
+    parser.add_argument("-k", dest="patterns", action="append", default=[], metavar="PATTERN",
+                        help="only tests matching the pattern or substring (repeatable, as unittest -k)")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-x", "--failfast", action="store_true")
+    parser.add_argument("--list", action="store_true", help="list the bound tests and skips, run nothing")
+    parser.add_argument("--no-skips", action="store_true",
+                        help="run the SKIPS tests too (meaningful for the stdlib executor only)")
+    parser.add_argument("--strict-env", action="store_true", default=_strict_env_default(),
+                        help="fail tests that leave threads running or children unreaped")
+    parser.add_argument("--timeout", type=float, default=TEST_TIMEOUT,
+                        help="seconds per test before all stacks are dumped and the run exits (0: none)")
+    parser.add_argument("--deadlock-timeout", type=float, default=DEADLOCK_TIMEOUT,
+                        help="cap on ExecutorDeadlockTest.TIMEOUT (default: %(default)s)")
+    parser.add_argument("--durations", type=int, default=10, metavar="N", help="show the N slowest tests")
+    args = parser.parse_args(argv)
+
+    try:
+        classes = build_test_classes(
+            args.executor,
+            module=__name__,
+            skips={} if args.no_skips else None,
+            deadlock_timeout=args.deadlock_timeout or None,
+            strict_env=args.strict_env,
+        )
+        layout = _load_layout()
+    except CPythonSuiteUnavailable as exc:
+        print(f"cpython_suite: not run: {exc}", file=sys.stderr)
+        return 2
+
+    loader = unittest.TestLoader()
+    loader.testNamePatterns = [p if "*" in p else f"*{p}*" for p in args.patterns] or None
+    suite = unittest.TestSuite(loader.loadTestsFromTestCase(cls) for cls in classes.values())
+    if args.list:
+        for test in _iter_tests(suite):
+            method = getattr(test, test._testMethodName)
+            reason = getattr(method, "__unittest_skip_why__", None)
+            needs = getattr(method, "_cpython_suite_needs", ())
+            if needs:
+                reason = f"unless the executor has {', '.join(needs)}"
+            print(test.id() + (f"  [skip {reason}]" if reason else ""))
+        return 0
+
+    from test import support
+
+    support.verbose = args.verbose  # CPython's tearDown prints durations when set
+    # The module fixture CPython's own runs use: thread-leak check over the
+    # whole run, then multiprocessing clean-up (resource tracker, finalizers).
+    layout.setup_module()
+    _TimedResult.test_timeout = args.timeout
+    runner = unittest.TextTestRunner(verbosity=1 + args.verbose, failfast=args.failfast,
+                                     resultclass=_TimedResult)
+    print(f"cpython_suite: {suite.countTestCases()} tests from {_PACKAGE} (spawn variants), "
+          f"executor {args.executor}, Python {sys.version.split()[0]}", file=sys.stderr)
+    started = time.monotonic()
+    try:
+        result = runner.run(suite)
+    finally:
+        unittest.case.doModuleCleanups()
+    elapsed = time.monotonic() - started
+    slowest = sorted(_TimedResult.timings, reverse=True)[: args.durations]
+    if slowest:
+        print(f"\nslowest {len(slowest)} tests:", file=sys.stderr)
+        for seconds, test_id in slowest:
+            print(f"  {seconds:6.2f}s  {test_id}", file=sys.stderr)
+    if ENV_CHANGED:
+        print(f"\nenvironment altered by {len(ENV_CHANGED)} tests:", file=sys.stderr)
+        for test_id in ENV_CHANGED:
+            print(f"  {test_id}", file=sys.stderr)
+    print(f"\ncpython_suite: {result.testsRun} run, {len(result.failures)} failures, "
+          f"{len(result.errors)} errors, {len(result.skipped)} skipped, "
+          f"{len(ENV_CHANGED)} env changed in {elapsed:.1f}s", file=sys.stderr)
+    return 0 if result.wasSuccessful() else 1
+
+
+def _iter_tests(suite):
+    for item in suite:
+        if isinstance(item, unittest.TestSuite):
+            yield from _iter_tests(item)
+        else:
+            yield item
+
+
+if __name__ == "__main__":
+    sys.exit(main())
