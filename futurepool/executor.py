@@ -24,7 +24,11 @@ types):
   validated and kept as ``_mp_context`` for code that reads it.
 * Extra keyword-only argument ``max_retries`` (default 0, the stdlib's
   behaviour): how many times a task whose worker died is re-run.
-* ``map`` accepts ``buffersize`` (as in Python 3.14) on every version.
+* ``map`` accepts ``buffersize``, and ``terminate_workers``/``kill_workers``
+  exist (as in Python 3.14), on every version.
+* Leaving a ``with`` block by ``KeyboardInterrupt`` (or exiting the
+  interpreter on an unhandled one) cancels pending futures and stops the
+  workers instead of waiting for them (cpython#125886).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import functools
 import itertools
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 import weakref
@@ -224,6 +229,37 @@ class Executor(_StdExecutor):
             owner.request_shutdown(cancel_futures)
         if wait:
             owner.join()
+
+    def terminate_workers(self):
+        """Stop every worker now with SIGTERM (Python 3.14 API), and shut down.
+
+        Pending futures are cancelled; running ones fail with
+        :class:`~futurepool.errors.WorkerCrashedError`. Returns once the
+        workers are gone.
+        """
+        self._stop_workers(signal.SIGTERM)
+
+    def kill_workers(self):
+        """As :meth:`terminate_workers`, with SIGKILL (Python 3.14 API)."""
+        self._stop_workers(signal.SIGKILL)
+
+    def _stop_workers(self, sig):
+        with self._shutdown_lock:
+            self._shutdown_thread = True
+            owner = self._owner
+            if owner.thread is None:
+                owner.close_unstarted()
+                return
+            owner.request_terminate(sig)
+        owner.join()
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        # Ctrl-C in the with-block: do not wait for queued work (cpython#125886).
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.terminate_workers()
+        else:
+            self.shutdown(wait=True)
+        return False
 
 
 

@@ -25,8 +25,10 @@ Liveness, both ways, without heartbeat traffic:
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.util
 import os
 import select
+import shutil
 import signal
 import sys
 import time
@@ -37,6 +39,7 @@ from ..protocol.framing import PipeReader, write_pipe_message
 from ..protocol.messages import MessageType
 from ..store import serialize
 from .processes import EXIT_INITIALIZER_FAILED, describe_status, set_parent_death_signal
+
 
 class Node:
     def __init__(self, settings: dict, cmd_fd: int, event_fd: int):
@@ -69,6 +72,9 @@ class Node:
             except BaseException:  # noqa: BLE001 - report, then leave without cleanup
                 traceback.print_exc()
             finally:
+                # As multiprocessing's workers do: run its finalizers, which
+                # flush the feeder threads of queues the tasks wrote to.
+                multiprocessing.util._exit_function()
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
@@ -148,13 +154,15 @@ class Node:
                     os.read(self.wakeup_r, 4096)
                 elif not self.stopping:
                     try:
-                        for kind, _ident, _body in self.cmd.read():
+                        for kind, ident, _body in self.cmd.read():
                             if kind == MessageType.NODE_STOP:
-                                self.begin_stop(signal.SIGTERM)
+                                self.begin_stop(ident)  # 0: the owner told them to STOP
                     except Exception:  # noqa: BLE001 - a corrupt pipe means the driver is gone
                         self.cmd.closed = True
                     if self.cmd.closed:  # driver died: nobody wants results any more
                         self.begin_stop(signal.SIGKILL)
+                        # Its run directory (ipc socket) would be left behind.
+                        shutil.rmtree(self.settings["run_dir"], ignore_errors=True)
                     if self.stopping:
                         poller.unregister(self.cmd_fd)
                         deadline = time.monotonic() + config.SHUTDOWN_TIMEOUT
@@ -169,8 +177,10 @@ class Node:
                 self.top_up()
 
     def begin_stop(self, sig: int) -> None:
+        """Stop: with ``sig`` now, or (0) wait for the workers to leave by themselves."""
         self.stopping = True
-        self.stop_workers(sig)
+        if sig:
+            self.stop_workers(sig)
 
 
 def main() -> None:

@@ -42,6 +42,8 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -119,6 +121,7 @@ class Owner:
         self.timers: list = []
         self.timer_seq = itertools.count()
         self.stopping = False
+        self.terminating = False  # terminate_workers(), kill_workers(), Ctrl-C
         self.start_failures = 0
         self.node_restarts = 0
         self.node = None
@@ -144,8 +147,8 @@ class Owner:
         try:
             fn_id, fn_bytes = self.functions.get(fn)
         except Exception as exc:
-            raise _pickling_error(f"Could not pickle the function {serialize.describe_callable(fn)}",
-                                  exc) from exc
+            name = serialize.describe_callable(fn)
+            raise _pickling_error(f"Could not pickle the function {name}", exc) from exc
         try:
             data, deps = serialize.dumps_arguments(args, kwargs)
         except Exception as exc:
@@ -157,6 +160,10 @@ class Owner:
 
     def request_shutdown(self, cancel_futures: bool = False) -> None:
         self.post(("shutdown", cancel_futures))
+
+    def request_terminate(self, sig: int) -> None:
+        """Cancel pending tasks and stop the workers now with ``sig``."""
+        self.post(("terminate", int(sig)))
 
     def join(self, timeout: float | None = None) -> None:
         if self.thread is not None and self.thread is not threading.current_thread():
@@ -184,6 +191,9 @@ class Owner:
 
     def _open(self) -> None:
         self.run_dir = tempfile.mkdtemp(prefix="futurepool-", dir=config.TMPDIR)
+        if len(self.run_dir) > 90:  # an ipc:// path must fit a sockaddr_un (108 bytes)
+            os.rmdir(self.run_dir)
+            self.run_dir = tempfile.mkdtemp(prefix="futurepool-", dir="/tmp")
         self.address = f"ipc://{self.run_dir}/owner"
         self.ctx = zmq.Context(1)
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -214,6 +224,7 @@ class Owner:
             "authkey": bytes(multiprocessing.current_process().authkey),
             "workers": self.max_workers,
             "owner_address": self.address,
+            "run_dir": self.run_dir,
             "initializer": self.initializer_blob,
             "max_tasks_per_child": self.max_tasks_per_child,
         }
@@ -269,6 +280,11 @@ class Owner:
                 self.stopping = True
                 if command[1]:
                     self._cancel_pending()
+            elif kind == "terminate":
+                self.stopping = self.terminating = True
+                self._cancel_pending()
+                if self.node_cmd >= 0:
+                    write_pipe_message(self.node_cmd, MessageType.NODE_STOP, ident=command[1])
 
     def _admit(self, task: Task) -> None:
         if self.broken is not None:
@@ -455,15 +471,19 @@ class Owner:
     def _worker_exited(self, worker_id, pid, exitcode, signal_name, detail="") -> None:
         slot = self.scheduler.workers.get(worker_id)
         if exitcode == EXIT_INITIALIZER_FAILED:
-            self._initializer_failed(worker_id, RuntimeError("the initializer failed"))
+            # Its INIT_FAILED message, with the real exception, may still be in flight.
+            self._add_timer(config.DEATH_GRACE, lambda: self._initializer_failed(
+                worker_id, RuntimeError("the initializer failed (no details arrived)")))
             return
         if slot is None:  # died before saying READY
             self.start_failures += 1
-            if self.start_failures >= config.MAX_START_FAILURES and not self.scheduler.has_capacity():
+            hopeless = self.start_failures >= config.MAX_START_FAILURES
+            if hopeless and not self.scheduler.has_capacity():
                 self._break(WorkerCrashedError(
                     "starting a worker", worker_id, pid, _HOST, exitcode, signal_name,
                     detail=f"{self.start_failures} workers in a row died before they could take"
-                           " a task; see their stderr above."))
+                           " a task; the pool's initializer, if any, is the likely cause. See"
+                           " their stderr above."))
             return
         slot.alive = False
         # Results it sent just before dying may still be in flight: wait a moment.
@@ -474,6 +494,14 @@ class Owner:
         self.scheduler.workers.pop(slot.worker_id, None)
         self.by_routing.pop(slot.routing_id, None)
         if not slot.inflight:
+            return
+        if self.terminating:  # stopped on purpose: nothing is retried or moved
+            detail = "The workers were stopped by terminate_workers(), kill_workers() or Ctrl-C."
+            for task in slot.inflight:
+                self._settle_exception(task, WorkerCrashedError(
+                    task.describe(), slot.worker_id, slot.pid, _HOST, exitcode, signal_name,
+                    detail=detail))
+            slot.inflight.clear()
             return
         running = slot.inflight.popleft()
         self._requeue(slot, len(slot.inflight))  # never started: run them elsewhere
@@ -497,7 +525,7 @@ class Owner:
             self._worker_exited(slot.worker_id, slot.pid, None, "SIGKILL",
                                 detail=f"Its node process (pid {self.node.pid}) died"
                                        f" ({code}), taking its workers with it.")
-        if self.stopping and not self.tasks:
+        if self.terminating or (self.stopping and not self.tasks):
             return
         self.node_restarts += 1
         if self.node_restarts > 3:
@@ -529,7 +557,7 @@ class Owner:
         self.ready.clear()
 
     def _broken_error(self) -> BaseException:
-        """A fresh exception per future: one object raised in many threads would tangle tracebacks."""
+        """A fresh exception per future (one object raised in many threads tangles tracebacks)."""
         error = self.broken
         if isinstance(error, (InitializerError, WorkerCrashedError)):
             fresh = InitializerError(*error.args) if isinstance(error, InitializerError) \
@@ -544,20 +572,47 @@ class Owner:
             os.close(self.node_cmd)
             self.node_cmd = -1
 
+    def _stop_node(self) -> None:
+        """Let the workers leave by themselves, then the node; kill what lingers.
+
+        Workers exit cleanly on STOP (flushing, e.g., multiprocessing queues
+        that tasks wrote to); a worker that says READY only now is told too.
+        """
+        if self.sock is not None:
+            for slot in self.by_routing.values():
+                self._send_stop(slot.routing_id)
+        if self.node_cmd >= 0:
+            try:
+                write_pipe_message(self.node_cmd, MessageType.NODE_STOP)
+            except OSError:
+                pass
+        deadline = time.monotonic() + config.SHUTDOWN_TIMEOUT
+        while self.sock is not None and self.node.poll() is None and time.monotonic() < deadline:
+            if self.sock.poll(10):
+                try:
+                    frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    continue
+                if len(frames) >= 2 and frames[0] not in self.by_routing:
+                    self.by_routing[frames[0]] = None
+                    self._send_stop(frames[0])
+        self._close_node_pipes()
+        try:
+            self.node.wait(config.SHUTDOWN_TIMEOUT + 1)
+        except Exception:  # noqa: BLE001 - TimeoutExpired: make sure
+            self.node.kill()
+            self.node.wait()
+
+    def _send_stop(self, routing_id: bytes) -> None:
+        try:
+            self.sock.send_multipart([routing_id, pack_header(MessageType.STOP)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # already gone
+
     def _close(self) -> None:
         self.stopping = True
         if self.node is not None:
-            if self.node_cmd >= 0:
-                try:
-                    write_pipe_message(self.node_cmd, MessageType.NODE_STOP)
-                except OSError:
-                    pass
-            self._close_node_pipes()
-            try:
-                self.node.wait(config.SHUTDOWN_TIMEOUT + 1)
-            except Exception:  # noqa: BLE001 - TimeoutExpired: make sure
-                self.node.kill()
-                self.node.wait()
+            self._stop_node()
         if self.node_events is not None:
             os.close(self.node_events.fd)
             self.node_events = None
@@ -616,12 +671,21 @@ def interpreter_exiting() -> bool:
 
 
 def _python_exit() -> None:
-    """As the stdlib does: at exit, finish outstanding work, then stop."""
+    """As the stdlib does: at exit, finish outstanding work, then stop.
+
+    Except after an unhandled Ctrl-C: then queued work is cancelled and the
+    workers are stopped at once, instead of draining the queue
+    (cpython#125886).
+    """
     global _interpreter_exiting
     _interpreter_exiting = True
+    interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
     owners = list(_live_owners)
     for owner in owners:
-        owner.request_shutdown()
+        if interrupted:
+            owner.request_terminate(signal.SIGTERM)
+        else:
+            owner.request_shutdown()
     for owner in owners:
         owner.join()
 

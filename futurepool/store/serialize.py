@@ -17,6 +17,7 @@ nothing here may ever read bytes from an unauthenticated peer.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import multiprocessing.context
@@ -24,8 +25,10 @@ import os
 import pickle
 import threading
 import traceback
+import types
 import weakref
 from concurrent.futures.process import _RemoteTraceback
+from multiprocessing.reduction import ForkingPickler
 
 import cloudpickle
 import tblib
@@ -49,13 +52,19 @@ def dumps_plain(obj) -> bytes:
 
 # --- functions ---------------------------------------------------------------
 
-class FunctionCache:
-    """Maps function objects to ``(fn_id, pickled bytes)``, pickling each once.
+_CACHEABLE = (types.FunctionType, types.BuiltinFunctionType)
 
-    Weakly keyed where the function allows it, so closures made per call do
-    not pile up; objects that refuse weak references (builtins, some
-    callables) are keyed by identity in a small bounded table holding them.
-    Called from user threads: the lock keeps the two tables consistent.
+
+class FunctionCache:
+    """Maps functions to ``(fn_id, pickled bytes)``, pickling each once.
+
+    Only plain functions and builtins are cached, weakly keyed so closures
+    made per call do not pile up (builtins, which refuse weak references, are
+    kept in a small bounded table). Other callables (bound methods, callable
+    objects, partials) carry state that may change between calls, so they are
+    pickled at every submit, as the stdlib does; workers still recognise an
+    identical pickle by its hash. Called from user threads: the lock keeps
+    the tables consistent.
     """
 
     _STRONG_LIMIT = 256
@@ -66,6 +75,9 @@ class FunctionCache:
         self._lock = threading.Lock()
 
     def get(self, fn) -> tuple[bytes, bytes]:
+        if type(fn) not in _CACHEABLE:
+            data = dumps(fn)
+            return hashlib.blake2b(data, digest_size=16).digest(), data
         with self._lock:
             try:
                 hit = self._weak.get(fn)
@@ -233,6 +245,13 @@ class _SpawningPopen:
         return _InheritedFd(fd)
 
 
+class _SpawnPickler(cloudpickle.CloudPickler):
+    # Connections, sockets and the like reduce to fd handles only through
+    # ForkingPickler's table, which plain pickle does not consult.
+    dispatch_table = collections.ChainMap(ForkingPickler._extra_reducers,
+                                          cloudpickle.CloudPickler.dispatch_table)
+
+
 def dumps_for_spawn(obj) -> tuple[bytes, list[int]]:
     """Pickle start-up state the way ``multiprocessing`` does when spawning.
 
@@ -243,7 +262,7 @@ def dumps_for_spawn(obj) -> tuple[bytes, list[int]]:
     multiprocessing.context.set_spawning_popen(popen)
     try:
         buf = io.BytesIO()
-        cloudpickle.CloudPickler(buf, protocol=PROTOCOL).dump(obj)
+        _SpawnPickler(buf, protocol=PROTOCOL).dump(obj)
     except BaseException:
         for fd in popen.fds:
             os.close(fd)

@@ -6,17 +6,21 @@
 * :func:`run_driver` runs a snippet in a separate interpreter, for anything
   that involves the driver's own death, Ctrl-C or interpreter exit.
 
-These modules import no other part of futurepool (only psutil and the
-stdlib), so they stay usable in tests of any layer of the package.
+This module and :mod:`futurepool.testing.leaks` import no other part of
+futurepool (only psutil and the stdlib), so they serve tests of any layer.
 """
 
 from __future__ import annotations
 
+import locale
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
+import uuid
 from collections.abc import Mapping
+from typing import IO
 
 import psutil
 
@@ -33,6 +37,7 @@ from futurepool.testing.leaks import (
 )
 
 __all__ = [
+    "DRIVER_TAG",
     "SHM_DIR",
     "assert_no_leaked_files",
     "assert_no_leaked_processes",
@@ -45,8 +50,9 @@ __all__ = [
     "wait_until",
 ]
 
-# Seconds to collect a killed driver's remaining output before giving up on it.
-_DRAIN_TIMEOUT = 5.0
+#: Environment variable that marks every process a driver starts, so that
+#: ones that left its process tree can still be found and killed.
+DRIVER_TAG = "FUTUREPOOL_TESTING_DRIVER"
 
 
 def run_driver(
@@ -61,6 +67,8 @@ def run_driver(
     The driver gets this process's environment (so ``FUTUREPOOL_*`` settings
     apply to it too) updated with ``env``, no stdin, and faulthandler enabled
     so that a crash prints every thread's stack. ``code`` is dedented first.
+    Its output goes to temporary files, not pipes, so a process it left
+    behind cannot keep this call waiting once the driver itself has exited.
 
     Args:
         code: Python source to run with ``python -c``.
@@ -74,40 +82,38 @@ def run_driver(
 
     Raises:
         subprocess.TimeoutExpired: the driver ran past ``timeout``; it and
-            every process it started were killed first, and the output it
-            had written is attached.
+            every process it started were killed first, and its output is
+            attached.
     """
     args = [sys.executable, "-X", "faulthandler", "-c", textwrap.dedent(code)]
-    full_env = {**os.environ, **(env or {})}
-    with subprocess.Popen(
-        args,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=full_env,
-        cwd=cwd,
-    ) as proc:
+    tag = uuid.uuid4().hex
+    full_env = {**os.environ, **(env or {}), DRIVER_TAG: tag}
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=full_env, cwd=cwd
+        )
         try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except BaseException as exc:
-            _kill_tree(proc.pid)
-            try:
-                stdout, stderr = proc.communicate(timeout=_DRAIN_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                # A process that escaped the tree still holds the pipes; the
-                # output is lost, Popen.__exit__ closes them and reaps.
-                stdout = stderr = None
+            proc.wait(timeout)
+        except BaseException as exc:  # the timeout, or Ctrl-C in the test run
+            _kill_tree(proc.pid, tag)
+            proc.wait()
             if isinstance(exc, subprocess.TimeoutExpired):
-                raise subprocess.TimeoutExpired(args, timeout, stdout, stderr) from None
+                raise subprocess.TimeoutExpired(args, timeout, _read(out), _read(err)) from None
             raise
-    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+        return subprocess.CompletedProcess(args, proc.returncode, _read(out), _read(err))
 
 
-def _kill_tree(pid: int) -> None:
-    """Kill ``pid`` and its descendants, collected before any of them dies."""
+def _read(file: IO[bytes]) -> str:
+    # Decoded as subprocess.run(text=True) would.
+    file.seek(0)
+    return file.read().decode(locale.getpreferredencoding(False), errors="replace")
+
+
+def _kill_tree(pid: int, tag: str) -> None:
+    """Kill ``pid``, its descendants and every process started with ``tag``."""
     try:
         root = psutil.Process(pid)
+        procs = {root, *descendants(root)}
     except psutil.NoSuchProcess:
-        return
-    kill_processes([root, *descendants(root)])
+        procs = set()
+    kill_processes(procs | set(tagged_processes(DRIVER_TAG, tag)))

@@ -63,6 +63,13 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
         time.sleep(min(interval, remaining))
 
 
+def _count(items: list, singular: str, plural: str) -> tuple[str, str]:
+    """``('1 thread', 'was')``, ``('2 threads', 'were')``."""
+    if len(items) == 1:
+        return f"1 {singular}", "was"
+    return f"{len(items)} {plural}", "were"
+
+
 # --- processes -----------------------------------------------------------------
 
 
@@ -204,9 +211,10 @@ def assert_no_leaked_processes(
     leaked = sorted(tracked, key=lambda p: p.pid)
     report = "\n".join("  " + _describe_process(p) for p in leaked)
     kill_processes(leaked)
+    what, verb = _count(leaked, "process", "processes")
     raise AssertionError(
-        f"{len(leaked)} process(es) started during the test were still there "
-        f"{timeout:g} s after it (now killed):\n{report}"
+        f"{what} started during the test {verb} still there {timeout:g} s after it "
+        f"(now killed):\n{report}"
     )
 
 
@@ -246,9 +254,9 @@ def assert_no_leaked_threads(before: Iterable[threading.Thread], timeout: float 
     frames = sys._current_frames()
     leaked = extra()
     report = "\n".join("  " + _describe_thread(t, frames) for t in leaked)
+    what, verb = _count(leaked, "thread", "threads")
     raise AssertionError(
-        f"{len(leaked)} thread(s) started during the test were still alive "
-        f"{timeout:g} s after it:\n{report}"
+        f"{what} started during the test {verb} still alive {timeout:g} s after it:\n{report}"
     )
 
 
@@ -308,8 +316,8 @@ def assert_no_leaked_files(
     shown = [name + "/" if os.path.isdir(path) else name for name, path in zip(leaked, paths)]
     for path in paths:
         _remove(path)
+    what, verb = _count(leaked, "entry", "entries")
     raise AssertionError(
-        f"{len(leaked)} entr{'y' if len(leaked) == 1 else 'ies'} created in {directory} "
-        f"during the test were still there {timeout:g} s after it (now removed): "
-        + ", ".join(shown)
+        f"{what} created in {directory} during the test {verb} still there "
+        f"{timeout:g} s after it (now removed): " + ", ".join(shown)
     )

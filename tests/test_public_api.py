@@ -1,0 +1,50 @@
+"""The public surface is pinned: adding or removing a name is a decision, made here."""
+
+import concurrent.futures
+from concurrent.futures.process import BrokenProcessPool
+
+import futurepool
+
+PUBLIC_NAMES = sorted(
+    [
+        "Executor",
+        "ProcessPoolExecutor",
+        "Future",
+        "FuturePoolError",
+        "WorkerCrashedError",
+        "InitializerError",
+        "UnpicklingFailedError",
+        "RemoteError",
+    ]
+)
+
+
+def test_all_is_pinned():
+    assert sorted(futurepool.__all__) == PUBLIC_NAMES
+    assert len(set(futurepool.__all__)) == len(futurepool.__all__), "duplicates in __all__"
+
+
+def test_every_public_name_exists():
+    missing = [name for name in futurepool.__all__ if not hasattr(futurepool, name)]
+    assert missing == []
+
+
+def test_version_is_a_string():
+    assert isinstance(futurepool.__version__, str)
+
+
+def test_process_pool_executor_is_an_alias_of_executor():
+    assert futurepool.ProcessPoolExecutor is futurepool.Executor
+
+
+def test_future_is_a_stdlib_future():
+    assert issubclass(futurepool.Future, concurrent.futures.Future)
+
+
+def test_worker_crash_is_a_broken_process_pool():
+    assert issubclass(futurepool.WorkerCrashedError, BrokenProcessPool)
+
+
+def test_errors_share_one_root():
+    errors = [getattr(futurepool, name) for name in PUBLIC_NAMES if name.endswith("Error")]
+    assert all(issubclass(error, futurepool.FuturePoolError) for error in errors)
