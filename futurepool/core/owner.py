@@ -372,10 +372,9 @@ class Owner:
     def _drain_socket(self) -> None:
         sock = self.sock
         for _ in range(10000):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
                 return
+            frames = sock.recv_multipart(zmq.NOBLOCK)
             try:
                 self._handle(frames)
             except ProtocolError as exc:

@@ -107,7 +107,7 @@ class Worker:
                     took), (args, kwargs)
         took = time.perf_counter() - start
         try:
-            payload = serialize.dumps(result)
+            payload = serialize.dumps_result(result)
         except Exception as exc:  # noqa: BLE001
             error = pickle.PicklingError(
                 f"Could not pickle the result of {serialize.describe_callable(fn)}():"
@@ -151,7 +151,7 @@ class Worker:
                     return
             while self.queue:
                 # Take what else arrived without blocking, so batches stay full.
-                while self.sock.poll(0):
+                while self.sock.get(zmq.EVENTS) & zmq.POLLIN:
                     if not self._accept(self.sock.recv_multipart()):
                         self.flush()
                         return

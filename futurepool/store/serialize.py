@@ -45,6 +45,20 @@ def dumps(obj) -> bytes:
     return cloudpickle.dumps(obj, protocol=PROTOCOL)
 
 
+def dumps_result(obj) -> bytes:
+    """Pickle a task's result in the worker: C pickle first, cloudpickle if needed.
+
+    Everything a worker holds is importable by reference except what arrived
+    by value (lambdas, classes from the caller's ``__main__``); for those the
+    C pickler refuses (the name does not resolve in the worker) and
+    cloudpickle takes over. That keeps the common case at C speed.
+    """
+    try:
+        return pickle.dumps(obj, protocol=PROTOCOL)
+    except Exception:  # noqa: BLE001 - any refusal: let cloudpickle try, and raise
+        return cloudpickle.dumps(obj, protocol=PROTOCOL)
+
+
 def dumps_plain(obj) -> bytes:
     """Pickle our own messages' bodies: only builtins inside, C speed."""
     return pickle.dumps(obj, protocol=PROTOCOL)

@@ -1,0 +1,191 @@
+"""Executor benchmark: futurepool.Executor vs ProcessPoolExecutor and loky.
+
+Run from the repository root:
+
+    python3 benchmarks/bench_executor.py                  # all, median of 5
+    python3 benchmarks/bench_executor.py --quick --repeat 1
+    python3 benchmarks/bench_executor.py --impl ppe,loky --scenario latency --json out.json
+
+See benchmarks/README.md for what each scenario measures.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# The checkout's futurepool wins over an installed one, and _tasks / _harness
+# import from here. PYTHONPATH carries both to workers that an implementation
+# starts as a fresh program rather than by fork (spawn passes sys.path itself).
+for path in (str(HERE), str(ROOT)):
+    if path in sys.path:
+        sys.path.remove(path)
+sys.path[:0] = [str(HERE), str(ROOT)]
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(HERE), str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+)
+
+import _tasks  # noqa: E402
+from _harness import Skip, Suite, Target  # noqa: E402
+
+FUTURE_ARGS = "future_args"  # trait: futures may be passed as task arguments
+
+
+def _warm(ex, cell) -> None:
+    # One no-op per worker, submitted together: with spawn/forkserver the
+    # stdlib starts workers lazily, and one warm task would leave the second
+    # worker's start-up inside the timed region.
+    futures = [ex.submit(_tasks.noop) for _ in range(cell.workers)]
+    for f in futures:
+        f.result(timeout=cell.left())
+
+
+def _close(ex, failed: bool) -> None:
+    if not failed:
+        ex.shutdown(wait=True)
+        return
+    # Don't wait for thousands of queued no-ops; the harness kills what is left.
+    try:
+        ex.shutdown(wait=False, cancel_futures=True)
+    except TypeError:  # loky has no cancel_futures
+        ex.shutdown(wait=False)
+
+
+suite = Suite(
+    "futurepool executor benchmark", baseline="ppe", subject="futurepool", warm=_warm, close=_close
+)
+suite.header_extra.append(
+    f"multiprocessing default start method: {multiprocessing.get_start_method()}"
+)
+
+
+def _load_ppe(workers):
+    method = multiprocessing.get_start_method()
+    return (
+        lambda: cf.ProcessPoolExecutor(max_workers=workers),
+        f"concurrent.futures.ProcessPoolExecutor, default context ({method})",
+    )
+
+
+def _load_loky(workers):
+    try:
+        import loky
+    except ImportError:
+        raise Skip("loky is not installed (pip install loky)") from None
+    return (
+        lambda: loky.ProcessPoolExecutor(max_workers=workers),
+        f"loky {loky.__version__} ProcessPoolExecutor (fresh, not the reusable one)",
+    )
+
+
+def _load_futurepool(workers):
+    import futurepool
+
+    executor = futurepool.Executor
+    version = getattr(futurepool, "__version__", "?")
+    return (
+        lambda: executor(max_workers=workers),
+        f"futurepool {version} Executor from {Path(futurepool.__file__).parent}",
+    )
+
+
+suite.implementation("ppe", "PPE", _load_ppe)
+suite.implementation("loky", "loky", _load_loky)
+suite.implementation("futurepool", "futurepool", _load_futurepool, traits=[FUTURE_ARGS])
+
+
+@suite.scenario("throughput", unit="tasks/s", higher_is_better=True, timeout=60, target=Target(2.0))
+def throughput(cell):
+    """10,000 no-op tasks submitted, then all waited with concurrent.futures.wait
+    (1,000 with --quick); tasks per second, submit of the first to the last done."""
+    n = cell.size(10_000, 1_000)
+    ex = cell.make(warm=True)
+    t0 = time.perf_counter()
+    futures = [ex.submit(_tasks.noop) for _ in range(n)]
+    done, not_done = cf.wait(futures, timeout=cell.left())
+    elapsed = time.perf_counter() - t0
+    if not_done:
+        raise TimeoutError(f"{len(not_done)} of {n} tasks not done within the timeout")
+    for f in futures:
+        if f.exception(timeout=0) is not None:
+            raise f.exception()
+    return n / elapsed
+
+
+@suite.scenario(
+    "latency", unit="µs", higher_is_better=False, timeout=60, target=Target(1.0), show=("p90",)
+)
+def latency(cell):
+    """Sequential submit(noop).result(), 2,000 times (200 with --quick);
+    median round trip in microseconds, p90 alongside."""
+    n = cell.size(2_000, 200)
+    ex = cell.make(warm=True)
+    samples = []
+    clock = time.perf_counter
+    for _ in range(n):
+        t0 = clock()
+        ex.submit(_tasks.noop).result(timeout=cell.left())
+        samples.append(clock() - t0)
+    p90 = statistics.quantiles(samples, n=10, method="inclusive")[-1]
+    return statistics.median(samples) * 1e6, {"p90": p90 * 1e6}
+
+
+@suite.scenario(
+    "startup", unit="s", higher_is_better=False, timeout=30, target=Target(0.10, on="value")
+)
+def startup(cell):
+    """Seconds from constructing a fresh executor to the first result of one
+    no-op task; shutdown happens after the timed region."""
+    t0 = time.perf_counter()
+    ex = cell.make()
+    ex.submit(_tasks.noop).result(timeout=cell.left())
+    return time.perf_counter() - t0
+
+
+@suite.scenario("map", unit="items/s", higher_is_better=True, timeout=60, target=Target(1.5))
+def map_(cell):
+    """list(ex.map(square, range(100_000), chunksize=1000)) (20,000 items with
+    --quick); items per second."""
+    n = cell.size(100_000, 20_000)
+    ex = cell.make(warm=True)
+    t0 = time.perf_counter()
+    out = list(ex.map(_tasks.square, range(n), chunksize=1000, timeout=cell.left()))
+    elapsed = time.perf_counter() - t0
+    if len(out) != n or out[-1] != (n - 1) ** 2:
+        raise AssertionError(f"map returned {len(out)} items, last {out[-1:]!r}")
+    return n / elapsed
+
+
+@suite.scenario("chain", unit="s", higher_is_better=False, timeout=60, target=Target(1.0))
+def chain(cell):
+    """200 dependent tasks, each adding 1 to the previous value (50 with
+    --quick); seconds. futurepool passes the previous future as the argument
+    and fetches only the last result; implementations whose futures cannot be
+    arguments wait for each result in the caller and resubmit it."""
+    n = cell.size(200, 50)
+    ex = cell.make(warm=True)
+    t0 = time.perf_counter()
+    if FUTURE_ARGS in cell.impl.traits:
+        f = ex.submit(_tasks.inc, 0)
+        for _ in range(n - 1):
+            f = ex.submit(_tasks.inc, f)
+        value = f.result(timeout=cell.left())
+    else:
+        value = 0
+        for _ in range(n):
+            value = ex.submit(_tasks.inc, value).result(timeout=cell.left())
+    elapsed = time.perf_counter() - t0
+    if value != n:
+        raise AssertionError(f"chain of {n} gave {value!r}")
+    return elapsed
+
+
+if __name__ == "__main__":
+    sys.exit(suite.main())
