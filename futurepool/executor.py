@@ -111,8 +111,10 @@ class Executor(_StdExecutor):
                 raise TypeError("max_tasks_per_child must be an integer")
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
-        if not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        if not isinstance(max_retries, int) or isinstance(max_retries, bool):
+            raise TypeError(f"max_retries must be an integer, got {max_retries!r}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries!r}")
         self._max_workers = max_workers
         self._mp_context = mp_context
         self._initializer = initializer
@@ -209,7 +211,7 @@ class Executor(_StdExecutor):
                                    for args in itertools.islice(calls, buffersize))
         results = _result_iterator(fs, end_time, calls, call, weakref.ref(self))
         if chunksize > 1:
-            return itertools.chain.from_iterable(results)
+            return _flatten(results)
         return results
 
     def shutdown(self, wait=True, *, cancel_futures=False):
@@ -261,6 +263,15 @@ class Executor(_StdExecutor):
             self.shutdown(wait=True)
         return False
 
+
+
+def _flatten(chunks):
+    """Chunk results, item by item; closing it closes (and cancels) the chunks."""
+    try:
+        for chunk in chunks:
+            yield from chunk
+    finally:
+        chunks.close()
 
 
 def _result_iterator(fs, end_time, calls, call, executor_ref):

@@ -24,6 +24,7 @@ Liveness, both ways, without heartbeat traffic:
 
 from __future__ import annotations
 
+import mmap
 import multiprocessing
 import multiprocessing.util
 import os
@@ -38,7 +39,13 @@ from .. import config
 from ..protocol.framing import PipeReader, write_pipe_message
 from ..protocol.messages import MessageType
 from ..store import serialize
-from .processes import EXIT_INITIALIZER_FAILED, describe_status, set_parent_death_signal
+from .processes import (
+    EXIT_INITIALIZER_FAILED,
+    INITIALIZING,
+    RUNNING_SLOT,
+    describe_status,
+    set_parent_death_signal,
+)
 
 
 class Node:
@@ -46,9 +53,11 @@ class Node:
         self.settings = settings
         self.cmd_fd = cmd_fd
         self.event_fd = event_fd
-        self.workers: dict[int, tuple[int, float]] = {}  # pid -> (worker_id, start time)
+        # pid -> (worker_id, start time, running-task slot)
+        self.workers: dict[int, tuple[int, float, mmap.mmap]] = {}
         self.next_worker_id = 0
         self.stopping = False
+        self.no_respawn = False  # an initializer failed: the pool is broken
         self.quick_deaths = 0
         self.respawn_at: float | None = None
         self.cmd = PipeReader(cmd_fd)
@@ -60,13 +69,14 @@ class Node:
         worker_id = self.next_worker_id
         self.next_worker_id += 1
         node_pid = os.getpid()
+        slot = mmap.mmap(-1, RUNNING_SLOT.size)
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
                 self._become_worker(node_pid)
                 from .worker import run_worker
-                code = run_worker(worker_id, self.settings)
+                code = run_worker(worker_id, self.settings, slot)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:  # noqa: BLE001 - report, then leave without cleanup
@@ -78,7 +88,7 @@ class Node:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
-        self.workers[pid] = (worker_id, time.monotonic())
+        self.workers[pid] = (worker_id, time.monotonic(), slot)
 
     def _become_worker(self, node_pid: int) -> None:
         set_parent_death_signal()
@@ -100,27 +110,36 @@ class Node:
                 return
             if pid == 0:
                 return
-            worker_id, started = self.workers.pop(pid, (None, 0.0))
+            worker_id, started, slot = self.workers.pop(pid, (None, 0.0, None))
             if worker_id is None:
                 continue
+            task_id, attempt = RUNNING_SLOT.unpack_from(slot)
+            slot.close()
             exitcode, signame = describe_status(status)
-            self.report(MessageType.WORKER_EXITED, (worker_id, pid, exitcode, signame))
-            if self.stopping or exitcode == EXIT_INITIALIZER_FAILED:
-                continue  # a failing initializer breaks the pool: no respawn storm
-            # A worker dying right after start repeatedly is backed off.
-            if time.monotonic() - started < 1.0:
+            self.report(MessageType.WORKER_EXITED,
+                        (worker_id, pid, exitcode, signame, task_id, attempt))
+            if exitcode == EXIT_INITIALIZER_FAILED or task_id == INITIALIZING:
+                self.no_respawn = True  # a failing initializer breaks the pool: no storm
+                continue
+            # Crashing right after start again and again is backed off; leaving
+            # on purpose (max_tasks_per_child, exit code 0) is not.
+            if exitcode != 0 and time.monotonic() - started < 1.0:
                 self.quick_deaths += 1
             else:
                 self.quick_deaths = 0
-            delay = 0.0 if self.quick_deaths <= 1 else min(5.0, 0.05 * 2 ** self.quick_deaths)
-            if delay:
-                self.respawn_at = time.monotonic() + delay
-            else:
-                self.spawn_worker()
+            if self.quick_deaths > 3:
+                delay = min(1.0, 0.05 * 2 ** self.quick_deaths)
+                self.respawn_at = max(self.respawn_at or 0.0, time.monotonic() + delay)
 
     def top_up(self) -> None:
-        if self.respawn_at is not None and time.monotonic() >= self.respawn_at:
+        """Start workers until there are as many as configured (unless backing off)."""
+        if self.stopping or self.no_respawn:
+            return
+        if self.respawn_at is not None:
+            if time.monotonic() < self.respawn_at:
+                return
             self.respawn_at = None
+        while len(self.workers) < self.settings["workers"]:
             self.spawn_worker()
 
     def report(self, kind: MessageType, body) -> None:
@@ -139,8 +158,7 @@ class Node:
     # -- main loop ------------------------------------------------------------
 
     def run(self) -> int:
-        for _ in range(self.settings["workers"]):
-            self.spawn_worker()
+        self.top_up()
         poller = select.poll()
         poller.register(self.cmd_fd, select.POLLIN)
         poller.register(self.wakeup_r, select.POLLIN)

@@ -57,7 +57,7 @@ from ..errors import InitializerError, ProtocolError, UnpicklingFailedError, Wor
 from ..protocol.framing import PipeReader, decode_header, pack_header, write_pipe_message
 from ..protocol.messages import MessageType, ResultStatus
 from ..store import serialize
-from .processes import EXIT_INITIALIZER_FAILED, start_node
+from .processes import EXIT_INITIALIZER_FAILED, INITIALIZING, start_node
 from .scheduler import Scheduler, WorkerSlot
 
 LOGGER = logging.getLogger("futurepool")
@@ -70,7 +70,7 @@ class Task:
     """One submitted call, as the owner tracks it until its future settles."""
 
     __slots__ = ("task_id", "future", "fn_id", "fn_bytes", "fn_name", "args", "deps",
-                 "waiting", "attempt", "retries_left", "deaths", "started")
+                 "waiting", "attempt", "retries_left", "deaths", "started", "estimate")
 
     def __init__(self, future, fn_id, fn_bytes, fn_name, args, deps, retries):
         self.task_id = next(_task_ids)
@@ -85,6 +85,7 @@ class Task:
         self.retries_left = retries
         self.deaths = 0
         self.started = False
+        self.estimate = 0.0  # seconds the scheduler expected when it sent it
 
     def describe(self) -> str:
         return f"task {self.task_id} ({self.fn_name})"
@@ -146,12 +147,16 @@ class Owner:
         """Pickle a call (in the caller's thread); raises PicklingError naming the culprit."""
         try:
             fn_id, fn_bytes = self.functions.get(fn)
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001
             name = serialize.describe_callable(fn)
             raise _pickling_error(f"Could not pickle the function {name}", exc) from exc
         try:
             data, deps = serialize.dumps_arguments(args, kwargs)
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - sys.exit() in a __reduce__ too
             raise _pickling_error(_culprit(fn, args, kwargs), exc) from exc
         task = Task(future, fn_id, fn_bytes, serialize.describe_callable(fn), data, deps,
                     self.max_retries)
@@ -322,10 +327,12 @@ class Owner:
 
     def _dispatch(self) -> None:
         batches: dict[WorkerSlot, list] = {}
-        ready, pick = self.ready, self.scheduler.pick
+        ready, pick, estimate = self.ready, self.scheduler.pick, self.scheduler.estimate
+        now = time.monotonic()
         while ready:
             task = ready[0]
-            worker = pick(task.fn_id)
+            task.estimate = estimate(task.fn_id)
+            worker = pick(task.estimate, now)
             if worker is None:
                 break
             ready.popleft()
@@ -343,7 +350,10 @@ class Owner:
                 if len(worker.functions) > 512:
                     worker.functions.popitem(last=False)
             deps = tuple((oid, dep._payload()) for oid, dep in task.deps.items())
+            if not worker.inflight:
+                worker.progress_at = now
             worker.inflight.append(task)
+            worker.backlog += task.estimate
             if worker.quota is not None:
                 worker.quota -= 1
             batches.setdefault(worker, []).append(
@@ -363,6 +373,7 @@ class Owner:
         """Put the last ``count`` tasks sent to ``worker`` back at the head of the queue."""
         for _ in range(min(count, len(worker.inflight))):
             task = worker.inflight.pop()
+            worker.backlog -= task.estimate
             self.ready.appendleft(task)
             if worker.quota is not None:
                 worker.quota += 1
@@ -401,6 +412,7 @@ class Owner:
 
     def _results(self, worker: WorkerSlot, results) -> None:
         inflight = worker.inflight
+        worker.progress_at = time.monotonic()
         for task_id, attempt, status, payload, took in results:
             if inflight and inflight[0].task_id == task_id:
                 task = inflight.popleft()
@@ -409,6 +421,9 @@ class Owner:
                 if task is None:
                     continue  # fenced: from an attempt we gave up on
                 inflight.remove(task)
+            worker.backlog -= task.estimate
+            if not inflight:
+                worker.backlog = 0.0  # no drift from float sums
             if attempt != task.attempt:
                 continue
             if status == ResultStatus.OK:
@@ -467,12 +482,16 @@ class Owner:
         if reader.closed:
             self._node_died()
 
-    def _worker_exited(self, worker_id, pid, exitcode, signal_name, detail="") -> None:
+    def _worker_exited(self, worker_id, pid, exitcode, signal_name, running_id=None,
+                       running_attempt=0, detail="") -> None:
+        """A worker died; ``running_id`` is what its slot said it ran (None: unknown)."""
         slot = self.scheduler.workers.get(worker_id)
-        if exitcode == EXIT_INITIALIZER_FAILED:
+        if exitcode == EXIT_INITIALIZER_FAILED or running_id == INITIALIZING:
+            how = "failed" if exitcode == EXIT_INITIALIZER_FAILED else \
+                f"ended its process with {signal_name or f'EXIT({exitcode})'}"
             # Its INIT_FAILED message, with the real exception, may still be in flight.
             self._add_timer(config.DEATH_GRACE, lambda: self._initializer_failed(
-                worker_id, RuntimeError("the initializer failed (no details arrived)")))
+                worker_id, RuntimeError(f"the initializer {how}")))
             return
         if slot is None:  # died before saying READY
             self.start_failures += 1
@@ -486,10 +505,11 @@ class Owner:
             return
         slot.alive = False
         # Results it sent just before dying may still be in flight: wait a moment.
-        self._add_timer(config.DEATH_GRACE,
-                        lambda: self._bury(slot, exitcode, signal_name, detail))
+        self._add_timer(config.DEATH_GRACE, lambda: self._bury(
+            slot, exitcode, signal_name, detail, running_id, running_attempt))
 
-    def _bury(self, slot: WorkerSlot, exitcode, signal_name, detail) -> None:
+    def _bury(self, slot: WorkerSlot, exitcode, signal_name, detail, running_id,
+              running_attempt) -> None:
         self.scheduler.workers.pop(slot.worker_id, None)
         self.by_routing.pop(slot.routing_id, None)
         if not slot.inflight:
@@ -502,8 +522,17 @@ class Owner:
                     detail=detail))
             slot.inflight.clear()
             return
-        running = slot.inflight.popleft()
-        self._requeue(slot, len(slot.inflight))  # never started: run them elsewhere
+        if running_id is None:  # the node died too: blame the oldest task sent
+            running = slot.inflight.popleft()
+        else:
+            running = next((t for t in slot.inflight
+                            if t.task_id == running_id and t.attempt == running_attempt), None)
+            if running is not None:
+                slot.inflight.remove(running)
+        # Never started (or finished, result lost with the worker): run them elsewhere.
+        self._requeue(slot, len(slot.inflight))
+        if running is None:
+            return
         running.deaths += 1
         if running.retries_left > 0:
             running.retries_left -= 1
@@ -649,12 +678,12 @@ def _culprit(fn, args, kwargs) -> str:
     for index, value in enumerate(args):
         try:
             serialize.dumps_arguments((value,), {})
-        except Exception:  # noqa: BLE001
+        except BaseException:  # noqa: BLE001
             return f"Could not pickle argument {index} ({type(value).__name__}) of {name}()"
     for key, value in kwargs.items():
         try:
             serialize.dumps_arguments((value,), {})
-        except Exception:  # noqa: BLE001
+        except BaseException:  # noqa: BLE001
             return f"Could not pickle keyword argument {key!r} ({type(value).__name__}) of {name}()"
     return f"Could not pickle the arguments of {name}()"
 

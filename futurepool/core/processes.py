@@ -6,11 +6,21 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import struct
 import subprocess
 import sys
 
 #: Exit code of a worker whose initializer failed: the node does not respawn it.
 EXIT_INITIALIZER_FAILED = 77
+
+#: Each worker shares a 12-byte slot with its node (an anonymous shared mmap
+#: made before the fork) holding ``(task_id, attempt)`` of what it is running,
+#: 0 when idle. When a worker dies the node reads it, so the owner fails
+#: exactly the task that was running and re-queues the ones the worker had
+#: not started, at the cost of one memory write per task.
+RUNNING_SLOT = struct.Struct("<QI")
+#: ``task_id`` while the pool's initializer runs.
+INITIALIZING = (1 << 64) - 1
 
 _PR_SET_PDEATHSIG = 1
 _libc = None

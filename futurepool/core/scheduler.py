@@ -1,12 +1,14 @@
 """Placement: which worker gets the next ready task, and how many it may hold.
 
 Each worker holds a short queue so that round trips overlap with work. How
-short adapts per function: once the owner has seen how long a function runs,
-a worker may hold about ``config.QUEUED_WORK_TARGET`` seconds of it (so a
-no-op gets up to ``MAX_QUEUE_DEPTH`` queued and a one-second task none
-beyond the running one), which keeps both throughput for tiny tasks and
-fair balancing for long ones. Among the workers with room, the least loaded
-wins. All state here belongs to the owner's I/O thread.
+short is measured in estimated seconds, per function: once the owner has
+seen how long a function runs, a worker may hold about
+``config.QUEUED_WORK_TARGET`` seconds of work (so no-ops queue up to
+``MAX_QUEUE_DEPTH`` deep, and nothing waits behind a one-second task). That
+keeps throughput for tiny tasks, fair balancing for long ones, and, as in
+the stdlib, calls behind a busy worker still pending and cancellable.
+Among the workers with room, the least loaded wins. All state here belongs
+to the owner's I/O thread.
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ import collections
 
 from .. import config
 
+#: Seconds assumed for a function never timed: long enough that nothing is
+#: queued behind it until its first result says otherwise.
+UNKNOWN_RUN_TIME = 1.0
+
 
 class WorkerSlot:
     """What the owner knows of one worker process."""
 
     __slots__ = ("worker_id", "routing_id", "pid", "inflight", "quota",
-                 "functions", "alive")
+                 "functions", "alive", "backlog", "progress_at")
 
     def __init__(self, worker_id: int, routing_id: bytes, pid: int, tasks_left: int):
         self.worker_id = worker_id
@@ -32,6 +38,8 @@ class WorkerSlot:
         # Function ids it has cached, oldest first (mirrors the worker's LRU).
         self.functions: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self.alive = True
+        self.backlog = 0.0  # estimated seconds of the tasks in flight
+        self.progress_at = 0.0  # when its current task became the head of its queue
 
 
 class Scheduler:
@@ -39,26 +47,32 @@ class Scheduler:
         self.workers: dict[int, WorkerSlot] = {}
         self.run_time: dict[bytes, float] = {}  # fn_id -> moving average, seconds
 
-    def depth_for(self, fn_id: bytes) -> int:
-        """Tasks of this function a worker may hold, the running one included."""
-        seconds = self.run_time.get(fn_id)
-        if seconds is None:
-            return 1 + config.INITIAL_QUEUE_DEPTH
-        extra = int(config.QUEUED_WORK_TARGET / max(seconds, 1e-6))
-        return 1 + max(0, min(config.MAX_QUEUE_DEPTH, extra))
+    def estimate(self, fn_id: bytes) -> float:
+        return self.run_time.get(fn_id, UNKNOWN_RUN_TIME)
 
-    def pick(self, fn_id: bytes) -> WorkerSlot | None:
-        limit = self.depth_for(fn_id)
+    def pick(self, estimate: float, now: float) -> WorkerSlot | None:
+        """The least loaded worker that may take a task of ``estimate`` seconds now.
+
+        An idle worker always may. A busy one only while its queue stays
+        within ``QUEUED_WORK_TARGET`` seconds of estimated work, and while its
+        current task has not overstayed its estimate: calls queued behind a
+        task that turns out slow could not be cancelled or run elsewhere.
+        """
+        target = config.QUEUED_WORK_TARGET
+        limit = config.MAX_QUEUE_DEPTH
         best = None
         for worker in self.workers.values():
-            load = len(worker.inflight)
-            if not worker.alive or load >= limit:
+            if not worker.alive or (worker.quota is not None and worker.quota <= 0):
                 continue
-            if worker.quota is not None and worker.quota <= 0:
-                continue
-            if best is None or load < len(best.inflight):
+            inflight = worker.inflight
+            if inflight:
+                if worker.backlog + estimate > target or len(inflight) > limit:
+                    continue
+                if now - worker.progress_at > target + 4 * inflight[0].estimate:
+                    continue
+            if best is None or worker.backlog < best.backlog:
                 best = worker
-                if load == 0:
+                if not inflight:
                     break
         return best
 

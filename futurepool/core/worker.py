@@ -7,17 +7,22 @@ batches in arrival order until told to STOP (or until its task quota for
 driver handles Ctrl-C and stops workers itself).
 
 Results are batched: while the next queued task's function is known to be
-quick, results already computed wait (at most ``_HOLD_SECONDS``) to travel
-in one message. A function not yet timed, or a slow one, first flushes what
-is held, so a long task never delays an earlier result.
+quick, results already computed wait to travel in one message. A function
+not yet timed, or a slow one, first flushes what is held. Past speed does
+not promise the next call's, so a flusher thread sends whatever is still
+held ``_HOLD_SECONDS`` after holding began, even while the main thread is
+stuck in a task. The socket and the outbox are shared by these two threads
+under ``self.lock``.
 """
 
 from __future__ import annotations
 
 import collections
+import faulthandler
 import logging
 import os
 import pickle
+import threading
 import time
 
 import zmq
@@ -25,7 +30,7 @@ import zmq
 from ..protocol.framing import decode_header, pack_header
 from ..protocol.messages import MessageType, ResultStatus
 from ..store import serialize
-from .processes import EXIT_INITIALIZER_FAILED
+from .processes import EXIT_INITIALIZER_FAILED, INITIALIZING, RUNNING_SLOT
 
 # The stdlib logs initializer failures here; code (and CPython's tests) watch it.
 LOGGER = logging.getLogger("concurrent.futures")
@@ -40,14 +45,18 @@ def routing_id(worker_id: int) -> bytes:
 
 
 class Worker:
-    def __init__(self, worker_id: int, settings: dict):
+    def __init__(self, worker_id: int, settings: dict, slot):
         self.worker_id = worker_id
+        self.slot = slot  # shared with the node: what this worker is running
         self.settings = settings
         self.functions: collections.OrderedDict[bytes, object] = collections.OrderedDict()
         self.run_time: dict[bytes, float] = {}  # fn_id -> moving average of seconds
         self.queue: collections.deque = collections.deque()
         self.outbox: list = []
         self.held_since = 0.0
+        self.lock = threading.Lock()  # the socket and the outbox
+        self.holding = threading.Event()  # arms the flusher
+        self.closing = False
         self.keepalive: list = []  # last tasks' objects, dropped only after their result left
         self.ctx = zmq.Context(1)
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -55,11 +64,26 @@ class Worker:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.connect(settings["owner_address"])
+        self.flusher = threading.Thread(target=self._flush_late, name="futurepool-flusher",
+                                        daemon=True)
+        self.flusher.start()
 
     def close(self) -> None:
+        self.closing = True
+        self.holding.set()
+        self.flusher.join()
         # Linger so the last results reach the owner before the process exits.
         self.sock.close(linger=5000)
         self.ctx.term()
+
+    def _flush_late(self) -> None:
+        while True:
+            self.holding.wait()
+            if self.closing:
+                return
+            self.holding.clear()
+            time.sleep(_HOLD_SECONDS)
+            self.flush()
 
     # -- start-up -------------------------------------------------------------
 
@@ -67,22 +91,32 @@ class Worker:
         blob = self.settings.get("initializer")
         if blob is None:
             return True
+        RUNNING_SLOT.pack_into(self.slot, 0, INITIALIZING, 0)
         try:
             initializer, initargs = serialize.loads(blob)
             initializer(*initargs)
         except BaseException as exc:  # noqa: BLE001 - SystemExit in an initializer too
             LOGGER.critical("Exception in initializer:", exc_info=True)
-            self.sock.send_multipart([
-                pack_header(MessageType.INIT_FAILED, 0, self.worker_id),
-                serialize.dumps_exception(exc),
-            ])
+            with self.lock:
+                self.sock.send_multipart([
+                    pack_header(MessageType.INIT_FAILED, 0, self.worker_id),
+                    serialize.dumps_exception(exc),
+                ])
             return False
+        RUNNING_SLOT.pack_into(self.slot, 0, 0, 0)
         return True
 
     # -- tasks ----------------------------------------------------------------
 
     def run_task(self, item) -> tuple:
         task_id, attempt, fn_id, fn_bytes, args_bytes, deps = item
+        RUNNING_SLOT.pack_into(self.slot, 0, task_id, attempt)
+        try:
+            return self._run(task_id, attempt, fn_id, fn_bytes, args_bytes, deps)
+        finally:
+            RUNNING_SLOT.pack_into(self.slot, 0, 0, 0)
+
+    def _run(self, task_id, attempt, fn_id, fn_bytes, args_bytes, deps) -> tuple:
         try:
             fn = self.functions.get(fn_id)
             if fn is None:
@@ -121,12 +155,13 @@ class Worker:
         return (task_id, attempt, ResultStatus.OK, payload, took), (args, kwargs, result)
 
     def flush(self) -> None:
-        if self.outbox:
-            self.sock.send_multipart([
-                pack_header(MessageType.RESULTS, len(self.outbox), self.worker_id),
-                serialize.dumps_plain(self.outbox),
-            ])
-            self.outbox = []
+        with self.lock:
+            if self.outbox:
+                self.sock.send_multipart([
+                    pack_header(MessageType.RESULTS, len(self.outbox), self.worker_id),
+                    serialize.dumps_plain(self.outbox),
+                ])
+                self.outbox = []
 
     def should_hold(self) -> bool:
         """Whether computed results may wait for the next queued task."""
@@ -138,28 +173,37 @@ class Worker:
 
     def serve(self) -> None:
         tasks_left = self.settings.get("max_tasks_per_child") or 0
-        self.sock.send_multipart([
-            pack_header(MessageType.READY, 0, self.worker_id),
-            serialize.dumps_plain((self.worker_id, os.getpid(), tasks_left)),
-        ])
+        sock, lock = self.sock, self.lock
+        with lock:
+            sock.send_multipart([
+                pack_header(MessageType.READY, 0, self.worker_id),
+                serialize.dumps_plain((self.worker_id, os.getpid(), tasks_left)),
+            ])
         while True:
             if not self.queue:
                 self.flush()
-                frames = self.sock.recv_multipart()
+                with lock:  # the outbox is empty: the flusher has nothing to send
+                    frames = sock.recv_multipart()
                 self.keepalive.clear()
                 if not self._accept(frames):
                     return
             while self.queue:
                 # Take what else arrived without blocking, so batches stay full.
-                while self.sock.get(zmq.EVENTS) & zmq.POLLIN:
-                    if not self._accept(self.sock.recv_multipart()):
+                while True:
+                    with lock:
+                        frames = sock.recv_multipart() if sock.get(zmq.EVENTS) & zmq.POLLIN \
+                            else None
+                    if frames is None:
+                        break
+                    if not self._accept(frames):
                         self.flush()
                         return
                 item = self.queue.popleft()
                 outcome, keep = self.run_task(item)
-                if not self.outbox:
-                    self.held_since = time.perf_counter()
-                self.outbox.append(outcome)
+                with lock:
+                    if not self.outbox:
+                        self.held_since = time.perf_counter()
+                    self.outbox.append(outcome)
                 self.keepalive.append(keep)
                 fn_id = item[2]
                 previous = self.run_time.get(fn_id)
@@ -172,6 +216,8 @@ class Worker:
                         return
                 if not self.should_hold():
                     self.flush()
+                elif len(self.outbox) == 1:
+                    self.holding.set()
 
     def _accept(self, frames) -> bool:
         """Queue a message's tasks; False when the owner says STOP."""
@@ -183,9 +229,11 @@ class Worker:
         return True
 
 
-def run_worker(worker_id: int, settings: dict) -> int:
+def run_worker(worker_id: int, settings: dict, slot) -> int:
     """Body of a worker process; returns its exit code."""
-    worker = Worker(worker_id, settings)
+    # A segfault in a task then leaves the Python traceback in the worker's stderr.
+    faulthandler.enable()
+    worker = Worker(worker_id, settings, slot)
     try:
         if not worker.initialize():
             return EXIT_INITIALIZER_FAILED

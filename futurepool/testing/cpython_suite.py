@@ -4,69 +4,66 @@
 CPython's test suite for that class is the yardstick. This module does not
 copy those tests: it imports them from the interpreter's installed ``test``
 package (``test.test_concurrent_futures``: a package of modules from 3.12 on,
-one big module on 3.10 and 3.11) and subclasses the classes CPython generated
-for the ``spawn`` start method, replacing only ``executor_type``.
+one module on 3.10 and 3.11) and subclasses the classes CPython generated for
+the ``spawn`` start method, replacing ``executor_type``.
 
 How CPython binds a test to an executor: each behaviour lives in a plain
 mixin (``ExecutorTest``/``ProcessPoolExecutorTest``, ``ExecutorDeadlockTest``,
 ``ProcessPoolShutdownTest``, ``WaitTests``, ``AsCompletedTests``,
 ``InitializerMixin``, ``FailingInitializerMixin``), and
-``create_executor_tests`` builds ``type(name, (mixin, executor_mixin,
-BaseTestCase))`` for each executor mixin. The executor mixins
-(``ProcessPoolForkMixin``, ``ProcessPoolSpawnMixin``,
-``ProcessPoolForkserverMixin``, ``ThreadPoolMixin``) set ``executor_type``
-and ``ctx``; ``ExecutorMixin.setUp`` creates ``executor_type(max_workers=...,
-mp_context=get_context(), **executor_kwargs)`` and ``tearDown`` shuts it down.
-``BaseTestCase`` checks for leaked threads and reaps children after every
-test (``test.support.reap_children``).
+``create_executor_tests`` makes ``type(name, (mixin, executor_mixin,
+BaseTestCase), ...)`` for each executor mixin: ``ProcessPoolForkMixin``,
+``ProcessPoolForkserverMixin``, ``ProcessPoolSpawnMixin`` (and
+``ThreadPoolMixin`` where the behaviour is not process-specific). Those set
+``executor_type`` and ``ctx``; ``ExecutorMixin.setUp`` creates
+``executor_type(max_workers=worker_count, mp_context=get_context(),
+**executor_kwargs)`` and ``tearDown`` shuts it down; ``BaseTestCase`` checks
+for threads left running and reaps child processes after every test.
 
 Only the **spawn** classes are bound. futurepool never forks the caller:
-workers get the task's code by value (cloudpickle) or by import, whatever
-``mp_context`` says, so the fork and forkserver variants would run exactly
-the same code paths a second and third time.
+workers get a task's code by value (cloudpickle) or by import whatever
+``mp_context`` says, so the fork and forkserver variants would run the same
+code paths a second and a third time.
 
 What the adapter changes, and nothing else:
 
 * ``executor_type`` is the executor under test.
-* Tests listed in :data:`SKIPS` are skipped: they read or patch the stdlib's
-  private attributes, so they cannot apply to another implementation. Those
-  also listed in :data:`RUN_IF_EXPOSED` run anyway as soon as the executor
-  object has every attribute named there (``_max_workers``, ``_processes``,
-  ``_broken``...).
-* Three shutdown tests run a script in a fresh interpreter that does
-  ``from concurrent.futures import <executor_type.__name__>``. For a
-  non-stdlib executor that would import the wrong class (or the abstract
-  ``Executor``), so the script is rewritten to import the executor under
-  test, and ``PYTHONPATH`` points at it. The rewrite also adds ``import
-  multiprocessing``: ``test_hang_gh83386`` calls
-  ``multiprocessing.set_start_method`` without importing it, a CPython bug
-  that never shows because that test is skipped for the stdlib class.
-* Classmethods of CPython's test classes (``_test_traceback``) are re-bound
-  to CPython's class, so a task that references one pickles by reference
-  to an importable class rather than to the generated one.
-* ``ExecutorDeadlockTest.TIMEOUT`` (5 minutes on 3.13) is capped (default
-  30 s, the 3.10 value): it is how long a task waits before the test calls
-  the pool deadlocked.
+* :data:`SKIPS` are skipped: they read or patch the stdlib's private
+  internals. Those also in :data:`RUN_IF_EXPOSED` run anyway when the
+  executor object has every attribute named there (``_max_workers``,
+  ``_processes``, ``_broken`` ...).
+* Three shutdown tests run a script in a fresh interpreter that does ``from
+  concurrent.futures import <executor_type.__name__>``. For any other class
+  that imports the wrong executor (or the abstract ``Executor``), so the
+  script is rewritten to import the executor under test, with ``PYTHONPATH``
+  pointing at it. The rewrite also adds ``import multiprocessing``:
+  ``test_hang_gh83386`` calls ``multiprocessing.set_start_method`` without
+  importing it, a CPython bug hidden because the test skips the stdlib class.
+* Classmethods of CPython's classes (``_test_traceback``) are re-bound to
+  CPython's class, so a task referring to one pickles by reference to a
+  class that worker processes can import.
+* ``ExecutorDeadlockTest.TIMEOUT`` (300 s on 3.13), how long a task may take
+  before the test declares a deadlock, is capped (default 30 s, as on 3.10).
 * ``FailingInitializerResourcesTest.test_spawn`` runs the bound
-  failing-initializer class instead of CPython's own; its forkserver variant
-  is dropped.
+  failing-initializer class instead of CPython's, and fails at once, instead
+  of hanging, if another process still holds the resource tracker's pipe.
+  Its forkserver variant is dropped.
 
 ``test.support`` sets ``environment_altered`` when a test leaves threads
-running or child processes unreaped (CPython's CI fails such a test with
-``--fail-env-changed``). Every bound test records that in
-:data:`ENV_CHANGED`, and fails when strict (``--strict-env`` or
-``FUTUREPOOL_CPYTHON_SUITE_STRICT_ENV=1``).
+running or child processes unreaped (CPython's CI then fails the test with
+``--fail-env-changed``). Bound tests record that in :data:`ENV_CHANGED`, and
+fail when strict (``--strict-env``, ``FUTUREPOOL_CPYTHON_SUITE_STRICT_ENV=1``).
 
-Use from pytest (``tests/stdlib/test_cpython_concurrent_futures.py``)::
+From pytest (``tests/stdlib/test_cpython_concurrent_futures.py``)::
 
     globals().update(build_test_classes(module=__name__))
 
-or from the command line, with unittest, on Python 3.10-3.13::
+From the command line, under unittest, on Python 3.10 to 3.13::
 
     python -m futurepool.testing.cpython_suite [--executor module:Class] [-k pattern] [-v]
 
 ``--executor concurrent.futures:ProcessPoolExecutor`` runs the same selection
-against the stdlib, which shows the adapter itself is right.
+on the stdlib, which is how the adapter itself is checked.
 """
 
 from __future__ import annotations
@@ -81,24 +78,28 @@ import inspect
 import os
 import pkgutil
 import sys
+import threading
 import time
 import types
 import unittest
+import unittest.mock
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 __all__ = [
+    "DEADLOCK_TIMEOUT",
     "DEFAULT_EXECUTOR",
     "ENV_CHANGED",
     "RUN_IF_EXPOSED",
     "SKIPS",
+    "TEST_TIMEOUT",
     "CPythonSuiteUnavailable",
     "build_test_classes",
     "load_executor",
     "main",
 ]
 
-#: The executor bound when none is given ("module:qualname").
+#: The executor bound when none is given, as ``"module:qualname"``.
 DEFAULT_EXECUTOR = "futurepool:Executor"
 #: Environment variable that overrides :data:`DEFAULT_EXECUTOR`.
 EXECUTOR_ENV = "FUTUREPOOL_CPYTHON_SUITE_EXECUTOR"
@@ -106,45 +107,64 @@ EXECUTOR_ENV = "FUTUREPOOL_CPYTHON_SUITE_EXECUTOR"
 STRICT_ENV_ENV = "FUTUREPOOL_CPYTHON_SUITE_STRICT_ENV"
 #: Seconds a deadlock test waits for a result before it declares a deadlock.
 DEADLOCK_TIMEOUT = 30.0
-#: Seconds one test may run under ``main()`` before every stack is dumped
-#: and the process exits (CPython's own tests mostly wait without a deadline).
+#: Seconds one test may run before its stacks are dumped and it is stopped
+#: (CPython's tests mostly wait for results without a deadline).
 TEST_TIMEOUT = 180.0
 
 _PACKAGE = "test.test_concurrent_futures"
 
-# CPython's generated spawn classes, by the names it gives them.
+# CPython's generated spawn classes, under the names it gives them.
 _POOL = "ProcessPoolSpawnProcessPoolExecutorTest"
 _DEADLOCK = "ProcessPoolSpawnExecutorDeadlockTest"
 _SHUTDOWN = "ProcessPoolSpawnProcessPoolShutdownTest"
 _FAILING_INIT = "ProcessPoolSpawnFailingInitializerTest"
-# A plain TestCase (3.12+) that runs _FAILING_INIT and then checks that the
+# A plain TestCase (3.12+) that runs _FAILING_INIT, then checks that the
 # multiprocessing resource tracker exits cleanly (gh-104090).
 _RESOURCES = "FailingInitializerResourcesTest"
 
-_STDLIB_CLASS = "also constructs concurrent.futures.ProcessPoolExecutor itself, so it never runs the bound executor"
+_COUNTS_WORKERS = "reads executor._max_workers and executor._processes to count started workers"
+_STDLIB_CLASS = (
+    "also constructs concurrent.futures.ProcessPoolExecutor itself, "
+    "so it never runs the bound executor"
+)
 
-#: Tests that cannot apply to another implementation, ``"Class.test": reason``.
-#: Only tests that read or patch the stdlib's private internals belong here.
+#: ``"Class.test": reason`` for the tests that cannot apply to another
+#: implementation. Only tests that read or patch the stdlib's private
+#: internals belong here.
 SKIPS: dict[str, str] = {
-    f"{_POOL}.test_killed_child": "reads executor._processes (pid -> multiprocessing.Process) to terminate a worker",
-    f"{_POOL}.test_saturation": "reads executor._max_workers and executor._processes to count started workers",
-    f"{_POOL}.test_idle_process_reuse_one": "reads executor._max_workers and executor._processes to count started workers",
-    f"{_POOL}.test_idle_process_reuse_multiple": "reads executor._max_workers and executor._processes to count started workers",
+    f"{_POOL}.test_killed_child": (
+        "reads executor._processes (pid -> multiprocessing.Process) to terminate a worker"
+    ),
+    f"{_POOL}.test_saturation": _COUNTS_WORKERS,
+    f"{_POOL}.test_idle_process_reuse_one": _COUNTS_WORKERS,
+    f"{_POOL}.test_idle_process_reuse_multiple": _COUNTS_WORKERS,
     f"{_POOL}.test_max_tasks_per_child": "reads executor._processes to count live workers",
-    f"{_POOL}.test_max_tasks_per_child_defaults_to_spawn_context": "reads executor._mp_context to check the default start method",
-    f"{_POOL}.test_python_finalization_error": "patches threading._start_joinable_thread to fail the stdlib's second thread start (its call-queue feeder)",
-    f"{_DEADLOCK}.test_shutdown_deadlock_pickle": "reads executor._executor_manager_thread to join it",
-    f"{_DEADLOCK}.test_gh105829_should_not_deadlock_if_wakeup_pipe_full": "patches concurrent.futures.process._ExecutorManagerThread.run and _ThreadWakeup",
+    f"{_POOL}.test_max_tasks_per_child_defaults_to_spawn_context": (
+        "reads executor._mp_context to check the default start method"
+    ),
+    f"{_POOL}.test_python_finalization_error": (
+        "patches threading._start_joinable_thread to fail the stdlib's second thread"
+        " start (the call queue's feeder thread)"
+    ),
+    f"{_DEADLOCK}.test_shutdown_deadlock_pickle": (
+        "reads executor._executor_manager_thread to join it"
+    ),
+    f"{_DEADLOCK}.test_gh105829_should_not_deadlock_if_wakeup_pipe_full": (
+        "patches concurrent.futures.process._ExecutorManagerThread.run and _ThreadWakeup"
+    ),
     f"{_SHUTDOWN}.test_processes_terminate": "reads executor._processes to count and join workers",
     f"{_SHUTDOWN}.test_context_manager_shutdown": f"reads executor._processes; {_STDLIB_CLASS}",
-    f"{_SHUTDOWN}.test_del_shutdown": f"reads executor._executor_manager_thread, _processes and _call_queue; {_STDLIB_CLASS}",
-    f"{_SHUTDOWN}.test_shutdown_no_wait": f"reads executor._executor_manager_thread, _processes and _call_queue; {_STDLIB_CLASS}",
+    f"{_SHUTDOWN}.test_del_shutdown": (
+        f"reads executor._executor_manager_thread, _processes and _call_queue; {_STDLIB_CLASS}"
+    ),
+    f"{_SHUTDOWN}.test_shutdown_no_wait": (
+        f"reads executor._executor_manager_thread, _processes and _call_queue; {_STDLIB_CLASS}"
+    ),
     f"{_FAILING_INIT}.test_initializer": "polls executor._broken until the pool is marked broken",
 }
 
-#: Tests of :data:`SKIPS` that run after all if the executor object (the one
-#: ``setUp`` made) has every attribute named: the test needs nothing else
-#: from the stdlib's internals.
+#: The :data:`SKIPS` lifted when the executor object that ``setUp`` made has
+#: every attribute named: the test needs nothing else of the stdlib's.
 RUN_IF_EXPOSED: dict[str, tuple[str, ...]] = {
     f"{_POOL}.test_killed_child": ("_processes",),
     f"{_POOL}.test_saturation": ("_max_workers", "_processes"),
@@ -157,8 +177,7 @@ RUN_IF_EXPOSED: dict[str, tuple[str, ...]] = {
     f"{_FAILING_INIT}.test_initializer": ("_broken",),
 }
 
-#: Ids of the tests that altered the environment (leaked threads, unreaped
-#: children), filled in as the tests run.
+#: Ids of the tests that altered the environment, appended as tests run.
 ENV_CHANGED: list[str] = []
 
 
@@ -183,12 +202,11 @@ def _load_layout() -> _Layout:
     except ImportError as exc:
         raise CPythonSuiteUnavailable(
             f"CPython's {_PACKAGE} is not installed with {sys.executable} "
-            f"(Python {sys.version.split()[0]}): {exc}. Debian and Ubuntu ship "
-            "it separately (libpython3.X-testsuite); pyenv and python.org "
-            "builds include it."
+            f"(Python {sys.version.split()[0]}): {exc}. Debian and Ubuntu ship it "
+            "separately (libpython3.X-testsuite); pyenv and python.org builds include it."
         ) from exc
     if hasattr(package, "__path__"):
-        # 3.12+: one module per subject, shared pieces in util.py.
+        # 3.12+: a module per subject, the shared pieces in util.py.
         util = importlib.import_module(f"{_PACKAGE}.util")
         modules = []
         for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
@@ -207,7 +225,7 @@ def _load_layout() -> _Layout:
 
 
 def load_executor(spec: str) -> type:
-    """Import ``"module:qualname"`` (``"futurepool:Executor"``) and return it."""
+    """Import ``"module:qualname"`` (such as ``"futurepool:Executor"``) and return it."""
     module_name, sep, qualname = spec.partition(":")
     if not sep or not module_name or not qualname:
         raise ValueError(f"executor must look like 'module:Class', got {spec!r}")
@@ -246,28 +264,26 @@ class _Adapter:
             ENV_CHANGED.append(self.id())
             if self._strict_env:
                 self.fail(
-                    "test altered the environment: threads still running or "
-                    "child processes reaped by test.support (see the warnings "
-                    "on stderr)"
+                    "the test altered the environment: threads still running or child "
+                    "processes reaped by test.support (its warnings are on stderr)"
                 )
 
     def _patch_subprocess_scripts(self):
         # The shutdown tests call ``assert_python_ok`` from their module's
-        # globals; swap it for one that imports the executor under test.
+        # globals: swap in one that imports the executor under test.
         test = inspect.unwrap(getattr(type(self), self._testMethodName))
         namespace = getattr(test, "__globals__", {})
         original = namespace.get("assert_python_ok")
         if original is None or getattr(original, "_cpython_suite_wrapper", False):
             return
         wrapper = _script_runner(original, self.executor_type)
-        if wrapper is original:
-            return
-        namespace["assert_python_ok"] = wrapper
-        self.addCleanup(namespace.__setitem__, "assert_python_ok", original)
+        if wrapper is not original:
+            namespace["assert_python_ok"] = wrapper
+            self.addCleanup(namespace.__setitem__, "assert_python_ok", original)
 
     def _fail_on_deadlock(self, executor):
-        # CPython's version terminates ``executor._processes`` first; keep it
-        # when the executor has that, else dump the stacks and give up on the
+        # CPython's version first terminates ``executor._processes``: keep it
+        # when the executor has that; otherwise dump the stacks and leave the
         # executor without waiting for it.
         if hasattr(executor, "_processes"):
             return super()._fail_on_deadlock(executor)
@@ -275,13 +291,12 @@ class _Adapter:
         try:
             executor.shutdown(wait=False, cancel_futures=True)
         finally:
-            self.fail(f"executor deadlock: no result within {self.TIMEOUT} s (stacks dumped to stderr)")
+            self.fail(f"executor deadlock: no result within {self.TIMEOUT} s (stacks on stderr)")
 
 
 def _import_roots(executor: type) -> list[str]:
     """Directories to put on ``sys.path`` so a fresh interpreter finds ``executor``."""
-    top = executor.__module__.partition(".")[0]
-    spec = importlib.util.find_spec(top)
+    spec = importlib.util.find_spec(executor.__module__.partition(".")[0])
     if spec is None:
         return []
     if spec.submodule_search_locations:
@@ -290,20 +305,20 @@ def _import_roots(executor: type) -> list[str]:
 
 
 def _script_runner(original: Callable, executor: type) -> Callable:
-    """Wrap ``assert_python_ok`` so the ``-c`` script imports ``executor``."""
+    """Wrap ``assert_python_ok`` so that its ``-c`` script imports ``executor``."""
     name = executor.__name__
     if getattr(concurrent.futures, name, None) is executor:
-        return original  # the stdlib class: CPython's script is already right
+        return original  # a stdlib class: CPython's script is right as it is
     needle = f"from concurrent.futures import {name}"
     replacement = (
-        f"import importlib; {name} = importlib.import_module("
-        f"{executor.__module__!r}).{executor.__qualname__}; import multiprocessing"
+        f"import importlib; {name} = importlib.import_module({executor.__module__!r})"
+        f".{executor.__qualname__}; import multiprocessing"
     )
 
     @functools.wraps(original)
     def run(*args, **env_vars):
         if executor.__module__ == "__main__":
-            raise unittest.SkipTest("the executor is defined in __main__; a fresh interpreter cannot import it")
+            raise unittest.SkipTest("the executor is defined in __main__: scripts cannot import it")
         args = list(args)
         index = args.index("-c") + 1
         if needle not in args[index]:
@@ -312,8 +327,8 @@ def _script_runner(original: Callable, executor: type) -> Callable:
                 "update _script_runner before trusting this test"
             )
         args[index] = args[index].replace(needle, replacement)
-        # Any environment variable turns off -I/-E in test.support, so the
-        # interpreter sees PYTHONPATH (and keeps site-packages).
+        # Any environment variable turns off test.support's -I/-E, so the
+        # interpreter reads PYTHONPATH and keeps its site-packages.
         path = [*_import_roots(executor), os.environ.get("PYTHONPATH", "")]
         env_vars.setdefault("PYTHONPATH", os.pathsep.join(p for p in path if p))
         return original(*args, **env_vars)
@@ -338,15 +353,14 @@ def _skip(test: Callable, reason: str, needs: tuple[str, ...]) -> Callable:
 
 
 def _rebound_classmethods(cls: type, test_modules: set[str]) -> dict[str, staticmethod]:
-    # ``self._test_traceback`` would be a method bound to the generated
-    # class, which workers cannot import; bind it to CPython's class instead.
+    # ``self._test_traceback`` would be bound to the generated class, which
+    # worker processes cannot import: bind it to CPython's class instead.
     found = {}
     for klass in reversed(cls.__mro__):
-        if klass.__module__ not in test_modules:
-            continue
-        for attr, raw in vars(klass).items():
-            if isinstance(raw, classmethod):
-                found[attr] = staticmethod(getattr(cls, attr))
+        if klass.__module__ in test_modules:
+            for attr, raw in vars(klass).items():
+                if isinstance(raw, classmethod):
+                    found[attr] = staticmethod(getattr(cls, attr))
     return found
 
 
@@ -359,26 +373,26 @@ def build_test_classes(
     deadlock_timeout: float | None = DEADLOCK_TIMEOUT,
     strict_env: bool | None = None,
 ) -> dict[str, type]:
-    """Build ``unittest`` classes running CPython's process-pool tests on ``executor``.
+    """Build ``unittest`` classes that run CPython's process-pool tests on ``executor``.
 
     Args:
         executor: the executor class, or ``"module:Class"``. Default: the
             ``FUTUREPOOL_CPYTHON_SUITE_EXECUTOR`` environment variable, else
             :data:`DEFAULT_EXECUTOR`.
-        module: ``__module__`` for the classes; a pytest module passes its
+        module: ``__module__`` of the classes; a pytest module passes its
             ``__name__`` and puts the result in its globals.
-        skips: ``"Class.test": reason`` to skip (default :data:`SKIPS`;
-            pass ``{}`` to run everything, which only the stdlib passes).
+        skips: ``"Class.test": reason`` to skip. Default :data:`SKIPS`;
+            ``{}`` runs everything, which only the stdlib class passes.
         run_if_exposed: the skips lifted when the executor object has the
-            named attributes (default :data:`RUN_IF_EXPOSED`).
-        deadlock_timeout: cap, in seconds, on ``ExecutorDeadlockTest.TIMEOUT``;
+            attributes named (default :data:`RUN_IF_EXPOSED`).
+        deadlock_timeout: cap in seconds on ``ExecutorDeadlockTest.TIMEOUT``;
             ``None`` keeps CPython's value.
-        strict_env: fail tests that alter the environment (default: the
-            ``FUTUREPOOL_CPYTHON_SUITE_STRICT_ENV`` environment variable).
+        strict_env: fail the tests that alter the environment. Default: the
+            ``FUTUREPOOL_CPYTHON_SUITE_STRICT_ENV`` environment variable.
 
     Returns:
-        ``{class name: class}``, named as CPython names its spawn classes
-        (``ProcessPoolSpawnProcessPoolExecutorTest``...).
+        ``{name: class}``, with CPython's names for its spawn classes
+        (``ProcessPoolSpawnProcessPoolExecutorTest`` ...).
 
     Raises:
         CPythonSuiteUnavailable: this interpreter has no usable CPython tests.
@@ -392,7 +406,9 @@ def build_test_classes(
     run_if_exposed = RUN_IF_EXPOSED if run_if_exposed is None else run_if_exposed
     strict_env = _strict_env_default() if strict_env is None else strict_env
     module = module or __name__
-    test_modules = {m.__name__ for m in layout.modules} | {_PACKAGE, f"{_PACKAGE}.util", f"{_PACKAGE}.executor"}
+    test_modules = {m.__name__ for m in layout.modules}
+    test_modules |= {_PACKAGE, f"{_PACKAGE}.util", f"{_PACKAGE}.executor"}
+    bound_to = f"{executor.__module__}.{executor.__qualname__}"
 
     classes: dict[str, type] = {}
     for cpython_module in layout.modules:
@@ -404,7 +420,7 @@ def build_test_classes(
             attrs = {
                 "__module__": module,
                 "__qualname__": name,
-                "__doc__": f"CPython's {cpython_module.__name__}.{name}, bound to {executor.__module__}.{executor.__qualname__}.",
+                "__doc__": f"CPython's {cpython_module.__name__}.{name}, bound to {bound_to}.",
                 "executor_type": executor if isinstance(executor, type) else staticmethod(executor),
                 "_strict_env": strict_env,
                 **_rebound_classmethods(cls, test_modules),
@@ -422,13 +438,66 @@ def build_test_classes(
     for cpython_module in layout.modules:
         resources = vars(cpython_module).get(_RESOURCES)
         if resources is not None and _FAILING_INIT in classes:
-            classes[_RESOURCES] = _bind_resources_test(resources, classes[_FAILING_INIT], module, strict_env)
+            classes[_RESOURCES] = _bind_resources_test(
+                resources, classes[_FAILING_INIT], module, strict_env
+            )
     return classes
+
+
+def _tracker_pipe_holders() -> list[str]:
+    """Other processes holding the resource tracker's pipe, as ``"pid cmdline"``.
+
+    The tracker exits only when every writer has closed the pipe, so
+    ``_resource_tracker._stop()`` waits for all of them. Linux only (reads
+    ``/proc``); elsewhere, or without psutil, it finds nothing.
+    """
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    try:
+        import psutil
+
+        pipe = os.readlink(f"/proc/self/fd/{tracker._fd}")
+    except (ImportError, OSError, TypeError):
+        return []
+    holders = []
+    for proc in psutil.process_iter():
+        if proc.pid in (os.getpid(), tracker._pid):
+            continue
+        try:
+            fds = os.listdir(f"/proc/{proc.pid}/fd")
+            if any(_readlink(f"/proc/{proc.pid}/fd/{fd}") == pipe for fd in fds):
+                holders.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
+        except (OSError, psutil.Error):
+            continue
+    return holders
+
+
+def _readlink(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
 
 
 def _bind_resources_test(cls: type, failing_init: type, module: str, strict_env: bool) -> type:
     def test_spawn(self):
-        self._test(failing_init)
+        from multiprocessing import resource_tracker
+
+        tracker = resource_tracker._resource_tracker
+        stop = tracker._stop
+
+        def stop_unless_held(*args, **kwargs):
+            holders = _tracker_pipe_holders()
+            if holders:
+                raise AssertionError(
+                    "the resource tracker cannot exit, other processes still hold its "
+                    "pipe (CPython's check would wait for them forever): " + "; ".join(holders)
+                )
+            return stop(*args, **kwargs)
+
+        with unittest.mock.patch.object(tracker, "_stop", stop_unless_held):
+            self._test(failing_init)
 
     attrs = {
         "__module__": module,
@@ -439,53 +508,157 @@ def _bind_resources_test(cls: type, failing_init: type, module: str, strict_env:
     }
     for attr in dir(cls):
         if attr.startswith("test") and attr != "test_spawn":
-            attrs[attr] = None  # forkserver variant: not bound (see module doc)
+            attrs[attr] = None  # the forkserver variant: not bound (see the module doc)
     return type(cls.__name__, (_Adapter, cls), attrs)
 
 
-class _TimedResult(unittest.TextTestResult):
-    """Arms a watchdog per test and records each test's duration."""
+class _Watchdog(threading.Thread):
+    """Stops a run whose current test overruns: stacks, results so far, exit.
 
-    test_timeout = TEST_TIMEOUT
+    A Python thread rather than ``faulthandler.dump_traceback_later`` alone,
+    so that the failures collected so far are printed and the run's child
+    processes are killed before the exit; faulthandler stays armed a little
+    later as the backstop.
+    """
+
+    def __init__(self, timeout: float):
+        super().__init__(name="cpython_suite-watchdog", daemon=True)
+        self.timeout = timeout
+        self.result: unittest.TestResult | None = None
+        self._cond = threading.Condition()
+        self._test = None
+        self._deadline: float | None = None
+        self._stopped = False
+
+    def arm(self, test) -> None:
+        with self._cond:
+            self._test, self._deadline = test, time.monotonic() + self.timeout
+            self._cond.notify()
+        faulthandler.dump_traceback_later(self.timeout + 30, exit=True)
+
+    def disarm(self) -> None:
+        faulthandler.cancel_dump_traceback_later()
+        with self._cond:
+            self._test = self._deadline = None
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self.join()
+
+    def run(self) -> None:
+        with self._cond:
+            while True:
+                if self._stopped:
+                    return
+                if self._deadline is None:
+                    self._cond.wait()
+                    continue
+                remaining = self._deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            test = self._test
+        out = sys.__stderr__
+        print(f"\ncpython_suite: {test} ran over {self.timeout:.0f} s; every thread's stack:",
+              file=out, flush=True)
+        faulthandler.dump_traceback(file=out)
+        if self.result is not None:
+            for kind, items in (("FAIL", self.result.failures), ("ERROR", self.result.errors)):
+                for failed, text in items:
+                    print(f"\n{kind}: {failed}\n{text}", file=out)
+        _kill_children()
+        print(f"cpython_suite: stopped in {test}", file=out, flush=True)
+        os._exit(1)
+
+
+def _kill_children() -> None:
+    try:
+        import psutil
+    except ImportError:
+        return
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(children, timeout=5)
+
+
+class _TimedResult(unittest.TextTestResult):
+    """Arms the watchdog around each test and records how long it took."""
+
+    watchdog: _Watchdog | None = None
     timings: list[tuple[float, str]] = []
 
     def startTest(self, test):
         self._started = time.monotonic()
-        if self.test_timeout:
-            faulthandler.dump_traceback_later(self.test_timeout, exit=True)
+        if self.watchdog is not None:
+            self.watchdog.result = self
+            self.watchdog.arm(test)
         super().startTest(test)
 
     def stopTest(self, test):
-        faulthandler.cancel_dump_traceback_later()
+        if self.watchdog is not None:
+            self.watchdog.disarm()
         self.timings.append((time.monotonic() - self._started, test.id()))
         super().stopTest(test)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: run the bound tests with unittest; returns the exit status."""
+def _iter_tests(suite):
+    for item in suite:
+        if isinstance(item, unittest.TestSuite):
+            yield from _iter_tests(item)
+        else:
+            yield item
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m futurepool.testing.cpython_suite",
-        description="Run CPython's concurrent.futures process-pool tests against an executor.",
+        description="Run CPython's concurrent.futures process-pool tests on an executor.",
     )
-    parser.add_argument("--executor", default=os.environ.get(EXECUTOR_ENV) or DEFAULT_EXECUTOR,
-                        metavar="MODULE:CLASS", help="executor class to test (default: %(default)s)")
-    parser.add_argument("-k", dest="patterns", action="append", default=[], metavar="PATTERN",
-                        help="only tests matching the pattern or substring (repeatable, as unittest -k)")
+    parser.add_argument(
+        "--executor", default=os.environ.get(EXECUTOR_ENV) or DEFAULT_EXECUTOR,
+        metavar="MODULE:CLASS", help="the executor class to test (default: %(default)s)",
+    )
+    parser.add_argument(
+        "-k", dest="patterns", action="append", default=[], metavar="PATTERN",
+        help="only tests matching the pattern or substring (repeatable, as unittest -k)",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0)
-    parser.add_argument("-x", "--failfast", action="store_true")
-    parser.add_argument("--list", action="store_true", help="list the bound tests and skips, run nothing")
-    parser.add_argument("--no-skips", action="store_true",
-                        help="run the SKIPS tests too (meaningful for the stdlib executor only)")
-    parser.add_argument("--strict-env", action="store_true", default=_strict_env_default(),
-                        help="fail tests that leave threads running or children unreaped")
-    parser.add_argument("--timeout", type=float, default=TEST_TIMEOUT,
-                        help="seconds per test before all stacks are dumped and the run exits (0: none)")
-    parser.add_argument("--deadlock-timeout", type=float, default=DEADLOCK_TIMEOUT,
-                        help="cap on ExecutorDeadlockTest.TIMEOUT (default: %(default)s)")
-    parser.add_argument("--durations", type=int, default=10, metavar="N", help="show the N slowest tests")
-    args = parser.parse_args(argv)
+    parser.add_argument("-x", "--failfast", action="store_true", help="stop at the first failure")
+    parser.add_argument("--list", action="store_true", help="list the tests and skips, run none")
+    parser.add_argument(
+        "--no-skips", action="store_true",
+        help="run the SKIPS tests too (only the stdlib executor can pass them)",
+    )
+    parser.add_argument(
+        "--strict-env", action="store_true", default=_strict_env_default(),
+        help="fail the tests that leave threads running or child processes unreaped",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=TEST_TIMEOUT,
+        help="seconds per test before the stacks are dumped and the run stops (0: no limit)",
+    )
+    parser.add_argument(
+        "--deadlock-timeout", type=float, default=DEADLOCK_TIMEOUT,
+        help="cap on ExecutorDeadlockTest.TIMEOUT in seconds (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--durations", type=int, default=10, metavar="N", help="show the N slowest tests",
+    )
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the bound tests under unittest; returns the exit status (2: not available)."""
+    args = _parse_args(argv)
     try:
+        layout = _load_layout()
         classes = build_test_classes(
             args.executor,
             module=__name__,
@@ -493,14 +666,13 @@ def main(argv: list[str] | None = None) -> int:
             deadlock_timeout=args.deadlock_timeout or None,
             strict_env=args.strict_env,
         )
-        layout = _load_layout()
     except CPythonSuiteUnavailable as exc:
         print(f"cpython_suite: not run: {exc}", file=sys.stderr)
         return 2
 
     loader = unittest.TestLoader()
     loader.testNamePatterns = [p if "*" in p else f"*{p}*" for p in args.patterns] or None
-    suite = unittest.TestSuite(loader.loadTestsFromTestCase(cls) for cls in classes.values())
+    suite = unittest.TestSuite(loader.loadTestsFromTestCase(c) for c in classes.values())
     if args.list:
         for test in _iter_tests(suite):
             method = getattr(test, test._testMethodName)
@@ -513,21 +685,30 @@ def main(argv: list[str] | None = None) -> int:
 
     from test import support
 
-    support.verbose = args.verbose  # CPython's tearDown prints durations when set
-    # The module fixture CPython's own runs use: thread-leak check over the
-    # whole run, then multiprocessing clean-up (resource tracker, finalizers).
+    support.verbose = args.verbose  # CPython's tearDown prints each test's duration if set
+    if args.timeout:
+        _TimedResult.watchdog = _Watchdog(args.timeout)
+        _TimedResult.watchdog.start()
+    # CPython's module fixture: a thread-leak check over the whole run, then
+    # multiprocessing's clean-up (resource tracker, forkserver, finalizers).
     layout.setup_module()
-    _TimedResult.test_timeout = args.timeout
-    runner = unittest.TextTestRunner(verbosity=1 + args.verbose, failfast=args.failfast,
-                                     resultclass=_TimedResult)
-    print(f"cpython_suite: {suite.countTestCases()} tests from {_PACKAGE} (spawn variants), "
-          f"executor {args.executor}, Python {sys.version.split()[0]}", file=sys.stderr)
+    runner = unittest.TextTestRunner(
+        verbosity=1 + args.verbose, failfast=args.failfast, resultclass=_TimedResult
+    )
+    print(
+        f"cpython_suite: {suite.countTestCases()} tests from {_PACKAGE} (spawn variants), "
+        f"executor {args.executor}, Python {sys.version.split()[0]}",
+        file=sys.stderr,
+    )
     started = time.monotonic()
     try:
         result = runner.run(suite)
     finally:
         unittest.case.doModuleCleanups()
+        if _TimedResult.watchdog is not None:
+            _TimedResult.watchdog.stop()
     elapsed = time.monotonic() - started
+
     slowest = sorted(_TimedResult.timings, reverse=True)[: args.durations]
     if slowest:
         print(f"\nslowest {len(slowest)} tests:", file=sys.stderr)
@@ -537,18 +718,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nenvironment altered by {len(ENV_CHANGED)} tests:", file=sys.stderr)
         for test_id in ENV_CHANGED:
             print(f"  {test_id}", file=sys.stderr)
-    print(f"\ncpython_suite: {result.testsRun} run, {len(result.failures)} failures, "
-          f"{len(result.errors)} errors, {len(result.skipped)} skipped, "
-          f"{len(ENV_CHANGED)} env changed in {elapsed:.1f}s", file=sys.stderr)
+    print(
+        f"\ncpython_suite: {result.testsRun} run, {len(result.failures)} failures, "
+        f"{len(result.errors)} errors, {len(result.skipped)} skipped, "
+        f"{len(ENV_CHANGED)} env changed in {elapsed:.1f}s",
+        file=sys.stderr,
+    )
     return 0 if result.wasSuccessful() else 1
-
-
-def _iter_tests(suite):
-    for item in suite:
-        if isinstance(item, unittest.TestSuite):
-            yield from _iter_tests(item)
-        else:
-            yield item
 
 
 if __name__ == "__main__":

@@ -1,0 +1,43 @@
+"""CPython's own ``concurrent.futures`` process-pool tests, run on futurepool.Executor.
+
+The classes are CPython's spawn-variant test classes from the interpreter's
+installed ``test.test_concurrent_futures``, with ``executor_type`` replaced;
+:mod:`futurepool.testing.cpython_suite` explains the binding and lists what it
+skips (only tests that read or patch the stdlib's private internals) in
+``SKIPS``. The module is skipped when this interpreter has no CPython test
+package (Debian's python3.X without libpython3.X-testsuite, for instance).
+
+CPython's per-test checks stay on: ``BaseTestCase`` warns about threads left
+running and reaps child processes after each test, on top of the leak
+fixtures in ``tests/conftest.py``. CPython's module fixture
+(``setup_module``) is deliberately not used here: its clean-up stops the
+multiprocessing resource tracker and runs every multiprocessing finalizer in
+the process, which would break the test modules that run after this one in
+the same pytest worker. ``python -m futurepool.testing.cpython_suite`` runs
+the same tests under unittest with that fixture.
+
+To check the adapter itself, run the module against the stdlib::
+
+    FUTUREPOOL_CPYTHON_SUITE_EXECUTOR=concurrent.futures:ProcessPoolExecutor \
+        pytest tests/stdlib
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from futurepool.testing import cpython_suite
+
+# Most of CPython's tests wait for results without a deadline: stop a hung
+# test after TEST_TIMEOUT seconds rather than the suite-wide 600. This is
+# pytest-timeout's signal method; two tests (test_hang_gh94440, test_gh105829)
+# arm SIGALRM themselves and so cancel it for their own remainder. The thread
+# method would avoid that, but its timer thread trips the session leak check.
+pytestmark = pytest.mark.timeout(cpython_suite.TEST_TIMEOUT)
+
+try:
+    _CLASSES = cpython_suite.build_test_classes(module=__name__)
+except cpython_suite.CPythonSuiteUnavailable as exc:
+    pytest.skip(str(exc), allow_module_level=True)
+
+globals().update(_CLASSES)
