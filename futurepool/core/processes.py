@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 import struct
@@ -36,7 +35,8 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
     if not sys.platform.startswith("linux"):
         return
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The process's own symbols (libc is loaded): find_library would run ldconfig.
+        _libc = ctypes.CDLL(None, use_errno=True)
     _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 

@@ -246,7 +246,8 @@ def test_submit_passes_keyword_arguments(make_executor):
     assert executor.submit(add, 1, y=2).result(timeout=TIMEOUT) == 3
     assert executor.submit(add, x=5).result(timeout=TIMEOUT) == 5
     # fn is positional-only: "fn" and "self" are ordinary keyword arguments of the task.
-    assert executor.submit(echo_kwargs, fn=1, self=2).result(timeout=TIMEOUT) == {"fn": 1, "self": 2}
+    collided = executor.submit(echo_kwargs, fn=1, self=2)
+    assert collided.result(timeout=TIMEOUT) == {"fn": 1, "self": 2}
 
 
 def test_exception_keeps_its_type(impl, make_executor):
@@ -393,7 +394,7 @@ def test_closing_the_map_iterator_cancels_the_rest(make_executor, gates, tmp_pat
     n = 20
     # The first chunk returns at once; the others are stuck behind the gate, or queued.
     results = executor.map(record_run, [str(runs)] * n, range(n), [gate] * n,
-                           [chunksize] * n, chunksize=chunksize)
+                           [chunksize] * n, timeout=TIMEOUT, chunksize=chunksize)
     assert next(results) == 0
     results.close()
     gates.open(gate)

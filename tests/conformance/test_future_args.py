@@ -220,6 +220,22 @@ def test_dependent_waits_for_a_pending_dependency(executor, gates):
     assert dependent.result(timeout=TIMEOUT) == 11
 
 
+def test_a_future_completed_by_hand_feeds_a_task(executor):
+    # A futurepool.Future made by the caller works as a promise.
+    promise = futurepool.Future()
+    dependent = executor.submit(add, promise, 1)
+    time.sleep(0.1)
+    assert not dependent.done()
+    promise.set_result(41)
+    assert dependent.result(timeout=TIMEOUT) == 42
+
+    broken = futurepool.Future()
+    failing = executor.submit(add, [broken], 1)
+    broken.set_exception(DependencyError("set by hand"))
+    with pytest.raises(DependencyError, match="^set by hand$"):
+        failing.result(timeout=TIMEOUT)
+
+
 # --- failure and cancellation propagate ------------------------------------------------
 
 

@@ -352,8 +352,8 @@ def test_interpreter_exit_with_pending_futures_completes_them(tmp_path, ending):
 def test_shutdown_cancel_futures_without_wait_then_interpreter_exit(tmp_path):
     since = time.time()
     dirs_before = _run_entries()
-    code = _EXIT_WITH_PENDING.replace("{ending}", "executor.shutdown(wait=False, cancel_futures=True)")
-    code = code.replace("range(6)", "range(20)")
+    ending = "executor.shutdown(wait=False, cancel_futures=True)"
+    code = _EXIT_WITH_PENDING.replace("{ending}", ending).replace("range(6)", "range(20)")
     started = time.monotonic()
     done = _run(code, env={"OUT_DIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr
@@ -424,7 +424,7 @@ futures = [executor.submit(time.sleep, 30) for _ in range(4)]
 while not futures[0].running():
     time.sleep(0.01)
 report_pool()
-futures[0].result()  # KeyboardInterrupt here ends the interpreter
+futures[0].result()  # Ctrl-C here is not handled: it ends the interpreter
 """
 
 
@@ -449,7 +449,8 @@ def test_ctrl_c_stops_the_pool_at_once(tmp_path, code):
         assert code_ == -signal.SIGINT, stderr
         assert stderr.count("Traceback (most recent call last)") == 1, stderr
         assert stderr.rstrip().endswith("KeyboardInterrupt"), stderr
-        assert stderr.count("KeyboardInterrupt") == 1, stderr
+        assert [line for line in stderr.splitlines() if "KeyboardInterrupt" in line] == [
+            "KeyboardInterrupt"], stderr
         if code is _CTRL_C_IN_WITH:
             states = driver.read_json("states", timeout=1)["states"]
             # The running task's worker was stopped; what waited was cancelled.

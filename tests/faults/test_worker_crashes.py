@@ -274,14 +274,16 @@ def test_fatal_crash_fails_only_its_future(make_executor, tmp_path, settled_once
     """Items 1-3: SIGKILL (by the test), segfault, os._exit(3), libc exit(0), abort.
 
     The crashing task's future fails with WorkerCrashedError naming the dead
-    worker; the tasks running on the other worker and the ones queued
-    behind the crash complete; the node replaces the worker.
+    worker, and so does a task depending on it; the tasks running on the
+    other worker and the ones queued behind the crash complete; the node
+    replaces the worker.
     """
     executor = make_executor(2)
     first_pids = warm_up(executor, 2)
     pid_file = str(tmp_path / "victim.pid")
     task_kind = "wait_for_kill" if kind == "sigkill" else kind
     victim = executor.submit(C.crash_after_reporting, pid_file, task_kind)
+    dependent = executor.submit(C.identity, victim)
     others = [executor.submit(C.pid_after, 0.2) for _ in range(4)]
     victim_pid = read_pid(pid_file)
     assert victim_pid in first_pids
@@ -291,6 +293,10 @@ def test_fatal_crash_fails_only_its_future(make_executor, tmp_path, settled_once
     exc = victim.exception(timeout=TIMEOUT)
     assert_crash_error(exc, cause=cause, fn=C.crash_after_reporting, pid=victim_pid)
     assert exc.deaths == 1
+    # A task that depends on the crashed one fails with the same error, without running.
+    dependent_exc = dependent.exception(timeout=TIMEOUT)
+    assert isinstance(dependent_exc, futurepool.WorkerCrashedError), repr(dependent_exc)
+    assert dependent_exc.task == exc.task
     assert_settled(others)
     assert all(isinstance(f.result(), int) for f in others)
     later = [executor.submit(C.get_pid) for _ in range(4)]
