@@ -274,6 +274,13 @@ def _flatten(chunks):
         chunks.close()
 
 
+def _result_or_cancel(future, timeout=None):
+    try:
+        return future.result(timeout)
+    finally:
+        future.cancel()
+
+
 def _result_iterator(fs, end_time, calls, call, executor_ref):
     """Yield results in order; submit more when bounded; cancel the rest when closed."""
     try:
@@ -284,15 +291,12 @@ def _result_iterator(fs, end_time, calls, call, executor_ref):
                 if args is not None:
                     fs.append(executor.submit(call, *args))
                 del executor
-            future = fs.popleft()
-            try:
-                if end_time is None:
-                    yield future.result()
-                else:
-                    yield future.result(end_time - time.monotonic())
-            finally:
-                future.cancel()
-                del future
+            # Yield straight from the call: holding the future (or the value)
+            # in this frame while suspended would keep the result alive (bpo-14406).
+            if end_time is None:
+                yield _result_or_cancel(fs.popleft())
+            else:
+                yield _result_or_cancel(fs.popleft(), end_time - time.monotonic())
     finally:
         for future in fs:
             future.cancel()

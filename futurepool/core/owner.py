@@ -195,10 +195,9 @@ class Owner:
             _live_owners.discard(self)
 
     def _open(self) -> None:
-        self.run_dir = tempfile.mkdtemp(prefix="futurepool-", dir=config.TMPDIR)
-        if len(self.run_dir) > 90:  # an ipc:// path must fit a sockaddr_un (108 bytes)
-            os.rmdir(self.run_dir)
-            self.run_dir = tempfile.mkdtemp(prefix="futurepool-", dir="/tmp")
+        base = config.TMPDIR if len(config.TMPDIR) < 60 else "/tmp"  # sockaddr_un: 108 bytes
+        sweep_run_dirs(base)
+        self.run_dir = tempfile.mkdtemp(prefix=f"{_RUN_DIR_PREFIX}{os.getpid()}-", dir=base)
         self.address = f"ipc://{self.run_dir}/owner"
         self.ctx = zmq.Context(1)
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -318,6 +317,18 @@ class Owner:
             self.ready.append(task)
 
     def _cancel_pending(self) -> None:
+        """Cancel what has not started; as in the stdlib, what fits the pool has.
+
+        The stdlib commits up to ``max_workers + 1`` calls to its workers'
+        queue as soon as they are submitted; here tasks are sent when a worker
+        has room, so first send what can be sent, then count the head of the
+        queue, up to the pool's free capacity, as started too.
+        """
+        self._dispatch()
+        busy = sum(len(w.inflight) for w in self.scheduler.workers.values())
+        for task in itertools.islice(self.ready, max(0, self.max_workers - busy)):
+            if not task.started and task.future.set_running_or_notify_cancel():
+                task.started = True
         for task in list(self.tasks.values()):
             if not task.started and task.future.cancel():
                 del self.tasks[task.task_id]
@@ -655,6 +666,38 @@ class Owner:
             if not task.future.done():
                 self._settle_exception(task, CancelledError("the executor was shut down"))
         self.tasks.clear()
+
+
+_RUN_DIR_PREFIX = "futurepool-"
+
+
+def sweep_run_dirs(base: str) -> None:
+    """Remove run directories whose driver is gone.
+
+    The driver removes its own, and its node does when the driver dies; this
+    catches the rest (driver and node killed together, or the node killed
+    before it learnt the directory). Names carry the driver's pid.
+    """
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(_RUN_DIR_PREFIX):
+            continue
+        pid = name[len(_RUN_DIR_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _close_fds(fds) -> None:

@@ -57,7 +57,9 @@ class Worker:
         self.lock = threading.Lock()  # the socket and the outbox
         self.holding = threading.Event()  # arms the flusher
         self.closing = False
-        self.keepalive: list = []  # last tasks' objects, dropped only after their result left
+        # Objects of tasks whose result is not sent yet: dropped right after
+        # it is, so a crash in an argument's __del__ cannot cost the result.
+        self.keepalive: list = []
         self.ctx = zmq.Context(1)
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.ROUTING_ID, routing_id(worker_id))
@@ -182,9 +184,9 @@ class Worker:
         while True:
             if not self.queue:
                 self.flush()
+                self.keepalive.clear()
                 with lock:  # the outbox is empty: the flusher has nothing to send
                     frames = sock.recv_multipart()
-                self.keepalive.clear()
                 if not self._accept(frames):
                     return
             while self.queue:
@@ -205,6 +207,7 @@ class Worker:
                         self.held_since = time.perf_counter()
                     self.outbox.append(outcome)
                 self.keepalive.append(keep)
+                del keep  # only keepalive may hold the task's objects
                 fn_id = item[2]
                 previous = self.run_time.get(fn_id)
                 took = outcome[4]
@@ -216,6 +219,7 @@ class Worker:
                         return
                 if not self.should_hold():
                     self.flush()
+                    self.keepalive.clear()
                 elif len(self.outbox) == 1:
                     self.holding.set()
 
