@@ -750,8 +750,10 @@ def test_failing_initializer_breaks_pool_once_without_respawn_storm(make_executo
     # raise / sys.exit: no respawn at all. os._exit: a few backed-off attempts.
     limit = 2 if kind != "os_exit" else 2 + 3
     assert 1 <= worker_starts <= limit, f"{worker_starts} worker starts"
+    # Sampling can miss a worker that dies within milliseconds, so it only
+    # bounds the count from above; the initializer's own log proves the start.
     workers_seen = sampler.children_of(node_pid)
-    assert 1 <= len(workers_seen) <= limit, f"the node started {sorted(workers_seen)}"
+    assert len(workers_seen) <= limit, f"the node started {sorted(workers_seen)}"
 
 
 # --- item 15: recycling under a backlog ----------------------------------------------------------

@@ -29,10 +29,11 @@ import pytest
 from futurepool.testing import cpython_suite
 
 # Most of CPython's tests wait for results without a deadline: stop a hung
-# test after TEST_TIMEOUT seconds rather than the suite-wide 600. This is
-# pytest-timeout's signal method; two tests (test_hang_gh94440, test_gh105829)
-# arm SIGALRM themselves and so cancel it for their own remainder. The thread
-# method would avoid that, but its timer thread trips the session leak check.
+# test after TEST_TIMEOUT seconds (FUTUREPOOL_CPYTHON_SUITE_TIMEOUT, default
+# 180) rather than the suite-wide 600. pytest-timeout's signal method cannot
+# interrupt a Thread.join on 3.13, so each bound test also arms faulthandler
+# to end the process HARD_TIMEOUT_GRACE seconds later. (The thread method
+# would do both, but its timer thread trips the session leak check.)
 pytestmark = pytest.mark.timeout(cpython_suite.TEST_TIMEOUT)
 
 try:
