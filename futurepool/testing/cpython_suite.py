@@ -49,6 +49,12 @@ What the adapter changes, and nothing else:
   of hanging, if another process still holds the resource tracker's pipe.
   Its forkserver variant is dropped.
 
+Each bound test arms ``faulthandler`` to dump every stack and end the
+process if it runs past ``TEST_TIMEOUT + HARD_TIMEOUT_GRACE`` seconds: on
+3.13 a ``Thread.join`` cannot be interrupted by a signal, so pytest-timeout's
+signal method alone does not stop such a hang (``main()`` uses a watchdog
+thread instead, which also prints the failures so far).
+
 ``test.support`` sets ``environment_altered`` when a test leaves threads
 running or child processes unreaped (CPython's CI then fails the test with
 ``--fail-env-changed``). Bound tests record that in :data:`ENV_CHANGED`, and
@@ -89,6 +95,7 @@ from dataclasses import dataclass
 __all__ = [
     "DEADLOCK_TIMEOUT",
     "DEFAULT_EXECUTOR",
+    "HARD_TIMEOUT_GRACE",
     "ENV_CHANGED",
     "RUN_IF_EXPOSED",
     "SKIPS",
@@ -107,9 +114,14 @@ EXECUTOR_ENV = "FUTUREPOOL_CPYTHON_SUITE_EXECUTOR"
 STRICT_ENV_ENV = "FUTUREPOOL_CPYTHON_SUITE_STRICT_ENV"
 #: Seconds a deadlock test waits for a result before it declares a deadlock.
 DEADLOCK_TIMEOUT = 30.0
-#: Seconds one test may run before its stacks are dumped and it is stopped
-#: (CPython's tests mostly wait for results without a deadline).
-TEST_TIMEOUT = 180.0
+#: Environment variable that overrides :data:`TEST_TIMEOUT`.
+TIMEOUT_ENV = "FUTUREPOOL_CPYTHON_SUITE_TIMEOUT"
+#: Seconds one test may run before it is stopped (CPython's tests mostly wait
+#: for results without a deadline).
+TEST_TIMEOUT = float(os.environ.get(TIMEOUT_ENV) or 180.0)
+#: Seconds after :data:`TEST_TIMEOUT` at which a test that could not be
+#: interrupted (a ``Thread.join`` on 3.13 ignores signals) ends the process.
+HARD_TIMEOUT_GRACE = 60.0
 
 _PACKAGE = "test.test_concurrent_futures"
 
@@ -243,10 +255,16 @@ class _Adapter:
     """Mixed in first: what every bound test does around CPython's setUp/tearDown."""
 
     _strict_env = False
+    _hard_timeout: float | None = None
 
     def setUp(self):
         from test import support
 
+        if self._hard_timeout:
+            # The last resort against a hang no signal can interrupt: dump
+            # every stack and exit (pytest-xdist then reports the crashed test).
+            faulthandler.dump_traceback_later(self._hard_timeout, exit=True, file=sys.__stderr__)
+            self.addCleanup(faulthandler.cancel_dump_traceback_later)
         self._env_before = support.environment_altered
         support.environment_altered = False
         self._patch_subprocess_scripts()
@@ -372,6 +390,7 @@ def build_test_classes(
     run_if_exposed: Mapping[str, tuple[str, ...]] | None = None,
     deadlock_timeout: float | None = DEADLOCK_TIMEOUT,
     strict_env: bool | None = None,
+    hard_timeout: float | None = TEST_TIMEOUT + HARD_TIMEOUT_GRACE,
 ) -> dict[str, type]:
     """Build ``unittest`` classes that run CPython's process-pool tests on ``executor``.
 
@@ -389,6 +408,9 @@ def build_test_classes(
             ``None`` keeps CPython's value.
         strict_env: fail the tests that alter the environment. Default: the
             ``FUTUREPOOL_CPYTHON_SUITE_STRICT_ENV`` environment variable.
+        hard_timeout: seconds after which a test's stacks are dumped to
+            ``sys.__stderr__`` and the process exits (``faulthandler``);
+            ``None`` for no limit.
 
     Returns:
         ``{name: class}``, with CPython's names for its spawn classes
@@ -423,6 +445,7 @@ def build_test_classes(
                 "__doc__": f"CPython's {cpython_module.__name__}.{name}, bound to {bound_to}.",
                 "executor_type": executor if isinstance(executor, type) else staticmethod(executor),
                 "_strict_env": strict_env,
+                "_hard_timeout": hard_timeout,
                 **_rebound_classmethods(cls, test_modules),
             }
             timeout = getattr(cls, "TIMEOUT", None)
@@ -438,9 +461,7 @@ def build_test_classes(
     for cpython_module in layout.modules:
         resources = vars(cpython_module).get(_RESOURCES)
         if resources is not None and _FAILING_INIT in classes:
-            classes[_RESOURCES] = _bind_resources_test(
-                resources, classes[_FAILING_INIT], module, strict_env
-            )
+            classes[_RESOURCES] = _bind_resources_test(resources, classes[_FAILING_INIT], module)
     return classes
 
 
@@ -480,7 +501,7 @@ def _readlink(path: str) -> str | None:
         return None
 
 
-def _bind_resources_test(cls: type, failing_init: type, module: str, strict_env: bool) -> type:
+def _bind_resources_test(cls: type, failing_init: type, module: str) -> type:
     def test_spawn(self):
         from multiprocessing import resource_tracker
 
@@ -502,8 +523,9 @@ def _bind_resources_test(cls: type, failing_init: type, module: str, strict_env:
     attrs = {
         "__module__": module,
         "__qualname__": cls.__name__,
-        "executor_type": failing_init.executor_type,
-        "_strict_env": strict_env,
+        "executor_type": inspect.getattr_static(failing_init, "executor_type"),
+        "_strict_env": failing_init._strict_env,
+        "_hard_timeout": failing_init._hard_timeout,
         "test_spawn": test_spawn,
     }
     for attr in dir(cls):
@@ -665,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
             skips={} if args.no_skips else None,
             deadlock_timeout=args.deadlock_timeout or None,
             strict_env=args.strict_env,
+            hard_timeout=None,  # the watchdog below does better
         )
     except CPythonSuiteUnavailable as exc:
         print(f"cpython_suite: not run: {exc}", file=sys.stderr)
