@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import faulthandler
 import logging
+import multiprocessing.util
 import os
 import pickle
 import threading
@@ -99,6 +100,10 @@ class Worker:
             initializer(*initargs)
         except BaseException as exc:  # noqa: BLE001 - SystemExit in an initializer too
             LOGGER.critical("Exception in initializer:", exc_info=True)
+            # The log may go to a multiprocessing queue (a QueueHandler set up
+            # by the initializer): flush it before the pool is declared
+            # broken, as the stdlib's worker has when its exit is noticed.
+            multiprocessing.util._exit_function()
             with self.lock:
                 self.sock.send_multipart([
                     pack_header(MessageType.INIT_FAILED, 0, self.worker_id),
