@@ -9,11 +9,13 @@ from .errors import (
     FuturePoolError,
     InitializerError,
     RemoteError,
+    ResultPicklingError,
     UnpicklingFailedError,
     WorkerCrashedError,
 )
 from .executor import Executor, ProcessPoolExecutor
 from .future import Future
+from .pool import Pool
 
 __version__ = "0.1.0"
 
@@ -22,8 +24,10 @@ __all__ = [
     "Future",
     "FuturePoolError",
     "InitializerError",
+    "Pool",
     "ProcessPoolExecutor",
     "RemoteError",
+    "ResultPicklingError",
     "UnpicklingFailedError",
     "WorkerCrashedError",
 ]

@@ -13,6 +13,7 @@ Every exception here pickles with its attributes (a task may re-raise one).
 
 from __future__ import annotations
 
+import pickle
 from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "InitializerError",
     "UnpicklingFailedError",
     "RemoteError",
+    "ResultPicklingError",
     "ProtocolError",
 ]
 
@@ -143,6 +145,23 @@ class RemoteError(FuturePoolError):
 
     def __reduce__(self):
         return (RemoteError, (self.type_name, self.message, self.traceback_text))
+
+
+class ResultPicklingError(FuturePoolError, pickle.PicklingError):
+    """A task's return value could not be pickled in the worker.
+
+    Attributes:
+        value_repr: ``repr()`` of the value (as far as it could be taken).
+        reason_repr: ``repr()`` of the pickling exception, also ``__cause__``.
+    """
+
+    def __init__(self, message: str, value_repr: str = "", reason_repr: str = ""):
+        super().__init__(message)
+        self.value_repr = value_repr
+        self.reason_repr = reason_repr
+
+    def __reduce__(self):
+        return (ResultPicklingError, (self.args[0], self.value_repr, self.reason_repr))
 
 
 class ProtocolError(FuturePoolError):

@@ -29,6 +29,7 @@ __all__ = ["Future"]
 LOGGER = logging.getLogger("concurrent.futures")
 
 _object_ids = itertools.count(1)
+_DONE_STATES = ("CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED")
 
 
 class _Encoded:
@@ -77,6 +78,14 @@ class Future(_StdFuture):
         return serialize.dumps(self._result)  # set_result() called directly by a user
 
     # -- read by the user -----------------------------------------------------
+
+    def _wait(self, timeout=None) -> bool:
+        """Wait until done (or cancelled); True if it is. Decodes nothing."""
+        with self._condition:
+            if self._state in _DONE_STATES:
+                return True
+            self._condition.wait(timeout)
+            return self._state in _DONE_STATES
 
     def result(self, timeout=None):
         value = super().result(timeout)

@@ -15,6 +15,8 @@ PUBLIC_NAMES = sorted(
         "InitializerError",
         "UnpicklingFailedError",
         "RemoteError",
+        "ResultPicklingError",
+        "Pool",
     ]
 )
 

@@ -22,12 +22,12 @@ import faulthandler
 import logging
 import multiprocessing.util
 import os
-import pickle
 import threading
 import time
 
 import zmq
 
+from ..errors import ResultPicklingError
 from ..protocol.framing import decode_header, pack_header
 from ..protocol.messages import MessageType, ResultStatus
 from ..store import serialize
@@ -150,9 +150,9 @@ class Worker:
         try:
             payload = serialize.dumps_result(result)
         except Exception as exc:  # noqa: BLE001
-            error = pickle.PicklingError(
+            error = ResultPicklingError(
                 f"Could not pickle the result of {serialize.describe_callable(fn)}():"
-                f" {type(exc).__name__}: {exc}")
+                f" {type(exc).__name__}: {exc}", _safe_repr(result), _safe_repr(exc))
             error.__cause__ = exc
             return (task_id, attempt, ResultStatus.ERROR, serialize.dumps_exception(error),
                     took), (args, kwargs, result)
@@ -236,6 +236,13 @@ class Worker:
         if kind == MessageType.TASKS:
             self.queue.extend(serialize.loads(frames[1]))
         return True
+
+
+def _safe_repr(value) -> str:
+    try:
+        return repr(value)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real error
+        return f"<{type(value).__qualname__} object>"
 
 
 def run_worker(worker_id: int, settings: dict, slot) -> int:

@@ -143,11 +143,13 @@ def collect_references(dep) -> bool:
 
 def dumps_arguments(args, kwargs) -> tuple[bytes, dict]:
     """Pickle ``(args, kwargs)`` and return the futures found inside them."""
+    # Re-entrant: pickling a MapResult submits its joining task meanwhile.
+    outer = getattr(_collector, "deps", None)
     _collector.deps = deps = {}
     try:
         return dumps((args, kwargs)), deps
     finally:
-        _collector.deps = None
+        _collector.deps = outer
 
 
 # Worker side: values of the current task's dependencies, by object id.

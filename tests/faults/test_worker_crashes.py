@@ -481,7 +481,11 @@ def test_crash_at_pickling_point_fails_only_that_future(make_executor, settled_o
 
     exc = future.exception(timeout=TIMEOUT)
     if outcome == "pickling":
-        assert type(exc) is pickle.PicklingError, repr(exc)
+        # In the driver a plain PicklingError; in the worker its subclass
+        # ResultPicklingError, which carries the value's and the reason's repr.
+        expected_type = pickle.PicklingError if point == "call_pickle" \
+            else futurepool.ResultPicklingError
+        assert type(exc) is expected_type, repr(exc)
         assert fn.__qualname__ in str(exc)
         if point == "call_pickle":  # in the driver: the original is chained
             assert "argument 0 (CrashOnPickle)" in str(exc), str(exc)
@@ -551,8 +555,10 @@ def test_unpicklable_result_names_the_function(make_executor):
     pid = executor.submit(C.get_pid).result(timeout=TIMEOUT)
     future = executor.submit(C.make_lock)
     exc = future.exception(timeout=TIMEOUT)
-    assert type(exc) is pickle.PicklingError, repr(exc)
+    assert type(exc) is futurepool.ResultPicklingError, repr(exc)
+    assert isinstance(exc, pickle.PicklingError)
     assert "tests.faults._crashers.make_lock" in str(exc), str(exc)
+    assert "lock" in exc.value_repr and "TypeError" in exc.reason_repr, vars(exc)
     assert isinstance(exc.__cause__, _RemoteTraceback)
     assert executor.submit(C.get_pid).result(timeout=TIMEOUT) == pid
 

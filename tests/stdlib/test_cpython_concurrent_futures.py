@@ -30,10 +30,11 @@ from futurepool.testing import cpython_suite
 
 # Most of CPython's tests wait for results without a deadline: stop a hung
 # test after TEST_TIMEOUT seconds (FUTUREPOOL_CPYTHON_SUITE_TIMEOUT, default
-# 180) rather than the suite-wide 600. pytest-timeout's signal method cannot
-# interrupt a Thread.join on 3.13, so each bound test also arms faulthandler
-# to end the process HARD_TIMEOUT_GRACE seconds later. (The thread method
-# would do both, but its timer thread trips the session leak check.)
+# 180) rather than the suite-wide 600. pytest-timeout's signal method has
+# missed a deadlock here (the stdlib's gh-125451 race on 3.13.0), so each
+# bound test also arms faulthandler to end the process HARD_TIMEOUT_GRACE
+# seconds later; pytest-xdist then reports the test as crashed. (The thread
+# method would do both, but its timer thread trips the session leak check.)
 pytestmark = pytest.mark.timeout(cpython_suite.TEST_TIMEOUT)
 
 try:

@@ -1,0 +1,524 @@
+"""``futurepool.Pool``: a drop-in ``multiprocessing.pool.Pool`` on the executor core.
+
+Every call becomes a task of an internal :class:`~futurepool.Executor`, so
+the Pool inherits what the executor does: code shipped by value, crash
+containment, futures as values. The facade keeps the stdlib's signatures,
+messages and result objects.
+
+Intended differences from the stdlib (exception types kept):
+
+* A worker that dies fails the task it ran with ``WorkerCrashedError`` (a
+  ``BrokenProcessPool``) instead of hanging forever (bpo-22393); the worker
+  is replaced.
+* An exception that cannot be unpickled arrives as ``RemoteError`` instead
+  of hanging (cpython#103061); ``BaseException`` in a task is re-raised by
+  ``get()`` instead of hanging (cpython PR#101081).
+* A failing initializer fails the results with one ``InitializerError``
+  instead of respawning workers forever (cpython#87472).
+* ``AsyncResult`` objects (and futurepool Futures) may be passed as
+  arguments: the task waits for them and receives their values.
+* ``imap``/``imap_unordered`` consume their input lazily, at most
+  ``buffersize`` tasks ahead of the consumer (default: a small multiple of
+  the pool size), so infinite iterables work in bounded memory.
+* After ``terminate()``, pending results fail with ``CancelledError`` (or
+  ``WorkerCrashedError`` if running) instead of never completing.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import multiprocessing
+import multiprocessing.pool as _mp_pool
+import queue
+import threading
+import types
+import warnings
+import weakref
+from concurrent.futures import CancelledError
+from concurrent.futures.process import _RemoteTraceback
+
+from .errors import ResultPicklingError
+from .executor import Executor, _default_workers
+from .future import Future
+
+__all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult"]
+
+INIT, RUN, CLOSE, TERMINATE = "INIT", "RUN", "CLOSE", "TERMINATE"
+
+_LOGGER = logging.getLogger("futurepool")
+
+
+def _map_chunk(fn, items):
+    """Runs in the worker: one chunk of ``map``."""
+    return list(map(fn, items))
+
+
+def _starmap_chunk(fn, items):
+    """Runs in the worker: one chunk of ``starmap``."""
+    return list(itertools.starmap(fn, items))
+
+
+def _concatenate(*chunks):
+    """Runs in the worker: a MapResult's value, for a task that takes it as an argument."""
+    return [item for chunk in chunks for item in chunk]
+
+
+def _pool_exception(exc: BaseException) -> BaseException:
+    """The exception as ``multiprocessing.Pool`` users expect it."""
+    if isinstance(exc, ResultPicklingError):
+        error = _mp_pool.MaybeEncodingError.__new__(_mp_pool.MaybeEncodingError)
+        error.exc, error.value = exc.reason_repr, exc.value_repr
+        error.args = (error.exc, error.value)
+        return error
+    if type(exc.__cause__) is _RemoteTraceback:
+        exc.__cause__ = _mp_pool.RemoteTraceback(exc.__cause__.tb)
+    return exc
+
+
+class _CallbackThread:
+    """Runs a pool's callbacks in order on one thread, as the stdlib's result handler does."""
+
+    def __init__(self):
+        self.queue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="futurepool-pool-callbacks",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while (job := self.queue.get()) is not None:
+            try:
+                job()
+            except Exception:  # a user callback failed: log it, keep delivering
+                _LOGGER.exception("exception in a multiprocessing pool callback")
+
+    def stop(self):
+        self.queue.put(None)
+        if self.thread is not threading.current_thread():
+            self.thread.join()
+
+
+class ApplyResult:
+    """The result of ``apply_async``: ``get``, ``wait``, ``ready``, ``successful``."""
+
+    __class_getitem__ = classmethod(types.GenericAlias)
+
+    def __init__(self, future: Future, callback=None, error_callback=None, runner=None):
+        self._future = future
+        self._callback = callback
+        self._error_callback = error_callback
+        # With callbacks, "ready" waits until they have run (stdlib order).
+        self._event = threading.Event() if (callback or error_callback) else None
+        if self._event is not None:
+            future.add_done_callback(lambda f: runner.queue.put(self._run_callbacks))
+
+    def _run_callbacks(self):
+        try:
+            if self._succeeded():
+                if self._callback is not None:
+                    self._callback(self._value())
+            elif self._error_callback is not None:
+                self._error_callback(self._error())
+        finally:
+            self._event.set()
+
+    def _value(self):
+        return self._future.result()
+
+    def _error(self) -> BaseException:
+        future = self._future
+        if future.cancelled():
+            return CancelledError("the pool was terminated before this task ran")
+        return _pool_exception(future.exception())
+
+    def ready(self) -> bool:
+        if self._event is not None:
+            return self._event.is_set()
+        return self._future.done()
+
+    def _succeeded(self) -> bool:
+        return not self._future.cancelled() and self._future.exception() is None
+
+    def successful(self) -> bool:
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return self._succeeded()
+
+    def wait(self, timeout=None) -> None:
+        if self._event is not None:
+            self._event.wait(timeout)
+        else:
+            self._future._wait(timeout)
+
+    def get(self, timeout=None):
+        self.wait(timeout)
+        if not self.ready():
+            raise multiprocessing.TimeoutError
+        if self.successful():
+            return self._value()
+        raise self._error()
+
+    def __reduce__(self):
+        # As a task argument it stands for its value, like a Future.
+        return self._future.__reduce__()
+
+
+AsyncResult = ApplyResult
+
+
+class MapResult(ApplyResult):
+    """The result of ``map_async``/``starmap_async``: one list, chunks gathered."""
+
+    def __init__(self, executor, futures, callback=None, error_callback=None, runner=None):
+        self._executor = weakref.ref(executor)
+        self._futures = futures
+        self._callback = callback
+        self._error_callback = error_callback
+        self._runner = runner
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._left = len(futures)
+        self._failed = None
+        self._joined = None
+        if not futures:
+            self._finish()
+        for future in futures:
+            future.add_done_callback(self._chunk_done)
+
+    def _chunk_done(self, future):
+        with self._lock:
+            if self._event.is_set() or self._left == 0:
+                return
+            failed = future.cancelled() or future._exception is not None
+            self._left -= 1
+            if failed:
+                self._failed = future
+                self._left = 0
+            elif self._left:
+                return
+        self._finish()
+
+    def _finish(self):
+        if self._callback is None and self._error_callback is None:
+            self._event.set()
+        else:
+            self._runner.queue.put(self._run_callbacks)
+
+    def _succeeded(self) -> bool:
+        return self._failed is None
+
+    def ready(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout=None) -> None:
+        self._event.wait(timeout)
+
+    def _value(self):
+        return [item for future in self._futures for item in future.result()]
+
+    def _error(self) -> BaseException:
+        failed = self._failed
+        if failed.cancelled():
+            return CancelledError("the pool was terminated before this task ran")
+        return _pool_exception(failed.exception())
+
+    def __reduce__(self):
+        if self._joined is None:
+            executor = self._executor()
+            if executor is None:
+                raise ValueError("the pool of this MapResult is gone")
+            self._joined = executor.submit(_concatenate, *self._futures)
+        return self._joined.__reduce__()
+
+
+class IMapIterator:
+    """Results of ``imap``, in order; ``next(timeout)`` as in the stdlib."""
+
+    def __init__(self, pool, func, iterable, window):
+        self._submit = pool._executor.submit
+        self._func = func
+        self._items = iter(iterable)
+        self._window = window
+        self._pending = collections.deque()
+        self._input_error = None
+        self._fill()
+
+    def _fill(self):
+        while self._items is not None and len(self._pending) < self._window:
+            try:
+                item = next(self._items)
+            except StopIteration:
+                self._items = None
+                return
+            except Exception as exc:  # the input failed: it raises at its position
+                self._items = None
+                self._input_error = exc
+                return
+            self._pending.append(self._submit(self._func, item))
+
+    def __iter__(self):
+        return self
+
+    def next(self, timeout=None):
+        if not self._pending:
+            error, self._input_error = self._input_error, None
+            if error is not None:
+                raise error
+            raise StopIteration
+        future = self._pending[0]
+        if not future._wait(timeout):
+            raise multiprocessing.TimeoutError
+        self._pending.popleft()
+        self._fill()
+        return _result(future)
+
+    __next__ = next
+
+
+class IMapUnorderedIterator(IMapIterator):
+    """Results of ``imap_unordered``, as they complete."""
+
+    def __init__(self, pool, func, iterable, window):
+        self._done = queue.SimpleQueue()
+        self._outstanding = 0
+        super().__init__(pool, func, iterable, window)
+
+    def _fill(self):
+        before = len(self._pending)
+        super()._fill()
+        for future in itertools.islice(self._pending, before, None):
+            self._outstanding += 1
+            future.add_done_callback(self._done.put)
+        self._pending.clear()  # completion order comes from the queue
+
+    def next(self, timeout=None):
+        if not self._outstanding:
+            error, self._input_error = self._input_error, None
+            if error is not None:
+                raise error
+            raise StopIteration
+        try:
+            future = self._done.get(timeout=timeout)
+        except queue.Empty:
+            raise multiprocessing.TimeoutError from None
+        self._outstanding -= 1
+        self._fill()
+        return _result(future)
+
+    __next__ = next
+
+
+def _result(future):
+    if future.cancelled():
+        raise CancelledError("the pool was terminated before this task ran")
+    error = future.exception()
+    if error is not None:
+        raise _pool_exception(error)
+    return future.result()
+
+
+def _chain(chunks):
+    for chunk in chunks:
+        yield from chunk
+
+
+class Pool:
+    """A process pool with the ``multiprocessing.pool.Pool`` API.
+
+    Args:
+        processes: number of worker processes; default ``os.process_cpu_count()``.
+        initializer: called with ``initargs`` in each worker at start.
+        initargs: arguments for ``initializer``.
+        maxtasksperchild: a worker exits after this many tasks and is replaced.
+        context: accepted for compatibility and kept as ``_ctx``; workers are
+            started by futurepool's node whatever it says.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None,
+                 context=None):
+        self._state = INIT  # __del__ must find it even if __init__ raises
+        self._ctx = context or multiprocessing.get_context()
+        if processes is None:
+            processes = _default_workers()
+        if processes < 1:
+            raise ValueError("Number of processes must be at least 1")
+        if maxtasksperchild is not None:
+            if not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0:
+                raise ValueError("maxtasksperchild must be a positive int or None")
+        if initializer is not None and not callable(initializer):
+            raise TypeError('initializer must be a callable')
+        self._processes = processes
+        self._maxtasksperchild = maxtasksperchild
+        self._initializer = initializer
+        self._initargs = initargs
+        self._executor = Executor(processes, initializer=initializer, initargs=initargs,
+                                  max_tasks_per_child=maxtasksperchild)
+        self._executor._owner.start()  # workers start now, as the stdlib's do
+        self._runner = None
+        self._runner_lock = threading.Lock()
+        self._state = RUN
+
+    def __del__(self, _warn=warnings.warn):
+        if getattr(self, "_state", None) == RUN:
+            _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning,
+                  source=self)
+        runner = getattr(self, "_runner", None)
+        if runner is not None:
+            runner.queue.put(None)  # the executor shuts itself down when collected
+
+    def __repr__(self):
+        cls = type(self)
+        return (f"<{cls.__module__}.{cls.__qualname__} state={self._state}"
+                f" pool_size={self._processes}>")
+
+    def __reduce__(self):
+        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
+
+    def __enter__(self):
+        self._check_running()
+        return self
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        self.terminate()
+
+    def _check_running(self):
+        if self._state != RUN:
+            raise ValueError("Pool not running")
+
+    def _callbacks(self) -> _CallbackThread:
+        with self._runner_lock:
+            if self._runner is None:
+                self._runner = _CallbackThread()
+            return self._runner
+
+    # -- submitting -----------------------------------------------------------
+
+    def apply(self, func, args=(), kwds={}):  # noqa: B006 - the stdlib's signature
+        """Call ``func(*args, **kwds)`` in a worker and return its result."""
+        return self.apply_async(func, args, kwds).get()
+
+    def apply_async(self, func, args=(), kwds={}, callback=None,  # noqa: B006
+                    error_callback=None):
+        """Schedule ``func(*args, **kwds)``; return an :class:`AsyncResult`."""
+        self._check_running()
+        future = self._executor.submit(func, *args, **kwds)
+        runner = self._callbacks() if (callback or error_callback) else None
+        return ApplyResult(future, callback, error_callback, runner)
+
+    def map(self, func, iterable, chunksize=None):
+        """``list(map(func, iterable))`` in the pool, in chunks."""
+        return self._map_async(func, iterable, _map_chunk, chunksize).get()
+
+    def starmap(self, func, iterable, chunksize=None):
+        """Like :meth:`map` with ``func(*args)`` for each ``args`` in ``iterable``."""
+        return self._map_async(func, iterable, _starmap_chunk, chunksize).get()
+
+    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+        """Asynchronous :meth:`map`; ``callback`` receives the whole list once."""
+        return self._map_async(func, iterable, _map_chunk, chunksize, callback, error_callback)
+
+    def starmap_async(self, func, iterable, chunksize=None, callback=None,
+                      error_callback=None):
+        """Asynchronous :meth:`starmap`."""
+        return self._map_async(func, iterable, _starmap_chunk, chunksize, callback,
+                               error_callback)
+
+    def _map_async(self, func, iterable, chunk_fn, chunksize=None, callback=None,
+                   error_callback=None):
+        self._check_running()
+        if not hasattr(iterable, "__len__"):
+            iterable = list(iterable)
+        if chunksize is None:  # the stdlib's rule: about four chunks per worker
+            chunksize, extra = divmod(len(iterable), self._processes * 4)
+            if extra:
+                chunksize += 1
+        if len(iterable) == 0:
+            chunksize = 0
+        submit = self._executor.submit
+        futures = [submit(chunk_fn, func, chunk) for chunk in _chunks(iterable, chunksize)]
+        runner = self._callbacks() if (callback or error_callback) else None
+        return MapResult(self._executor, futures, callback, error_callback, runner)
+
+    def imap(self, func, iterable, chunksize=1, buffersize=None):
+        """Like :meth:`map`, lazily: results in order as an iterator.
+
+        Args:
+            buffersize: tasks (chunks) submitted ahead of the consumer; the
+                input is read no further than that.
+        """
+        self._check_running()
+        if chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
+        return self._imap(IMapIterator, func, iterable, chunksize, buffersize)
+
+    def imap_unordered(self, func, iterable, chunksize=1, buffersize=None):
+        """Like :meth:`imap`, results in completion order."""
+        self._check_running()
+        if chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
+        return self._imap(IMapUnorderedIterator, func, iterable, chunksize, buffersize)
+
+    def _imap(self, kind, func, iterable, chunksize, buffersize):
+        if buffersize is not None:
+            if not isinstance(buffersize, int):
+                raise TypeError("buffersize must be an integer or None")
+            if buffersize < 1:
+                raise ValueError("buffersize must be None or > 0")
+        window = buffersize or max(64, 8 * self._processes)
+        if chunksize == 1:
+            return kind(self, func, iterable, window)
+        return _chain(kind(self, _ChunkCall(func), _chunks(iterable, chunksize), window))
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def close(self):
+        """No more tasks; the workers exit once the outstanding ones are done."""
+        if self._state == RUN:
+            self._state = CLOSE
+
+    def terminate(self):
+        """Stop the workers now; results not yet computed fail (never hang)."""
+        self._state = TERMINATE
+        self._executor.terminate_workers()
+        self._stop_callbacks()
+
+    def join(self):
+        """Wait for the workers to exit; call :meth:`close` or :meth:`terminate` first."""
+        if self._state == RUN:
+            raise ValueError("Pool is still running")
+        if self._state not in (CLOSE, TERMINATE):
+            raise ValueError("In unknown state")
+        self._executor.shutdown(wait=True)
+        self._stop_callbacks()
+
+    def _stop_callbacks(self):
+        with self._runner_lock:
+            runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.stop()
+
+
+class _ChunkCall:
+    """``func`` over one chunk, for imap with chunksize > 1 (picklable)."""
+
+    def __init__(self, func):
+        self.func = func
+
+    def __call__(self, chunk):
+        return list(map(self.func, chunk))
+
+
+def _chunks(iterable, size):
+    """Lists of ``size`` items; sequences are sliced, anything else read in order."""
+    if size <= 0:
+        return
+    if isinstance(iterable, (list, tuple, range)):
+        for start in range(0, len(iterable), size):
+            yield list(iterable[start:start + size])
+        return
+    it = iter(iterable)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
