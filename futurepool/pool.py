@@ -152,10 +152,17 @@ class ApplyResult:
             self._future._wait(timeout)
 
     def get(self, timeout=None):
+        if self._event is None:  # the hot path: one wait on the future itself
+            future = self._future
+            if not future._wait(timeout):
+                raise multiprocessing.TimeoutError
+            if future._exception is None and not future.cancelled():
+                return future.result()
+            raise self._error()
         self.wait(timeout)
         if not self.ready():
             raise multiprocessing.TimeoutError
-        if self.successful():
+        if self._succeeded():
             return self._value()
         raise self._error()
 
@@ -215,7 +222,10 @@ class MapResult(ApplyResult):
         self._event.wait(timeout)
 
     def _value(self):
-        return [item for future in self._futures for item in future.result()]
+        value = []
+        for future in self._futures:
+            value.extend(future.result())
+        return value
 
     def _error(self) -> BaseException:
         failed = self._failed

@@ -1,0 +1,678 @@
+"""CPython's own ``multiprocessing.Pool`` tests, bound to any pool class.
+
+``futurepool.Pool`` is meant to be a drop-in ``multiprocessing.pool.Pool``,
+and the pool tests in CPython's ``test._test_multiprocessing`` are the
+yardstick. As :mod:`futurepool.testing.cpython_suite` does for
+``concurrent.futures``, this module does not copy those tests: it imports
+them from the interpreter's installed ``test`` package (3.10 to 3.13) and
+subclasses the classes CPython generates, replacing the pool.
+
+How CPython binds a test to a pool: each behaviour lives in a plain class
+derived from ``BaseTestCase`` whose ``ALLOWED_TYPES`` names the kinds it runs
+on (``'processes'``, ``'threads'``, ``'manager'``).
+``install_tests_in_module_dict(globals(), start_method)``, called by each
+``test_multiprocessing_<start method>`` module, makes ``With<Type><Name>``
+for each allowed type from ``(base, <Type>Mixin, unittest.TestCase)``, copies
+the plain ``unittest.TestCase`` classes as they are, and adds a
+``setUpModule`` that sets the start method (and a ``tearDownModule`` that
+restores it and runs multiprocessing's clean-up). ``ProcessesMixin`` has
+``Pool = staticmethod(multiprocessing.Pool)``.
+
+The pool tests, and how each reaches the pool:
+
+* ``WithProcessesTestPool`` (``_TestPool``): ``self.Pool(n)``, and a pool of
+  4 that ``setUpClass`` shares between its tests (``self.pool``).
+* ``WithProcessesTestPoolWorkerErrors`` and
+  ``WithProcessesTestPoolWorkerLifetime``: ``multiprocessing.Pool(...)``,
+  through the test module's global ``multiprocessing``; one test runs a
+  script that does ``from multiprocessing import Pool``.
+* ``TestInitializers.test_pool_initializer``: ``multiprocessing.Pool``.
+* ``TestPoolNotLeakOnFailure``: ``multiprocessing.pool.Pool(5, context=...)``.
+* ``MiscTestCase.test_large_pool`` (3.13): a script with
+  ``multiprocessing.Pool(200)``.
+
+Only the ``processes`` type with the **spawn** start method is bound:
+futurepool never forks the caller, and the ``threads`` and ``manager`` types
+test ``multiprocessing.dummy`` and ``SyncManager.Pool``, not a process pool.
+Not bound: ``TestStdinBadfiledescriptor.test_pool_in_process`` (its Pool is
+made inside a ``multiprocessing.Process`` that imports the test module
+afresh, where no substitution reaches) and the manager's own
+``TestInitializers.test_manager_initializer``.
+
+What the adapter changes, and nothing else:
+
+* ``Pool`` is the pool under test, and so are ``multiprocessing.Pool`` and
+  ``multiprocessing.pool.Pool`` as the test module sees them: while a test
+  runs, the module's global ``multiprocessing`` is a view of the package in
+  which only those two names differ.
+* Scripts run in a fresh interpreter (``assert_python_ok``) are rewritten to
+  import the pool under test, with ``PYTHONPATH`` pointing at it.
+* The start method is ``spawn`` while a bound class runs, as in CPython's
+  ``test_multiprocessing_spawn`` (it matters to the stdlib pool only).
+* Classmethods that are tasks (``_test_traceback``) are re-bound to the
+  CPython class that defines them, so a task referring to one pickles by
+  reference to a class that worker processes can import.
+* :data:`SKIPS` are skipped: they read or patch the stdlib pool's private
+  internals (or, in :data:`EXPENSIVE`, cost too much for CI). Those also in
+  :data:`RUN_IF_EXPOSED` run anyway; if one stops on an ``AttributeError``
+  for an attribute named there, it is reported as skipped (the checks before
+  that point have passed) and the pool it was reading is terminated.
+
+Each bound test arms ``faulthandler`` to dump every stack and end the
+process if it runs past ``TEST_TIMEOUT + HARD_TIMEOUT_GRACE`` seconds (see
+:mod:`futurepool.testing.cpython_suite`). ``test.support`` sets
+``environment_altered`` when a class leaves processes or threads behind;
+bound classes and tests record that in :data:`ENV_CHANGED`, and fail when
+strict (``--strict-env``, ``FUTUREPOOL_CPYTHON_SUITE_STRICT_ENV=1``).
+
+From pytest (``tests/stdlib/test_cpython_pool.py``)::
+
+    globals().update(build_test_classes(module=__name__))
+
+From the command line, under unittest, on Python 3.10 to 3.13::
+
+    python -m futurepool.testing.cpython_pool_suite [--pool module:Class] [-k pattern] [-v]
+
+``--pool multiprocessing.pool:Pool`` runs the same selection on the stdlib,
+which is how the adapter itself is checked (add ``--no-skips`` to run the
+skipped tests too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import functools
+import importlib
+import importlib.util
+import multiprocessing
+import multiprocessing.pool
+import os
+import sys
+import time
+import types
+import unittest
+import unittest.mock
+from collections.abc import Callable, Iterable, Mapping
+
+from .cpython_suite import (
+    HARD_TIMEOUT_GRACE,
+    STRICT_ENV_ENV,
+    TEST_TIMEOUT,
+    CPythonSuiteUnavailable,
+    _iter_tests,
+    _TimedResult,
+    _Watchdog,
+)
+
+__all__ = [
+    "DEFAULT_POOL",
+    "ENV_CHANGED",
+    "EXPENSIVE",
+    "HARD_TIMEOUT_GRACE",
+    "RUN_IF_EXPOSED",
+    "SKIPS",
+    "TEST_TIMEOUT",
+    "CPythonPoolSuiteUnavailable",
+    "build_test_classes",
+    "load_pool",
+    "main",
+]
+
+#: The pool bound when none is given, as ``"module:qualname"``.
+DEFAULT_POOL = "futurepool:Pool"
+#: Environment variable that overrides :data:`DEFAULT_POOL`.
+POOL_ENV = "FUTUREPOOL_CPYTHON_POOL_SUITE_POOL"
+#: Environment variable that runs the :data:`EXPENSIVE` tests too.
+EXPENSIVE_ENV = "FUTUREPOOL_CPYTHON_POOL_SUITE_EXPENSIVE"
+
+_MODULE = "test._test_multiprocessing"
+_START_METHOD = "spawn"
+
+# CPython's generated classes, under the names it gives them.
+_POOL = "WithProcessesTestPool"
+_WORKER_ERRORS = "WithProcessesTestPoolWorkerErrors"
+_LIFETIME = "WithProcessesTestPoolWorkerLifetime"
+_INITIALIZERS = "TestInitializers"
+_NOT_LEAK = "TestPoolNotLeakOnFailure"
+_MISC = "MiscTestCase"
+
+# Class -> the tests of it that exercise a pool (None: all of them).
+_BOUND: dict[str, tuple[str, ...] | None] = {
+    _POOL: None,
+    _WORKER_ERRORS: None,
+    _LIFETIME: None,
+    _INITIALIZERS: ("test_pool_initializer",),
+    _NOT_LEAK: None,
+    _MISC: ("test_large_pool",),
+}
+
+#: ``"Class.test": reason`` for the tests that cannot apply to another
+#: implementation: they read or patch the stdlib pool's private internals.
+SKIPS: dict[str, str] = {
+    f"{_POOL}.test_make_pool": (
+        "reads len(pool._pool) to count the workers, after checking that Pool(0) and"
+        " Pool(-1) raise ValueError"
+    ),
+    f"{_POOL}.test_resource_warning": (
+        "sets pool._state = multiprocessing.pool.RUN on a terminated pool so that"
+        " __del__ warns"
+    ),
+    f"{_LIFETIME}.test_pool_worker_lifetime": (
+        "reads pool._pool (the workers' pids and is_alive()) and calls"
+        " pool._repopulate_pool() to see maxtasksperchild replace workers"
+    ),
+    f"{_NOT_LEAK}.test_release_unused_processes": (
+        "passes context=MagicMock(Process=...) whose fourth start() fails: only a pool"
+        " that starts each worker with context.Process reaches it"
+    ),
+}
+
+#: The :data:`SKIPS` that run anyway: a test that stops on an
+#: ``AttributeError`` for one of the attributes named is reported as skipped.
+RUN_IF_EXPOSED: dict[str, tuple[str, ...]] = {
+    f"{_POOL}.test_make_pool": ("_pool",),
+    f"{_LIFETIME}.test_pool_worker_lifetime": ("_pool", "_repopulate_pool"),
+}
+
+#: ``"Class.test": reason`` for tests skipped unless asked for (``--expensive``
+#: or ``FUTUREPOOL_CPYTHON_POOL_SUITE_EXPENSIVE=1``): correct for any pool,
+#: too heavy for a 2-core CI machine.
+EXPENSIVE: dict[str, str] = {
+    f"{_MISC}.test_large_pool": (
+        "starts Pool(200) in a fresh interpreter, a check of Windows' 63-handle wait"
+        " limit (gh-89240); run it with --expensive"
+    ),
+}
+
+#: Ids of the tests and classes that altered the environment, as they run.
+ENV_CHANGED: list[str] = []
+
+
+class CPythonPoolSuiteUnavailable(CPythonSuiteUnavailable):
+    """This interpreter has no usable ``test._test_multiprocessing``."""
+
+
+def _load_cpython_tests() -> dict[str, object]:
+    """CPython's spawn test classes and module fixture, in a namespace of their own."""
+    try:
+        tests = importlib.import_module(_MODULE)
+    except unittest.SkipTest as exc:
+        raise CPythonPoolSuiteUnavailable(f"{_MODULE} skips itself here: {exc}") from exc
+    except ImportError as exc:
+        raise CPythonPoolSuiteUnavailable(
+            f"CPython's {_MODULE} is not installed with {sys.executable} "
+            f"(Python {sys.version.split()[0]}): {exc}. Debian and Ubuntu ship it "
+            "separately (libpython3.X-testsuite); pyenv and python.org builds include it."
+        ) from exc
+    # What test_multiprocessing_spawn does, into a namespace of our own: the
+    # With<Type><Name> classes, the plain TestCases, setUpModule/tearDownModule.
+    # (3.10 has no only_type=: the classes it adds for other types go unused.)
+    namespace: dict[str, object] = {"__name__": f"{__name__}._cpython"}
+    tests.install_tests_in_module_dict(namespace, _START_METHOD)
+    missing = [name for name in _BOUND if name not in namespace and name != _MISC]
+    if missing:
+        raise CPythonPoolSuiteUnavailable(
+            f"{_MODULE} of Python {sys.version.split()[0]} has no {', '.join(missing)}: "
+            "update cpython_pool_suite._BOUND"
+        )
+    return namespace
+
+
+def load_pool(spec: str) -> Callable:
+    """Import ``"module:qualname"`` (such as ``"futurepool:Pool"``) and return it."""
+    module_name, sep, qualname = spec.partition(":")
+    if not sep or not module_name or not qualname:
+        raise ValueError(f"pool must look like 'module:Class', got {spec!r}")
+    obj = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _spec_of(pool: Callable) -> str | None:
+    """``"module:qualname"`` that imports ``pool`` in a fresh interpreter, if any."""
+    module, qualname = getattr(pool, "__module__", None), getattr(pool, "__qualname__", None)
+    if not module or not qualname or module == "__main__" or "<locals>" in qualname:
+        return None
+    spec = f"{module}:{qualname}"
+    try:
+        return spec if load_pool(spec) == pool else None
+    except (ImportError, AttributeError):
+        return None
+
+
+def _strict_env_default() -> bool:
+    return os.environ.get(STRICT_ENV_ENV, "") not in ("", "0")
+
+
+def _expensive_default() -> bool:
+    return os.environ.get(EXPENSIVE_ENV, "") not in ("", "0")
+
+
+class _Namespace(types.ModuleType):
+    """A module as the tests see it: ``overrides``, then the real module's attributes."""
+
+    def __init__(self, module: types.ModuleType, overrides: Mapping[str, object]):
+        super().__init__(module.__name__, module.__doc__)
+        self.__dict__.update(overrides)
+        self.__dict__["_cpython_pool_suite_real"] = module
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["_cpython_pool_suite_real"], name)
+
+    def __repr__(self) -> str:
+        return f"<view of {self.__name__} with the pool under test>"
+
+
+def _multiprocessing_view(pool: Callable) -> _Namespace:
+    """``multiprocessing`` with ``Pool`` and ``pool.Pool`` replaced by ``pool``."""
+    return _Namespace(
+        multiprocessing,
+        {"Pool": pool, "pool": _Namespace(multiprocessing.pool, {"Pool": pool})},
+    )
+
+
+def _import_roots(module_name: str) -> list[str]:
+    """Directories to put on ``sys.path`` so a fresh interpreter finds ``module_name``."""
+    spec = importlib.util.find_spec(module_name.partition(".")[0])
+    if spec is None:
+        return []
+    if spec.submodule_search_locations:
+        return [os.path.dirname(p) for p in spec.submodule_search_locations]
+    return [os.path.dirname(spec.origin)] if spec.origin else []
+
+
+# What CPython's scripts say, and the expression that replaces ``Pool`` there.
+_SCRIPT_IMPORT = "from multiprocessing import Pool"
+_SCRIPT_CALL = "multiprocessing.Pool("
+
+
+def _script_runner(original: Callable, spec: str | None) -> Callable:
+    """Wrap ``assert_python_ok`` so that its script uses the pool ``spec`` names."""
+
+    @functools.wraps(original)
+    def run(*args, **env_vars):
+        if spec is None:
+            raise unittest.SkipTest(
+                "the pool cannot be imported by a fresh interpreter (defined in __main__"
+                " or in a function), and this test runs a script"
+            )
+        module_name, _, qualname = spec.partition(":")
+        expression = f"__import__('importlib').import_module({module_name!r}).{qualname}"
+        args = list(args)
+        if "-c" in args:
+            index = args.index("-c") + 1
+            args[index] = _rewrite_script(args[index], expression)
+        else:
+            # A script file the test wrote (and removes): rewrite it in place.
+            path = next(a for a in args if isinstance(a, str) and not a.startswith("-"))
+            with open(path, encoding="utf-8") as f:
+                source = f.read()
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(_rewrite_script(source, expression))
+        # Any environment variable turns off test.support's -I/-E, so the
+        # interpreter reads PYTHONPATH and keeps its site-packages.
+        path = [*_import_roots(module_name), os.environ.get("PYTHONPATH", "")]
+        env_vars.setdefault("PYTHONPATH", os.pathsep.join(p for p in path if p))
+        return original(*args, **env_vars)
+
+    run._cpython_pool_suite_wrapper = True
+    return run
+
+
+def _rewrite_script(source: str, expression: str) -> str:
+    if _SCRIPT_IMPORT not in source and _SCRIPT_CALL not in source:
+        raise AssertionError(
+            f"cpython_pool_suite: CPython's script has neither {_SCRIPT_IMPORT!r} nor "
+            f"{_SCRIPT_CALL!r}; update _rewrite_script before trusting this test"
+        )
+    # One line each, so the script's indentation is kept.
+    source = source.replace(_SCRIPT_IMPORT, f"Pool = {expression}")
+    return source.replace(_SCRIPT_CALL, f"{expression}(")
+
+
+class _Adapter:
+    """Mixed in first: what every bound class and test does around CPython's own."""
+
+    _strict_env = False
+    _hard_timeout: float | None = None
+    _pool_spec: str | None = None
+    _view: _Namespace | None = None
+
+    @classmethod
+    def setUpClass(cls):
+        from test import support
+
+        # CPython's spawn module sets the start method for the whole module;
+        # here each class sets it for as long as it runs.
+        old = multiprocessing.get_start_method(allow_none=True)
+        if old != _START_METHOD:
+            multiprocessing.set_start_method(_START_METHOD, force=True)
+            cls.addClassCleanup(multiprocessing.set_start_method, old, force=True)
+        cls._class_env_before = support.environment_altered
+        support.environment_altered = False
+        if cls._hard_timeout:
+            # _TestPool.setUpClass starts a pool: that can hang too.
+            faulthandler.dump_traceback_later(cls._hard_timeout, exit=True, file=sys.__stderr__)
+            try:
+                super().setUpClass()
+            finally:
+                faulthandler.cancel_dump_traceback_later()
+        else:
+            super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls):
+        from test import support
+
+        try:
+            super().tearDownClass()
+        finally:
+            altered = support.environment_altered
+            support.environment_altered = cls._class_env_before or altered
+        if altered:
+            # BaseMixin.tearDownClass found processes or threads left behind.
+            ENV_CHANGED.append(f"{cls.__module__}.{cls.__qualname__}")
+            if cls._strict_env:
+                raise AssertionError(
+                    f"{cls.__qualname__} left processes or threads running (the warnings"
+                    " of test.support are on stderr)"
+                )
+
+    def setUp(self):
+        from test import support
+        from test.support import script_helper
+
+        if self._hard_timeout:
+            faulthandler.dump_traceback_later(self._hard_timeout, exit=True, file=sys.__stderr__)
+            self.addCleanup(faulthandler.cancel_dump_traceback_later)
+        self._env_before = support.environment_altered
+        support.environment_altered = False
+        cpython = sys.modules[_MODULE]
+        patches = [
+            unittest.mock.patch.dict(cpython.__dict__, {"multiprocessing": self._view}),
+            unittest.mock.patch.object(
+                script_helper,
+                "assert_python_ok",
+                _script_runner(script_helper.assert_python_ok, self._pool_spec),
+            ),
+        ]
+        for patch in patches:
+            patch.start()
+            self.addCleanup(patch.stop)
+        super().setUp()
+
+    def tearDown(self):
+        from test import support
+
+        try:
+            super().tearDown()
+        finally:
+            altered = support.environment_altered
+            support.environment_altered = self._env_before or altered
+        if altered:
+            ENV_CHANGED.append(self.id())
+            if self._strict_env:
+                self.fail(
+                    "the test altered the environment: threads still running or child "
+                    "processes reaped by test.support (its warnings are on stderr)"
+                )
+
+
+def _skip(test: Callable, reason: str, needs: tuple[str, ...]) -> Callable:
+    if not needs:
+        return unittest.skip(reason)(test)
+
+    @functools.wraps(test)
+    def run_if_exposed(self, *args, **kwargs):
+        try:
+            return test(self, *args, **kwargs)
+        except AttributeError as exc:
+            name, pool = getattr(exc, "name", None), getattr(exc, "obj", None)
+            if name not in needs or pool is None:
+                raise
+            _terminate(pool)
+            raise unittest.SkipTest(
+                f"{reason} (the pool has no {name}; the checks before that passed)"
+            ) from None
+
+    run_if_exposed._cpython_pool_suite_needs = needs
+    return run_if_exposed
+
+
+def _terminate(pool: object) -> None:
+    """Stop a pool a test can no longer stop because it read a missing attribute."""
+    try:
+        pool.terminate()
+        pool.join()
+    except Exception as exc:  # the skip is reported either way
+        print(f"cpython_pool_suite: could not terminate {pool!r}: {exc!r}", file=sys.__stderr__)
+
+
+def _rebound_classmethods(cls: type) -> dict[str, staticmethod]:
+    # ``self._test_traceback`` would be bound to the generated class, which
+    # worker processes cannot import: bind it to CPython's class that defines
+    # it (``_TestPool``, a global of test._test_multiprocessing) instead.
+    found = {}
+    for klass in reversed(cls.__mro__):
+        if klass.__module__ != _MODULE or getattr(sys.modules[_MODULE], klass.__name__, None) \
+                is not klass:
+            continue
+        for attr, raw in vars(klass).items():
+            if isinstance(raw, classmethod) and attr.startswith("_test"):
+                found[attr] = staticmethod(getattr(klass, attr))
+    return found
+
+
+def build_test_classes(
+    pool: Callable | str | None = None,
+    *,
+    module: str | None = None,
+    skips: Mapping[str, str] | None = None,
+    run_if_exposed: Mapping[str, tuple[str, ...]] | None = None,
+    expensive: bool | None = None,
+    strict_env: bool | None = None,
+    hard_timeout: float | None = TEST_TIMEOUT + HARD_TIMEOUT_GRACE,
+) -> dict[str, type]:
+    """Build ``unittest`` classes that run CPython's pool tests on ``pool``.
+
+    Args:
+        pool: the pool class (or factory), or ``"module:Class"``. Default: the
+            ``FUTUREPOOL_CPYTHON_POOL_SUITE_POOL`` environment variable, else
+            :data:`DEFAULT_POOL`.
+        module: ``__module__`` of the classes; a pytest module passes its
+            ``__name__`` and puts the result in its globals.
+        skips: ``"Class.test": reason`` to skip. Default :data:`SKIPS`;
+            ``{}`` runs everything, which only the stdlib pool passes.
+        run_if_exposed: the skips that run anyway (default :data:`RUN_IF_EXPOSED`).
+        expensive: also run the :data:`EXPENSIVE` tests. Default: the
+            ``FUTUREPOOL_CPYTHON_POOL_SUITE_EXPENSIVE`` environment variable.
+        strict_env: fail the tests and classes that alter the environment.
+            Default: the ``FUTUREPOOL_CPYTHON_SUITE_STRICT_ENV`` environment
+            variable.
+        hard_timeout: seconds after which a test's stacks are dumped to
+            ``sys.__stderr__`` and the process exits (``faulthandler``);
+            ``None`` for no limit.
+
+    Returns:
+        ``{name: class}``, with CPython's names (``WithProcessesTestPool`` ...).
+
+    Raises:
+        CPythonPoolSuiteUnavailable: this interpreter has no usable CPython tests.
+    """
+    cpython = _load_cpython_tests()
+    if pool is None:
+        pool = os.environ.get(POOL_ENV) or DEFAULT_POOL
+    if isinstance(pool, str):
+        spec, pool = pool, load_pool(pool)
+    else:
+        spec = _spec_of(pool)
+    skips = dict(SKIPS if skips is None else skips)
+    if not (_expensive_default() if expensive is None else expensive):
+        skips.update(EXPENSIVE)
+    run_if_exposed = RUN_IF_EXPOSED if run_if_exposed is None else run_if_exposed
+    strict_env = _strict_env_default() if strict_env is None else strict_env
+    module = module or __name__
+    bound_to = spec.replace(":", ".") if spec else repr(pool)
+    view = _multiprocessing_view(pool)
+
+    classes: dict[str, type] = {}
+    for name, tests in _BOUND.items():
+        cls = cpython.get(name)
+        if cls is None:  # MiscTestCase.test_large_pool is new in 3.13
+            continue
+        attrs = {
+            "__module__": module,
+            "__qualname__": name,
+            "__doc__": f"CPython's {_MODULE} {name} (spawn), bound to {bound_to}.",
+            "Pool": staticmethod(pool),
+            "_view": view,
+            "_pool_spec": spec,
+            "_strict_env": strict_env,
+            "_hard_timeout": hard_timeout,
+            **_rebound_classmethods(cls),
+        }
+        names = unittest.TestLoader().getTestCaseNames(cls)
+        if tests is not None:
+            if any(test not in names for test in tests):
+                continue  # this version does not have the test
+            for test in names:
+                if test not in tests:
+                    attrs[test] = None  # not a pool test: not bound
+        for key, reason in skips.items():
+            cls_name, _, test_name = key.partition(".")
+            if cls_name == name and test_name in names and test_name not in attrs:
+                needs = tuple(run_if_exposed.get(key, ())) if key not in EXPENSIVE else ()
+                attrs[test_name] = _skip(getattr(cls, test_name), reason, needs)
+        classes[name] = type(name, (_Adapter, cls), attrs)
+    return classes
+
+
+class _PoolTimedResult(_TimedResult):
+    """cpython_suite's result class, with timings of its own."""
+
+    watchdog: _Watchdog | None = None
+    timings: list[tuple[float, str]] = []
+
+
+def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m futurepool.testing.cpython_pool_suite",
+        description="Run CPython's multiprocessing.Pool tests on a pool class.",
+    )
+    parser.add_argument(
+        "--pool", default=os.environ.get(POOL_ENV) or DEFAULT_POOL, metavar="MODULE:CLASS",
+        help="the pool class to test (default: %(default)s)",
+    )
+    parser.add_argument(
+        "-k", dest="patterns", action="append", default=[], metavar="PATTERN",
+        help="only tests matching the pattern or substring (repeatable, as unittest -k)",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-x", "--failfast", action="store_true", help="stop at the first failure")
+    parser.add_argument("--list", action="store_true", help="list the tests and skips, run none")
+    parser.add_argument(
+        "--no-skips", action="store_true",
+        help="run the SKIPS tests too (only the stdlib pool can pass them)",
+    )
+    parser.add_argument(
+        "--expensive", action="store_true", default=_expensive_default(),
+        help="run the EXPENSIVE tests too (Pool(200) ...)",
+    )
+    parser.add_argument(
+        "--strict-env", action="store_true", default=_strict_env_default(),
+        help="fail the tests that leave threads running or child processes unreaped",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=TEST_TIMEOUT,
+        help="seconds per test before the stacks are dumped and the run stops (0: no limit)",
+    )
+    parser.add_argument(
+        "--durations", type=int, default=10, metavar="N", help="show the N slowest tests",
+    )
+    return parser.parse_args(None if argv is None else list(argv))
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    """Run the bound tests under unittest; returns the exit status (2: not available)."""
+    args = _parse_args(argv)
+    try:
+        classes = build_test_classes(
+            args.pool,
+            module=__name__,
+            skips={} if args.no_skips else None,
+            expensive=args.expensive,
+            strict_env=args.strict_env,
+            hard_timeout=None,  # the watchdog below does better
+        )
+        cpython = _load_cpython_tests()
+    except CPythonPoolSuiteUnavailable as exc:
+        print(f"cpython_pool_suite: not run: {exc}", file=sys.stderr)
+        return 2
+    except (ImportError, AttributeError, ValueError) as exc:
+        print(f"cpython_pool_suite: cannot load the pool {args.pool!r}: {exc}", file=sys.stderr)
+        return 2
+
+    loader = unittest.TestLoader()
+    loader.testNamePatterns = [p if "*" in p else f"*{p}*" for p in args.patterns] or None
+    suite = unittest.TestSuite(loader.loadTestsFromTestCase(c) for c in classes.values())
+    if args.list:
+        for test in _iter_tests(suite):
+            method = getattr(test, test._testMethodName)
+            reason = getattr(method, "__unittest_skip_why__", None)
+            needs = getattr(method, "_cpython_pool_suite_needs", ())
+            if needs:
+                reason = f"if the pool has no {' or '.join(needs)}"
+            print(test.id() + (f"  [skip {reason}]" if reason else ""))
+        return 0
+
+    from test import support
+
+    support.verbose = args.verbose
+    if args.timeout:
+        _PoolTimedResult.watchdog = _Watchdog(args.timeout)
+        _PoolTimedResult.watchdog.start()
+    # CPython's module fixture for test_multiprocessing_spawn: the start
+    # method, a check for dangling processes and threads over the whole run,
+    # then multiprocessing's clean-up (resource tracker, forkserver, finalizers).
+    cpython["setUpModule"]()
+    runner = unittest.TextTestRunner(
+        verbosity=1 + args.verbose, failfast=args.failfast, resultclass=_PoolTimedResult
+    )
+    print(
+        f"cpython_pool_suite: {suite.countTestCases()} tests from {_MODULE} (processes,"
+        f" {_START_METHOD}), pool {args.pool}, Python {sys.version.split()[0]}",
+        file=sys.stderr,
+    )
+    started = time.monotonic()
+    try:
+        result = runner.run(suite)
+    finally:
+        try:
+            cpython["tearDownModule"]()
+        finally:
+            if _PoolTimedResult.watchdog is not None:
+                _PoolTimedResult.watchdog.stop()
+    elapsed = time.monotonic() - started
+
+    slowest = sorted(_PoolTimedResult.timings, reverse=True)[: args.durations]
+    if slowest:
+        print(f"\nslowest {len(slowest)} tests:", file=sys.stderr)
+        for seconds, test_id in slowest:
+            print(f"  {seconds:6.2f}s  {test_id}", file=sys.stderr)
+    if ENV_CHANGED:
+        print(f"\nenvironment altered by {len(ENV_CHANGED)} tests or classes:", file=sys.stderr)
+        for test_id in ENV_CHANGED:
+            print(f"  {test_id}", file=sys.stderr)
+    print(
+        f"\ncpython_pool_suite: {result.testsRun} run, {len(result.failures)} failures, "
+        f"{len(result.errors)} errors, {len(result.skipped)} skipped, "
+        f"{len(ENV_CHANGED)} env changed in {elapsed:.1f}s",
+        file=sys.stderr,
+    )
+    return 0 if result.wasSuccessful() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
