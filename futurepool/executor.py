@@ -151,6 +151,11 @@ class Executor(_StdExecutor):
         error = self._owner.broken
         return str(error) if error is not None else False
 
+    @property
+    def _executor_manager_thread(self):
+        """The thread that owns this executor's state, under the stdlib's name."""
+        return self._owner.thread
+
     def submit(self, fn, /, *args, **kwargs):
         """Schedule ``fn(*args, **kwargs)``; return a :class:`futurepool.Future`.
 

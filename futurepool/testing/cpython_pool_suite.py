@@ -56,7 +56,9 @@ What the adapter changes, and nothing else:
   internals (or, in :data:`EXPENSIVE`, cost too much for CI). Those also in
   :data:`RUN_IF_EXPOSED` run anyway; if one stops on an ``AttributeError``
   for an attribute named there, it is reported as skipped (the checks before
-  that point have passed) and the pool it was reading is terminated.
+  that point have passed) and the pool it was reading is terminated. Those
+  in :data:`RUN_IF_ASSIGNABLE` assign a private attribute instead: they run
+  when the pool their class made (``self.pool``) already has it.
 
 Each bound test arms ``faulthandler`` to dump every stack and end the
 process if it runs past ``TEST_TIMEOUT + HARD_TIMEOUT_GRACE`` seconds (see
@@ -110,6 +112,7 @@ __all__ = [
     "ENV_CHANGED",
     "EXPENSIVE",
     "HARD_TIMEOUT_GRACE",
+    "RUN_IF_ASSIGNABLE",
     "RUN_IF_EXPOSED",
     "SKIPS",
     "TEST_TIMEOUT",
@@ -175,13 +178,20 @@ RUN_IF_EXPOSED: dict[str, tuple[str, ...]] = {
     f"{_LIFETIME}.test_pool_worker_lifetime": ("_pool", "_repopulate_pool"),
 }
 
+#: The :data:`SKIPS` that assign a private attribute rather than read it:
+#: they run when the pool their class made (``self.pool``) has every attribute
+#: named, so the assignment means what the test intends.
+RUN_IF_ASSIGNABLE: dict[str, tuple[str, ...]] = {
+    f"{_POOL}.test_resource_warning": ("_state",),
+}
+
 #: ``"Class.test": reason`` for tests skipped unless asked for (``--expensive``
 #: or ``FUTUREPOOL_CPYTHON_POOL_SUITE_EXPENSIVE=1``): correct for any pool,
 #: too heavy for a 2-core CI machine.
 EXPENSIVE: dict[str, str] = {
     f"{_MISC}.test_large_pool": (
         "starts Pool(200) in a fresh interpreter, a check of Windows' 63-handle wait"
-        " limit (gh-89240); run it with --expensive"
+        " limit (gh-89240); --expensive or FUTUREPOOL_CPYTHON_POOL_SUITE_EXPENSIVE=1 runs it"
     ),
 }
 
@@ -420,8 +430,23 @@ class _Adapter:
                 )
 
 
-def _skip(test: Callable, reason: str, needs: tuple[str, ...]) -> Callable:
-    if not needs:
+def _skip(
+    test: Callable, reason: str, reads: tuple[str, ...] = (), assigns: tuple[str, ...] = ()
+) -> Callable:
+    if assigns:
+        @functools.wraps(test)
+        def run_if_assignable(self, *args, **kwargs):
+            pool = getattr(self, "pool", None)
+            missing = [a for a in assigns if pool is None or not hasattr(pool, a)]
+            if missing:
+                raise unittest.SkipTest(f"{reason} (the pool has no {', '.join(missing)})")
+            return test(self, *args, **kwargs)
+
+        run_if_assignable._cpython_pool_suite_when = (
+            f"unless the class's pool has {' and '.join(assigns)}"
+        )
+        return run_if_assignable
+    if not reads:
         return unittest.skip(reason)(test)
 
     @functools.wraps(test)
@@ -430,14 +455,16 @@ def _skip(test: Callable, reason: str, needs: tuple[str, ...]) -> Callable:
             return test(self, *args, **kwargs)
         except AttributeError as exc:
             name, pool = getattr(exc, "name", None), getattr(exc, "obj", None)
-            if name not in needs or pool is None:
+            if name not in reads or pool is None:
                 raise
             _terminate(pool)
             raise unittest.SkipTest(
                 f"{reason} (the pool has no {name}; the checks before that passed)"
             ) from None
 
-    run_if_exposed._cpython_pool_suite_needs = needs
+    run_if_exposed._cpython_pool_suite_when = (
+        f"where it reads {' or '.join(reads)} and the pool has none"
+    )
     return run_if_exposed
 
 
@@ -471,6 +498,7 @@ def build_test_classes(
     module: str | None = None,
     skips: Mapping[str, str] | None = None,
     run_if_exposed: Mapping[str, tuple[str, ...]] | None = None,
+    run_if_assignable: Mapping[str, tuple[str, ...]] | None = None,
     expensive: bool | None = None,
     strict_env: bool | None = None,
     hard_timeout: float | None = TEST_TIMEOUT + HARD_TIMEOUT_GRACE,
@@ -486,6 +514,8 @@ def build_test_classes(
         skips: ``"Class.test": reason`` to skip. Default :data:`SKIPS`;
             ``{}`` runs everything, which only the stdlib pool passes.
         run_if_exposed: the skips that run anyway (default :data:`RUN_IF_EXPOSED`).
+        run_if_assignable: the skips that run when the class's pool has the
+            attributes named (default :data:`RUN_IF_ASSIGNABLE`).
         expensive: also run the :data:`EXPENSIVE` tests. Default: the
             ``FUTUREPOOL_CPYTHON_POOL_SUITE_EXPENSIVE`` environment variable.
         strict_env: fail the tests and classes that alter the environment.
@@ -512,6 +542,7 @@ def build_test_classes(
     if not (_expensive_default() if expensive is None else expensive):
         skips.update(EXPENSIVE)
     run_if_exposed = RUN_IF_EXPOSED if run_if_exposed is None else run_if_exposed
+    run_if_assignable = RUN_IF_ASSIGNABLE if run_if_assignable is None else run_if_assignable
     strict_env = _strict_env_default() if strict_env is None else strict_env
     module = module or __name__
     bound_to = spec.replace(":", ".") if spec else repr(pool)
@@ -543,8 +574,11 @@ def build_test_classes(
         for key, reason in skips.items():
             cls_name, _, test_name = key.partition(".")
             if cls_name == name and test_name in names and test_name not in attrs:
-                needs = tuple(run_if_exposed.get(key, ())) if key not in EXPENSIVE else ()
-                attrs[test_name] = _skip(getattr(cls, test_name), reason, needs)
+                reads = assigns = ()
+                if key not in EXPENSIVE:
+                    reads = tuple(run_if_exposed.get(key, ()))
+                    assigns = tuple(run_if_assignable.get(key, ()))
+                attrs[test_name] = _skip(getattr(cls, test_name), reason, reads, assigns)
         classes[name] = type(name, (_Adapter, cls), attrs)
     return classes
 
@@ -621,9 +655,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         for test in _iter_tests(suite):
             method = getattr(test, test._testMethodName)
             reason = getattr(method, "__unittest_skip_why__", None)
-            needs = getattr(method, "_cpython_pool_suite_needs", ())
-            if needs:
-                reason = f"if the pool has no {' or '.join(needs)}"
+            reason = getattr(method, "_cpython_pool_suite_when", reason)
             print(test.id() + (f"  [skip {reason}]" if reason else ""))
         return 0
 

@@ -19,7 +19,7 @@ the same tests under unittest with that fixture.
 To check the adapter itself, run the module against the stdlib::
 
     FUTUREPOOL_CPYTHON_SUITE_EXECUTOR=concurrent.futures:ProcessPoolExecutor \
-        pytest tests/stdlib
+        pytest tests/stdlib/test_cpython_concurrent_futures.py
 """
 
 from __future__ import annotations
