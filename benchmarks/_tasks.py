@@ -20,3 +20,8 @@ def square(x):
 def inc(x):
     """Add 1. In the chain scenario ``x`` may arrive as the value of a future."""
     return x + 1
+
+
+def payload(size):
+    """``size`` bytes: a result heavy enough for the driver's memory to notice."""
+    return b"x" * size

@@ -78,25 +78,47 @@ def _pool_exception(exc: BaseException) -> BaseException:
 
 
 class _CallbackThread:
-    """Runs a pool's callbacks in order on one thread, as the stdlib's result handler does."""
+    """Runs a pool's callbacks in order on one thread, as the stdlib's result handler does.
+
+    Once stopped (the pool joined, terminated or dropped), a late job runs
+    inline in the thread that completed its result instead: a result's
+    ``get()`` must never wait for a thread that is gone.
+    """
 
     def __init__(self):
         self.queue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.stopped = False
         self.thread = threading.Thread(target=self._run, name="futurepool-pool-callbacks",
                                        daemon=True)
         self.thread.start()
 
     def _run(self):
         while (job := self.queue.get()) is not None:
-            try:
-                job()
-            except Exception:  # a user callback failed: log it, keep delivering
-                _LOGGER.exception("exception in a multiprocessing pool callback")
+            _run_job(job)
 
-    def stop(self):
-        self.queue.put(None)
-        if self.thread is not threading.current_thread():
+    def submit(self, job) -> None:
+        with self.lock:
+            if not self.stopped:
+                self.queue.put(job)
+                return
+        _run_job(job)
+
+    def stop(self, wait: bool = True) -> None:
+        with self.lock:
+            if self.stopped:
+                return
+            self.stopped = True
+            self.queue.put(None)
+        if wait and self.thread is not threading.current_thread():
             self.thread.join()
+
+
+def _run_job(job) -> None:
+    try:
+        job()
+    except Exception:  # a user callback failed: log it, keep delivering
+        _LOGGER.exception("exception in a multiprocessing pool callback")
 
 
 class ApplyResult:
@@ -111,7 +133,7 @@ class ApplyResult:
         # With callbacks, "ready" waits until they have run (stdlib order).
         self._event = threading.Event() if (callback or error_callback) else None
         if self._event is not None:
-            future.add_done_callback(lambda f: runner.queue.put(self._run_callbacks))
+            future.add_done_callback(lambda f: runner.submit(self._run_callbacks))
 
     def _run_callbacks(self):
         try:
@@ -132,20 +154,20 @@ class ApplyResult:
             return CancelledError("the pool was terminated before this task ran")
         return _pool_exception(future.exception())
 
-    def ready(self) -> bool:
+    def ready(self):
         if self._event is not None:
             return self._event.is_set()
         return self._future.done()
 
-    def _succeeded(self) -> bool:
+    def _succeeded(self):
         return not self._future.cancelled() and self._future.exception() is None
 
-    def successful(self) -> bool:
+    def successful(self):
         if not self.ready():
             raise ValueError(f"{self!r} not ready")
         return self._succeeded()
 
-    def wait(self, timeout=None) -> None:
+    def wait(self, timeout=None):
         if self._event is not None:
             self._event.wait(timeout)
         else:
@@ -210,15 +232,15 @@ class MapResult(ApplyResult):
         if self._callback is None and self._error_callback is None:
             self._event.set()
         else:
-            self._runner.queue.put(self._run_callbacks)
+            self._runner.submit(self._run_callbacks)
 
-    def _succeeded(self) -> bool:
+    def _succeeded(self):
         return self._failed is None
 
-    def ready(self) -> bool:
+    def ready(self):
         return self._event.is_set()
 
-    def wait(self, timeout=None) -> None:
+    def wait(self, timeout=None):
         self._event.wait(timeout)
 
     def _value(self):
@@ -295,12 +317,19 @@ class IMapUnorderedIterator(IMapIterator):
         super().__init__(pool, func, iterable, window)
 
     def _fill(self):
-        before = len(self._pending)
-        super()._fill()
-        for future in itertools.islice(self._pending, before, None):
+        # Completion order comes from the queue; the window counts what is out.
+        while self._items is not None and self._outstanding < self._window:
+            try:
+                item = next(self._items)
+            except StopIteration:
+                self._items = None
+                return
+            except Exception as exc:  # the input failed: it raises after the others
+                self._items = None
+                self._input_error = exc
+                return
             self._outstanding += 1
-            future.add_done_callback(self._done.put)
-        self._pending.clear()  # completion order comes from the queue
+            self._submit(self._func, item).add_done_callback(self._done.put)
 
     def next(self, timeout=None):
         if not self._outstanding:
@@ -367,8 +396,8 @@ class Pool:
         self._executor = Executor(processes, initializer=initializer, initargs=initargs,
                                   max_tasks_per_child=maxtasksperchild)
         self._executor._owner.start()  # workers start now, as the stdlib's do
-        self._runner = None
-        self._runner_lock = threading.Lock()
+        # Like the stdlib's result handler, the callback thread exists from the start.
+        self._runner = _CallbackThread()
         self._state = RUN
 
     def __del__(self, _warn=warnings.warn):
@@ -377,7 +406,7 @@ class Pool:
                   source=self)
         runner = getattr(self, "_runner", None)
         if runner is not None:
-            runner.queue.put(None)  # the executor shuts itself down when collected
+            runner.stop(wait=False)  # the executor shuts itself down when collected
 
     def __repr__(self):
         cls = type(self)
@@ -398,12 +427,6 @@ class Pool:
         if self._state != RUN:
             raise ValueError("Pool not running")
 
-    def _callbacks(self) -> _CallbackThread:
-        with self._runner_lock:
-            if self._runner is None:
-                self._runner = _CallbackThread()
-            return self._runner
-
     # -- submitting -----------------------------------------------------------
 
     def apply(self, func, args=(), kwds={}):  # noqa: B006 - the stdlib's signature
@@ -415,7 +438,7 @@ class Pool:
         """Schedule ``func(*args, **kwds)``; return an :class:`AsyncResult`."""
         self._check_running()
         future = self._executor.submit(func, *args, **kwds)
-        runner = self._callbacks() if (callback or error_callback) else None
+        runner = self._runner
         return ApplyResult(future, callback, error_callback, runner)
 
     def map(self, func, iterable, chunksize=None):
@@ -449,7 +472,7 @@ class Pool:
             chunksize = 0
         submit = self._executor.submit
         futures = [submit(chunk_fn, func, chunk) for chunk in _chunks(iterable, chunksize)]
-        runner = self._callbacks() if (callback or error_callback) else None
+        runner = self._runner
         return MapResult(self._executor, futures, callback, error_callback, runner)
 
     def imap(self, func, iterable, chunksize=1, buffersize=None):
@@ -505,10 +528,7 @@ class Pool:
         self._stop_callbacks()
 
     def _stop_callbacks(self):
-        with self._runner_lock:
-            runner, self._runner = self._runner, None
-        if runner is not None:
-            runner.stop()
+        self._runner.stop()
 
 
 class _ChunkCall:

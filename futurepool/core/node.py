@@ -49,9 +49,9 @@ from .processes import (
 
 
 class Node:
-    def __init__(self, settings: dict, cmd_fd: int, event_fd: int):
+    def __init__(self, settings: dict, cmd: PipeReader, event_fd: int):
         self.settings = settings
-        self.cmd_fd = cmd_fd
+        self.cmd_fd = cmd.fd
         self.event_fd = event_fd
         # pid -> (worker_id, start time, running-task slot)
         self.workers: dict[int, tuple[int, float, mmap.mmap]] = {}
@@ -60,7 +60,8 @@ class Node:
         self.no_respawn = False  # an initializer failed: the pool is broken
         self.quick_deaths = 0
         self.respawn_at: float | None = None
-        self.cmd = PipeReader(cmd_fd)
+        # The reader that read NODE_CONFIG: a NODE_STOP may already be in its buffer.
+        self.cmd = cmd
         self.wakeup_r, self.wakeup_w = os.pipe()
 
     # -- workers --------------------------------------------------------------
@@ -159,6 +160,7 @@ class Node:
 
     def run(self) -> int:
         self.top_up()
+        self.read_commands()  # a NODE_STOP may have come with the configuration
         poller = select.poll()
         poller.register(self.cmd_fd, select.POLLIN)
         poller.register(self.wakeup_r, select.POLLIN)
@@ -171,19 +173,10 @@ class Node:
                 if fd == self.wakeup_r:
                     os.read(self.wakeup_r, 4096)
                 elif not self.stopping:
-                    try:
-                        for kind, ident, _body in self.cmd.read():
-                            if kind == MessageType.NODE_STOP:
-                                self.begin_stop(ident)  # 0: the owner told them to STOP
-                    except Exception:  # noqa: BLE001 - a corrupt pipe means the driver is gone
-                        self.cmd.closed = True
-                    if self.cmd.closed:  # driver died: nobody wants results any more
-                        self.begin_stop(signal.SIGKILL)
-                        # Its run directory (ipc socket) would be left behind.
-                        shutil.rmtree(self.settings["run_dir"], ignore_errors=True)
-                    if self.stopping:
-                        poller.unregister(self.cmd_fd)
-                        deadline = time.monotonic() + config.SHUTDOWN_TIMEOUT
+                    self.read_commands()
+            if self.stopping and deadline is None:
+                poller.unregister(self.cmd_fd)
+                deadline = time.monotonic() + config.SHUTDOWN_TIMEOUT
             self.reap()
             if self.stopping:
                 if not self.workers:
@@ -193,6 +186,18 @@ class Node:
                     deadline = time.monotonic() + config.SHUTDOWN_TIMEOUT
             else:
                 self.top_up()
+
+    def read_commands(self) -> None:
+        try:
+            for kind, ident, _body in self.cmd.read():
+                if kind == MessageType.NODE_STOP:
+                    self.begin_stop(ident)  # 0: the owner told the workers to STOP
+        except Exception:  # noqa: BLE001 - a corrupt pipe means the driver is gone
+            self.cmd.closed = True
+        if self.cmd.closed and not self.stopping:  # driver died: nobody wants results
+            self.begin_stop(signal.SIGKILL)
+            # Its run directory (ipc socket) would be left behind.
+            shutil.rmtree(self.settings["run_dir"], ignore_errors=True)
 
     def begin_stop(self, sig: int) -> None:
         """Stop: with ``sig`` now, or (0) wait for the workers to leave by themselves."""
@@ -208,10 +213,11 @@ def main() -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cmd_fd, event_fd = int(sys.argv[1]), int(sys.argv[2])
-    settings = _read_settings(cmd_fd)
-    multiprocessing.current_process().authkey = settings["authkey"]
     os.set_blocking(cmd_fd, False)
-    node = Node(settings, cmd_fd, event_fd)
+    cmd = PipeReader(cmd_fd)
+    settings = _read_settings(cmd)
+    multiprocessing.current_process().authkey = settings["authkey"]
+    node = Node(settings, cmd, event_fd)
     os.set_blocking(node.wakeup_w, False)
     signal.set_wakeup_fd(node.wakeup_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -219,16 +225,16 @@ def main() -> None:
     sys.exit(node.run())
 
 
-def _read_settings(cmd_fd: int) -> dict:
-    reader = PipeReader(cmd_fd)
+def _read_settings(reader: PipeReader) -> dict:
+    """Wait for NODE_CONFIG; what follows it stays in ``reader`` for the main loop."""
     poller = select.poll()
-    poller.register(cmd_fd, select.POLLIN)
+    poller.register(reader.fd, select.POLLIN)
     deadline = time.monotonic() + config.START_TIMEOUT
     while time.monotonic() < deadline:
         poller.poll(1000)
-        for kind, _ident, body in reader.read():
-            if kind == MessageType.NODE_CONFIG:
-                return serialize.loads(body)
+        if reader.next_message_is(MessageType.NODE_CONFIG):
+            kind, _ident, body = reader.pop()
+            return serialize.loads(body)
         if reader.closed:
             break
     sys.exit(1)

@@ -41,6 +41,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -150,14 +151,14 @@ class Owner:
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: BLE001
-            name = serialize.describe_callable(fn)
-            raise _pickling_error(f"Could not pickle the function {name}", exc) from exc
+            raise _pickling_error(  # noqa: B904 - its cause is set, or it is the original
+                f"Could not pickle the function {serialize.describe_callable(fn)}", exc)
         try:
             data, deps = serialize.dumps_arguments(args, kwargs)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: BLE001 - sys.exit() in a __reduce__ too
-            raise _pickling_error(_culprit(fn, args, kwargs), exc) from exc
+            raise _pickling_error(_culprit(fn, args, kwargs), exc)  # noqa: B904 - as above
         task = Task(future, fn_id, fn_bytes, serialize.describe_callable(fn), data, deps,
                     self.max_retries)
         future._description = task.describe()
@@ -708,11 +709,23 @@ def _close_fds(fds) -> None:
             pass
 
 
-def _pickling_error(what: str, exc: BaseException):
-    import pickle
-    error = pickle.PicklingError(f"{what}: {type(exc).__name__}: {exc}")
-    error.__cause__ = exc
-    return error
+def _pickling_error(what: str, exc: BaseException) -> BaseException:
+    """The error for a call that does not pickle, naming the culprit.
+
+    As in the stdlib, the pickler's own exception is what the future raises
+    (a TypeError for a lock, a PicklingError, whatever a ``__reduce__``
+    raised); ``what`` is added as a note. A ``SystemExit`` or similar from a
+    ``__reduce__`` becomes a PicklingError, so that it cannot end the caller.
+    """
+    if not isinstance(exc, Exception):
+        error = pickle.PicklingError(f"{what}: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
+    if hasattr(exc, "add_note"):
+        exc.add_note(what)
+    else:  # Python 3.10: the attribute is there for whoever looks
+        exc.__notes__ = [*getattr(exc, "__notes__", ()), what]
+    return exc
 
 
 def _culprit(fn, args, kwargs) -> str:

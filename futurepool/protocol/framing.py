@@ -65,7 +65,16 @@ class PipeReader:
     def __init__(self, fd: int):
         self.fd = fd
         self._buffer = bytearray()
+        self._messages: list = []  # parsed, not yet handed out
         self.closed = False
+
+    def next_message_is(self, kind: MessageType) -> bool:
+        """Read what is available; whether the first unread message is ``kind``."""
+        self._messages = self.read()  # read() hands out the buffered ones first
+        return bool(self._messages) and self._messages[0][0] == kind
+
+    def pop(self):
+        return self._messages.pop(0)
 
     def read(self) -> list[tuple[MessageType, int, bytes]]:
         """Read what is available; return complete ``(type, ident, body)`` messages.
@@ -85,7 +94,7 @@ class PipeReader:
             pass
         except OSError:
             self.closed = True
-        messages = []
+        messages, self._messages = self._messages, []
         buf = self._buffer
         while len(buf) >= 4:
             (length,) = _LENGTH.unpack_from(buf)

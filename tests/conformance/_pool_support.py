@@ -3,7 +3,8 @@
 * :func:`bounded` runs a call that takes no timeout of its own (``map``,
   ``apply``, ``join``...) with a deadline, and fails the test with every
   thread's stack if it hangs.
-* :func:`end_pool` terminates and joins a pool, with the same deadline.
+* :func:`end_pool` terminates and joins a pool, with the same deadline;
+  :func:`end_pools` does it for a fixture's pools and collects them.
 * :class:`Gates` hands out gate files for tasks to wait on
   (:func:`tests.conformance._pool_tasks.block`) and opens them all at the end.
 * :func:`read_pid` reads the pid a blocked task wrote.
@@ -13,6 +14,7 @@ Workers never import this module (it imports pytest).
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import threading
@@ -75,6 +77,26 @@ def end_pool(pool, timeout: float = TIMEOUT) -> None:
         pool.join()
 
     bounded(finish, timeout=timeout)
+
+
+def end_pools(pools: list) -> None:
+    """End every pool in ``pools``, forget them, and collect the garbage now.
+
+    A pool that a test's frame kept alive through a reference cycle (an
+    exception's traceback: ``pytest.raises(...) as info``) would otherwise be
+    freed by whatever garbage collection comes next. For the stdlib's pool
+    that frees its queues' semaphores, whose finalizers call the resource
+    tracker; when that collection happens inside the tracker (a later test
+    registering a semaphore), Python 3.13 refuses the reentrant call and
+    warns, and the warning fails that later test. Collected here, outside
+    the tracker, they go quietly.
+    """
+    try:
+        for pool in pools:
+            end_pool(pool)
+    finally:
+        pools.clear()
+        gc.collect()
 
 
 def read_pid(path: str, timeout: float = TIMEOUT) -> int:

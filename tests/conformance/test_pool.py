@@ -53,7 +53,7 @@ import futurepool
 from futurepool.testing import wait_until
 
 from . import _pool_tasks as T
-from ._pool_support import TIMEOUT, Gates, bounded, end_pool, read_pid
+from ._pool_support import TIMEOUT, Gates, bounded, end_pool, end_pools, read_pid
 
 #: Seconds for a wait that is expected to run out (a result that is not ready yet).
 SHORT = 0.3
@@ -100,8 +100,7 @@ def make_pool(impl):
         return pool
 
     yield make
-    for pool in created:
-        end_pool(pool)
+    end_pools(created)
 
 
 @pytest.fixture
@@ -712,7 +711,7 @@ def test_imap_buffersize_bounds_reading_ahead(impl, make_pool, method, chunksize
     results = getattr(pool, method)(T.square, _counting(consumed), chunksize,
                                     buffersize=buffersize)
     # buffersize counts tasks (chunks) handed out and not yet consumed.
-    assert wait_until(lambda: consumed[0] == buffersize * chunksize, TIMEOUT), consumed
+    assert wait_until(lambda: consumed[0] >= buffersize * chunksize, TIMEOUT), consumed
     time.sleep(SHORT)
     assert consumed[0] == buffersize * chunksize
     taken = 1 + 2 * chunksize
@@ -722,9 +721,9 @@ def test_imap_buffersize_bounds_reading_ahead(impl, make_pool, method, chunksize
     assert got == [x * x for x in range(taken)]
     tasks_taken = -(-taken // chunksize)
     limit = (buffersize + tasks_taken) * chunksize
-    assert wait_until(lambda: consumed[0] == limit, TIMEOUT), (consumed, limit)
+    assert wait_until(lambda: consumed[0] >= limit, TIMEOUT), (consumed, limit)
     time.sleep(SHORT)
-    assert consumed[0] == limit
+    assert consumed[0] == limit, f"{consumed[0]} items read, {limit} allowed"
 
 
 def test_imap_buffersize_is_validated(impl, make_pool):

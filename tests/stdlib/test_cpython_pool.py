@@ -37,8 +37,15 @@ from futurepool.testing import cpython_pool_suite
 # seconds later, for the deadlocks pytest-timeout's signal method misses.
 pytestmark = pytest.mark.timeout(cpython_pool_suite.TEST_TIMEOUT)
 
+# The leak check of tests/conftest.py runs around each test, and would blame
+# the first test for workers of the class's shared pool that come up after
+# Pool() returned: wait for them in setUpClass (up to this many seconds).
+_SETTLE_TIMEOUT = 30.0
+
 try:
-    _CLASSES = cpython_pool_suite.build_test_classes(module=__name__)
+    _CLASSES = cpython_pool_suite.build_test_classes(
+        module=__name__, settle_timeout=_SETTLE_TIMEOUT
+    )
 except cpython_pool_suite.CPythonPoolSuiteUnavailable as exc:
     pytest.skip(str(exc), allow_module_level=True)
 
