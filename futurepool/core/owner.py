@@ -287,7 +287,14 @@ class Owner:
                     self._cancel_pending()
             elif kind == "terminate":
                 self.stopping = self.terminating = True
-                self._cancel_pending()
+                self._cancel_pending(commit_head=False)
+                # Nothing will run what is left: fail it (running ones fail as
+                # their workers die, in _bury).
+                for task in self.ready:
+                    self._settle_exception(task, CancelledError(
+                        "the workers were stopped (terminate_workers(), kill_workers() or"
+                        f" Ctrl-C) before {task.describe()} ran"))
+                self.ready.clear()
                 if self.node_cmd >= 0:
                     write_pipe_message(self.node_cmd, MessageType.NODE_STOP, ident=command[1])
 
@@ -317,17 +324,19 @@ class Owner:
         if task.waiting == 0:
             self.ready.append(task)
 
-    def _cancel_pending(self) -> None:
+    def _cancel_pending(self, commit_head: bool = True) -> None:
         """Cancel what has not started; as in the stdlib, what fits the pool has.
 
         The stdlib commits up to ``max_workers + 1`` calls to its workers'
         queue as soon as they are submitted; here tasks are sent when a worker
-        has room, so first send what can be sent, then count the head of the
-        queue, up to the pool's free capacity, as started too.
+        has room, so first send what can be sent, then (``commit_head``)
+        count the head of the queue, up to the pool's free capacity, as
+        started too.
         """
         self._dispatch()
         busy = sum(len(w.inflight) for w in self.scheduler.workers.values())
-        for task in itertools.islice(self.ready, max(0, self.max_workers - busy)):
+        free = max(0, self.max_workers - busy) if commit_head else 0
+        for task in itertools.islice(self.ready, free):
             if not task.started and task.future.set_running_or_notify_cancel():
                 task.started = True
         for task in list(self.tasks.values()):

@@ -74,10 +74,6 @@ def getpid(_=None):
     return os.getpid()
 
 
-def pid_of_item(x):
-    return x, os.getpid()
-
-
 def raise_error(message):
     raise CustomError(message)
 

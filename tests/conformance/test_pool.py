@@ -309,14 +309,11 @@ def test_an_unpicklable_argument_fails_the_call(impl, make_pool, argument):
     pool = make_pool(processes=1)
     value = threading.Lock() if argument == "lock" else pool
     original = TypeError if argument == "lock" else NotImplementedError
-    with pytest.raises((original, pickle.PicklingError)) as info:
+    # Raised by get() in the stdlib (its task handler pickles); futurepool
+    # pickles in apply_async but fails the result the same way.
+    with pytest.raises(original) as info:
         pool.apply_async(T.identity, (value,)).get(timeout=TIMEOUT)
-    if impl == "process" or not isinstance(info.value, pickle.PicklingError):
-        assert type(info.value) is original
-    else:
-        # Intended difference (README, "Errors explain themselves"): futurepool
-        # fails the call with a PicklingError naming the argument.
-        assert "argument 0" in str(info.value), str(info.value)
+    assert type(info.value) is original
     assert pool.apply_async(T.square, (3,)).get(timeout=TIMEOUT) == 9
 
 
@@ -716,9 +713,10 @@ def test_imap_buffersize_bounds_reading_ahead(impl, make_pool, method, chunksize
     assert consumed[0] == buffersize * chunksize
     taken = 1 + 2 * chunksize
     got = take(results, taken)
-    if method == "imap_unordered":
-        got.sort()
-    assert got == [x * x for x in range(taken)]
+    if method == "imap":
+        assert got == [x * x for x in range(taken)]
+    else:  # whole chunks in completion order: any items read so far, each once
+        assert len(set(got)) == taken and set(got) <= {x * x for x in range(consumed[0])}
     tasks_taken = -(-taken // chunksize)
     limit = (buffersize + tasks_taken) * chunksize
     assert wait_until(lambda: consumed[0] >= limit, TIMEOUT), (consumed, limit)
@@ -871,14 +869,19 @@ def test_context_manager_does_not_swallow_exceptions(make_pool):
 
 
 def test_a_running_pool_collected_by_gc_warns(impl):
+    # No task first: a finished result may hold its pool for a moment on the
+    # pool's own result thread (the stdlib's ApplyResult drops it after
+    # setting the value), which would move the collection out of this block.
     pool = FACTORIES[impl](processes=1)
     ref = weakref.ref(pool)
     try:
-        assert pool.apply_async(T.square, (3,)).get(timeout=TIMEOUT) == 9
         with pytest.warns(ResourceWarning, match="^unclosed running multiprocessing pool"):
             del pool
             gc.collect()
-        assert ref() is None, "the pool was not collected"
+        # warn(source=pool) let the recorded warning keep the pool alive until
+        # now; with the record gone, it must go.
+        assert wait_until(lambda: (gc.collect(), ref() is None)[1], TIMEOUT), (
+            "the pool was not collected")
     finally:
         if ref() is not None:
             end_pool(ref())
