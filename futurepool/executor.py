@@ -237,15 +237,7 @@ class Executor(_StdExecutor):
                 worker process has exited.
             cancel_futures: cancel the futures not yet sent to a worker.
         """
-        with self._shutdown_lock:
-            self._shutdown_thread = True
-            owner = self._owner
-            if owner.thread is None:
-                owner.close_unstarted()
-                return
-            owner.request_shutdown(cancel_futures)
-        if wait:
-            owner.join()
+        self._stop(lambda owner: owner.request_shutdown(cancel_futures), wait)
 
     def terminate_workers(self):
         """Stop every worker now with SIGTERM (Python 3.14 API), and shut down.
@@ -261,14 +253,19 @@ class Executor(_StdExecutor):
         self._stop_workers(signal.SIGKILL)
 
     def _stop_workers(self, sig):
+        self._stop(lambda owner: owner.request_terminate(sig), wait=True)
+
+    def _stop(self, request, wait):
+        """Refuse new tasks, ask the owner to stop (``request``), maybe wait."""
         with self._shutdown_lock:
             self._shutdown_thread = True
             owner = self._owner
             if owner.thread is None:
                 owner.close_unstarted()
                 return
-            owner.request_terminate(sig)
-        owner.join()
+            request(owner)
+        if wait:
+            owner.join()
 
     def __exit__(self, exc_type, exc_val, exc_tb):
         # Ctrl-C in the with-block: do not wait for queued work (cpython#125886).

@@ -277,27 +277,38 @@ class IMapIterator:
         self._fill()
 
     def _fill(self):
-        while self._items is not None and len(self._pending) < self._window:
+        """Submit input items until ``_window`` tasks are out (or the input ends)."""
+        while self._items is not None and self._out() < self._window:
             try:
                 item = next(self._items)
             except StopIteration:
                 self._items = None
                 return
-            except Exception as exc:  # the input failed: it raises at its position
+            except Exception as exc:  # the input failed: it raises after the others
                 self._items = None
                 self._input_error = exc
                 return
-            self._pending.append(self._submit(self._func, item))
+            self._track(self._submit(self._func, item))
+
+    def _out(self) -> int:
+        return len(self._pending)
+
+    def _track(self, future) -> None:
+        self._pending.append(future)
+
+    def _exhausted(self):
+        """Nothing is out: raise the input's error once, then StopIteration."""
+        error, self._input_error = self._input_error, None
+        if error is not None:
+            raise error
+        raise StopIteration
 
     def __iter__(self):
         return self
 
     def next(self, timeout=None):
         if not self._pending:
-            error, self._input_error = self._input_error, None
-            if error is not None:
-                raise error
-            raise StopIteration
+            self._exhausted()
         future = self._pending[0]
         if not future._wait(timeout):
             raise multiprocessing.TimeoutError
@@ -316,27 +327,17 @@ class IMapUnorderedIterator(IMapIterator):
         self._outstanding = 0
         super().__init__(pool, func, iterable, window)
 
-    def _fill(self):
-        # Completion order comes from the queue; the window counts what is out.
-        while self._items is not None and self._outstanding < self._window:
-            try:
-                item = next(self._items)
-            except StopIteration:
-                self._items = None
-                return
-            except Exception as exc:  # the input failed: it raises after the others
-                self._items = None
-                self._input_error = exc
-                return
-            self._outstanding += 1
-            self._submit(self._func, item).add_done_callback(self._done.put)
+    # Completion order comes from the queue; the window counts what is out.
+    def _out(self) -> int:
+        return self._outstanding
+
+    def _track(self, future) -> None:
+        self._outstanding += 1
+        future.add_done_callback(self._done.put)
 
     def next(self, timeout=None):
         if not self._outstanding:
-            error, self._input_error = self._input_error, None
-            if error is not None:
-                raise error
-            raise StopIteration
+            self._exhausted()
         try:
             future = self._done.get(timeout=timeout)
         except queue.Empty:
