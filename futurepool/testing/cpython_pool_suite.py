@@ -102,7 +102,8 @@ from .cpython_suite import (
     STRICT_ENV_ENV,
     TEST_TIMEOUT,
     CPythonSuiteUnavailable,
-    _iter_tests,
+    _parse_suite_args,
+    _run_suite,
     _TimedResult,
     _Watchdog,
 )
@@ -631,41 +632,26 @@ class _PoolTimedResult(_TimedResult):
 
 
 def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    return _parse_suite_args(
+        argv,
         prog="python -m futurepool.testing.cpython_pool_suite",
         description="Run CPython's multiprocessing.Pool tests on a pool class.",
+        target="--pool",
+        default=os.environ.get(POOL_ENV) or DEFAULT_POOL,
+        noun="pool",
+        after_skips=[(
+            ("--expensive",),
+            dict(
+                action="store_true", default=_expensive_default(),
+                help="run the EXPENSIVE tests too (Pool(200) ...)",
+            ),
+        )],
     )
-    parser.add_argument(
-        "--pool", default=os.environ.get(POOL_ENV) or DEFAULT_POOL, metavar="MODULE:CLASS",
-        help="the pool class to test (default: %(default)s)",
-    )
-    parser.add_argument(
-        "-k", dest="patterns", action="append", default=[], metavar="PATTERN",
-        help="only tests matching the pattern or substring (repeatable, as unittest -k)",
-    )
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    parser.add_argument("-x", "--failfast", action="store_true", help="stop at the first failure")
-    parser.add_argument("--list", action="store_true", help="list the tests and skips, run none")
-    parser.add_argument(
-        "--no-skips", action="store_true",
-        help="run the SKIPS tests too (only the stdlib pool can pass them)",
-    )
-    parser.add_argument(
-        "--expensive", action="store_true", default=_expensive_default(),
-        help="run the EXPENSIVE tests too (Pool(200) ...)",
-    )
-    parser.add_argument(
-        "--strict-env", action="store_true", default=_strict_env_default(),
-        help="fail the tests that leave threads running or child processes unreaped",
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=TEST_TIMEOUT,
-        help="seconds per test before the stacks are dumped and the run stops (0: no limit)",
-    )
-    parser.add_argument(
-        "--durations", type=int, default=10, metavar="N", help="show the N slowest tests",
-    )
-    return parser.parse_args(None if argv is None else list(argv))
+
+
+def _skip_reason(method: Callable) -> str | None:
+    reason = getattr(method, "__unittest_skip_why__", None)
+    return getattr(method, "_cpython_pool_suite_when", reason)
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -678,7 +664,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             skips={} if args.no_skips else None,
             expensive=args.expensive,
             strict_env=args.strict_env,
-            hard_timeout=None,  # the watchdog below does better
+            hard_timeout=None,  # the watchdog does better
         )
         cpython = _load_cpython_tests()
     except CPythonPoolSuiteUnavailable as exc:
@@ -687,63 +673,21 @@ def main(argv: Iterable[str] | None = None) -> int:
     except (ImportError, AttributeError, ValueError) as exc:
         print(f"cpython_pool_suite: cannot load the pool {args.pool!r}: {exc}", file=sys.stderr)
         return 2
-
-    loader = unittest.TestLoader()
-    loader.testNamePatterns = [p if "*" in p else f"*{p}*" for p in args.patterns] or None
-    suite = unittest.TestSuite(loader.loadTestsFromTestCase(c) for c in classes.values())
-    if args.list:
-        for test in _iter_tests(suite):
-            method = getattr(test, test._testMethodName)
-            reason = getattr(method, "__unittest_skip_why__", None)
-            reason = getattr(method, "_cpython_pool_suite_when", reason)
-            print(test.id() + (f"  [skip {reason}]" if reason else ""))
-        return 0
-
-    from test import support
-
-    support.verbose = args.verbose
-    if args.timeout:
-        _PoolTimedResult.watchdog = _Watchdog(args.timeout)
-        _PoolTimedResult.watchdog.start()
     # CPython's module fixture for test_multiprocessing_spawn: the start
     # method, a check for dangling processes and threads over the whole run,
     # then multiprocessing's clean-up (resource tracker, forkserver, finalizers).
-    cpython["setUpModule"]()
-    runner = unittest.TextTestRunner(
-        verbosity=1 + args.verbose, failfast=args.failfast, resultclass=_PoolTimedResult
+    return _run_suite(
+        args,
+        classes,
+        name="cpython_pool_suite",
+        source=f"{_MODULE} (processes, {_START_METHOD}), pool {args.pool}",
+        skip_reason=_skip_reason,
+        result_class=_PoolTimedResult,
+        set_up=cpython["setUpModule"],
+        tear_down=cpython["tearDownModule"],
+        env_changed=ENV_CHANGED,
+        altered_by="tests or classes",
     )
-    print(
-        f"cpython_pool_suite: {suite.countTestCases()} tests from {_MODULE} (processes,"
-        f" {_START_METHOD}), pool {args.pool}, Python {sys.version.split()[0]}",
-        file=sys.stderr,
-    )
-    started = time.monotonic()
-    try:
-        result = runner.run(suite)
-    finally:
-        try:
-            cpython["tearDownModule"]()
-        finally:
-            if _PoolTimedResult.watchdog is not None:
-                _PoolTimedResult.watchdog.stop()
-    elapsed = time.monotonic() - started
-
-    slowest = sorted(_PoolTimedResult.timings, reverse=True)[: args.durations]
-    if slowest:
-        print(f"\nslowest {len(slowest)} tests:", file=sys.stderr)
-        for seconds, test_id in slowest:
-            print(f"  {seconds:6.2f}s  {test_id}", file=sys.stderr)
-    if ENV_CHANGED:
-        print(f"\nenvironment altered by {len(ENV_CHANGED)} tests or classes:", file=sys.stderr)
-        for test_id in ENV_CHANGED:
-            print(f"  {test_id}", file=sys.stderr)
-    print(
-        f"\ncpython_pool_suite: {result.testsRun} run, {len(result.failures)} failures, "
-        f"{len(result.errors)} errors, {len(result.skipped)} skipped, "
-        f"{len(ENV_CHANGED)} env changed in {elapsed:.1f}s",
-        file=sys.stderr,
-    )
-    return 0 if result.wasSuccessful() else 1
 
 
 if __name__ == "__main__":

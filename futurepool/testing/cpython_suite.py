@@ -90,7 +90,7 @@ import time
 import types
 import unittest
 import unittest.mock
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 __all__ = [
@@ -642,14 +642,26 @@ def _iter_tests(suite):
             yield item
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m futurepool.testing.cpython_suite",
-        description="Run CPython's concurrent.futures process-pool tests on an executor.",
-    )
+_Argument = tuple[tuple[str, ...], dict]
+
+
+def _parse_suite_args(
+    argv: Iterable[str] | None,
+    *,
+    prog: str,
+    description: str,
+    target: str,
+    default: str,
+    noun: str,
+    after_skips: Iterable[_Argument] = (),
+    after_timeout: Iterable[_Argument] = (),
+) -> argparse.Namespace:
+    """The command line both suites share: ``target`` names the class under test
+    (a ``noun``); ``after_skips`` and ``after_timeout`` are the suite's own options."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument(
-        "--executor", default=os.environ.get(EXECUTOR_ENV) or DEFAULT_EXECUTOR,
-        metavar="MODULE:CLASS", help="the executor class to test (default: %(default)s)",
+        target, default=default, metavar="MODULE:CLASS",
+        help=f"the {noun} class to test (default: %(default)s)",
     )
     parser.add_argument(
         "-k", dest="patterns", action="append", default=[], metavar="PATTERN",
@@ -660,8 +672,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="list the tests and skips, run none")
     parser.add_argument(
         "--no-skips", action="store_true",
-        help="run the SKIPS tests too (only the stdlib executor can pass them)",
+        help=f"run the SKIPS tests too (only the stdlib {noun} can pass them)",
     )
+    for flags, options in after_skips:
+        parser.add_argument(*flags, **options)
     parser.add_argument(
         "--strict-env", action="store_true", default=_strict_env_default(),
         help="fail the tests that leave threads running or child processes unreaped",
@@ -670,14 +684,108 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--timeout", type=float, default=TEST_TIMEOUT,
         help="seconds per test before the stacks are dumped and the run stops (0: no limit)",
     )
-    parser.add_argument(
-        "--deadlock-timeout", type=float, default=DEADLOCK_TIMEOUT,
-        help="cap on ExecutorDeadlockTest.TIMEOUT in seconds (default: %(default)s)",
-    )
+    for flags, options in after_timeout:
+        parser.add_argument(*flags, **options)
     parser.add_argument(
         "--durations", type=int, default=10, metavar="N", help="show the N slowest tests",
     )
-    return parser.parse_args(argv)
+    return parser.parse_args(None if argv is None else list(argv))
+
+
+def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
+    return _parse_suite_args(
+        argv,
+        prog="python -m futurepool.testing.cpython_suite",
+        description="Run CPython's concurrent.futures process-pool tests on an executor.",
+        target="--executor",
+        default=os.environ.get(EXECUTOR_ENV) or DEFAULT_EXECUTOR,
+        noun="executor",
+        after_timeout=[(
+            ("--deadlock-timeout",),
+            dict(
+                type=float, default=DEADLOCK_TIMEOUT,
+                help="cap on ExecutorDeadlockTest.TIMEOUT in seconds (default: %(default)s)",
+            ),
+        )],
+    )
+
+
+def _run_suite(
+    args: argparse.Namespace,
+    classes: Mapping[str, type],
+    *,
+    name: str,
+    source: str,
+    skip_reason: Callable[[Callable], str | None],
+    result_class: type[_TimedResult],
+    set_up: Callable[[], object],
+    tear_down: Callable[[], object],
+    env_changed: list[str],
+    altered_by: str = "tests",
+) -> int:
+    """Run (or with ``--list``, list) ``classes`` under unittest and report; both suites' main.
+
+    ``name`` prefixes the report lines, ``source`` says where the tests come
+    from and what they are bound to, ``skip_reason(method)`` is what ``--list``
+    shows, and ``set_up``/``tear_down`` are CPython's module fixture.
+    """
+    loader = unittest.TestLoader()
+    loader.testNamePatterns = [p if "*" in p else f"*{p}*" for p in args.patterns] or None
+    suite = unittest.TestSuite(loader.loadTestsFromTestCase(c) for c in classes.values())
+    if args.list:
+        for test in _iter_tests(suite):
+            reason = skip_reason(getattr(test, test._testMethodName))
+            print(test.id() + (f"  [skip {reason}]" if reason else ""))
+        return 0
+
+    from test import support
+
+    support.verbose = args.verbose  # CPython's tearDown prints each test's duration if set
+    if args.timeout:
+        result_class.watchdog = _Watchdog(args.timeout)
+        result_class.watchdog.start()
+    set_up()
+    runner = unittest.TextTestRunner(
+        verbosity=1 + args.verbose, failfast=args.failfast, resultclass=result_class
+    )
+    print(
+        f"{name}: {suite.countTestCases()} tests from {source}, Python {sys.version.split()[0]}",
+        file=sys.stderr,
+    )
+    started = time.monotonic()
+    try:
+        result = runner.run(suite)
+    finally:
+        try:
+            tear_down()
+        finally:
+            if result_class.watchdog is not None:
+                result_class.watchdog.stop()
+    elapsed = time.monotonic() - started
+
+    slowest = sorted(result_class.timings, reverse=True)[: args.durations]
+    if slowest:
+        print(f"\nslowest {len(slowest)} tests:", file=sys.stderr)
+        for seconds, test_id in slowest:
+            print(f"  {seconds:6.2f}s  {test_id}", file=sys.stderr)
+    if env_changed:
+        print(f"\nenvironment altered by {len(env_changed)} {altered_by}:", file=sys.stderr)
+        for test_id in env_changed:
+            print(f"  {test_id}", file=sys.stderr)
+    print(
+        f"\n{name}: {result.testsRun} run, {len(result.failures)} failures, "
+        f"{len(result.errors)} errors, {len(result.skipped)} skipped, "
+        f"{len(env_changed)} env changed in {elapsed:.1f}s",
+        file=sys.stderr,
+    )
+    return 0 if result.wasSuccessful() else 1
+
+
+def _skip_reason(method: Callable) -> str | None:
+    needs = getattr(method, "_cpython_suite_needs", ())
+    if needs:
+        return f"unless the executor has {', '.join(needs)}"
+    return getattr(method, "__unittest_skip_why__", None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -691,67 +799,24 @@ def main(argv: list[str] | None = None) -> int:
             skips={} if args.no_skips else None,
             deadlock_timeout=args.deadlock_timeout or None,
             strict_env=args.strict_env,
-            hard_timeout=None,  # the watchdog below does better
+            hard_timeout=None,  # the watchdog does better
         )
     except CPythonSuiteUnavailable as exc:
         print(f"cpython_suite: not run: {exc}", file=sys.stderr)
         return 2
-
-    loader = unittest.TestLoader()
-    loader.testNamePatterns = [p if "*" in p else f"*{p}*" for p in args.patterns] or None
-    suite = unittest.TestSuite(loader.loadTestsFromTestCase(c) for c in classes.values())
-    if args.list:
-        for test in _iter_tests(suite):
-            method = getattr(test, test._testMethodName)
-            reason = getattr(method, "__unittest_skip_why__", None)
-            needs = getattr(method, "_cpython_suite_needs", ())
-            if needs:
-                reason = f"unless the executor has {', '.join(needs)}"
-            print(test.id() + (f"  [skip {reason}]" if reason else ""))
-        return 0
-
-    from test import support
-
-    support.verbose = args.verbose  # CPython's tearDown prints each test's duration if set
-    if args.timeout:
-        _TimedResult.watchdog = _Watchdog(args.timeout)
-        _TimedResult.watchdog.start()
     # CPython's module fixture: a thread-leak check over the whole run, then
     # multiprocessing's clean-up (resource tracker, forkserver, finalizers).
-    layout.setup_module()
-    runner = unittest.TextTestRunner(
-        verbosity=1 + args.verbose, failfast=args.failfast, resultclass=_TimedResult
+    return _run_suite(
+        args,
+        classes,
+        name="cpython_suite",
+        source=f"{_PACKAGE} (spawn variants), executor {args.executor}",
+        skip_reason=_skip_reason,
+        result_class=_TimedResult,
+        set_up=layout.setup_module,
+        tear_down=unittest.case.doModuleCleanups,
+        env_changed=ENV_CHANGED,
     )
-    print(
-        f"cpython_suite: {suite.countTestCases()} tests from {_PACKAGE} (spawn variants), "
-        f"executor {args.executor}, Python {sys.version.split()[0]}",
-        file=sys.stderr,
-    )
-    started = time.monotonic()
-    try:
-        result = runner.run(suite)
-    finally:
-        unittest.case.doModuleCleanups()
-        if _TimedResult.watchdog is not None:
-            _TimedResult.watchdog.stop()
-    elapsed = time.monotonic() - started
-
-    slowest = sorted(_TimedResult.timings, reverse=True)[: args.durations]
-    if slowest:
-        print(f"\nslowest {len(slowest)} tests:", file=sys.stderr)
-        for seconds, test_id in slowest:
-            print(f"  {seconds:6.2f}s  {test_id}", file=sys.stderr)
-    if ENV_CHANGED:
-        print(f"\nenvironment altered by {len(ENV_CHANGED)} tests:", file=sys.stderr)
-        for test_id in ENV_CHANGED:
-            print(f"  {test_id}", file=sys.stderr)
-    print(
-        f"\ncpython_suite: {result.testsRun} run, {len(result.failures)} failures, "
-        f"{len(result.errors)} errors, {len(result.skipped)} skipped, "
-        f"{len(ENV_CHANGED)} env changed in {elapsed:.1f}s",
-        file=sys.stderr,
-    )
-    return 0 if result.wasSuccessful() else 1
 
 
 if __name__ == "__main__":
