@@ -24,6 +24,10 @@ To check the adapter itself, run the module against the stdlib::
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from futurepool.testing import cpython_suite
@@ -42,4 +46,21 @@ try:
 except cpython_suite.CPythonSuiteUnavailable as exc:
     pytest.skip(str(exc), allow_module_level=True)
 
+# gh-104090's test stops the process-wide resource tracker and expects it to
+# exit cleanly, so it fails whenever an earlier test in the same pytest worker
+# still has a semaphore registered. It runs in a fresh interpreter instead,
+# through the same adapter (test_resource_tracker_test_in_a_fresh_process).
+_ISOLATED = "FailingInitializerResourcesTest"
+_CLASSES.pop(_ISOLATED, None)
 globals().update(_CLASSES)
+
+
+def test_resource_tracker_test_in_a_fresh_process():
+    """CPython's FailingInitializerResourcesTest, alone in its own interpreter."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run(
+        [sys.executable, "-m", "futurepool.testing.cpython_suite", "-k", _ISOLATED],
+        capture_output=True, text=True, timeout=cpython_suite.TEST_TIMEOUT, env=env)
+    report = done.stdout + done.stderr  # unittest reports on stderr
+    assert done.returncode == 0, report[-3000:]
+    assert ": 1 run, 0 failures, 0 errors," in report, report[-3000:]
