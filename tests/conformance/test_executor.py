@@ -42,12 +42,22 @@ import pytest
 
 import futurepool
 from futurepool.testing import run_driver, wait_until
+from tests.conformance._support import Gates, only
+from tests.conformance._tasks import (
+    CustomError,
+    add,
+    block,
+    getpid,
+    raise_error,
+    raise_if_negative,
+    square,
+    touch,
+    wait_for_path,
+)
 
 #: Seconds any single result may take (a spawn worker starts in well under that).
 TIMEOUT = 30.0
 #: Seconds a task waits for its gate before giving up (so nothing hangs forever).
-GATE_TIMEOUT = 20.0
-
 SPAWN = multiprocessing.get_context("spawn")
 
 IMPLEMENTATIONS = ["futurepool", "process", "thread"]
@@ -69,34 +79,8 @@ FACTORIES = {
 # --- tasks (module level: spawn workers import them) -------------------------
 
 
-class CustomError(Exception):
-    """A user exception type that must come back as itself."""
-
-
-def square(x):
-    return x * x
-
-
-def add(x, y=0):
-    return x + y
-
-
 def echo_kwargs(**kwargs):
     return kwargs
-
-
-def raise_error(message):
-    raise CustomError(message)
-
-
-def raise_if_negative(x):
-    if x < 0:
-        raise CustomError(f"negative: {x}")
-    return x
-
-
-def getpid(_=None):
-    return os.getpid()
 
 
 def pid_of_item(x):
@@ -105,27 +89,6 @@ def pid_of_item(x):
 
 def exit_with(code):
     sys.exit(code)
-
-
-def touch(path):
-    with open(path, "a"):
-        pass
-
-
-def wait_for_path(path, timeout=GATE_TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear within {timeout} s")
-        time.sleep(0.005)
-
-
-def block(gate, started=None, value=None):
-    """Return ``value`` once the file ``gate`` exists; create ``started`` first."""
-    if started is not None:
-        touch(started)
-    wait_for_path(gate)
-    return value
 
 
 def record_run(directory, index, gate, free_below):
@@ -190,31 +153,6 @@ def make_executor(impl):
         executor.shutdown(wait=True, cancel_futures=True)
 
 
-class Gates:
-    """Files that blocked tasks wait for; all are opened when the test ends."""
-
-    def __init__(self, directory):
-        self.directory = directory
-        self.paths = []
-        os.makedirs(directory, exist_ok=True)
-
-    def new(self):
-        path = os.path.join(self.directory, f"gate-{len(self.paths)}")
-        self.paths.append(path)
-        return path
-
-    def started_marker(self):
-        return os.path.join(self.directory, f"started-{len(self.paths)}")
-
-    @staticmethod
-    def open(path):
-        touch(path)
-
-    def open_all(self):
-        for path in self.paths:
-            touch(path)
-
-
 @pytest.fixture
 def gates(make_executor, tmp_path):
     # Depends on make_executor so that its teardown (shutdown, which waits for
@@ -222,11 +160,6 @@ def gates(make_executor, tmp_path):
     g = Gates(str(tmp_path / "gates"))
     yield g
     g.open_all()
-
-
-def only(impl, *allowed, reason):
-    if impl not in allowed:
-        pytest.skip(reason)
 
 
 # --- submit / result -----------------------------------------------------------

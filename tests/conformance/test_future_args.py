@@ -26,9 +26,19 @@ import pytest
 
 import futurepool
 from futurepool.testing import wait_until
+from tests.conformance._tasks import (
+    TwoArgumentError,
+    add,
+    block,
+    echo,
+    identity,
+    inc,
+    raise_two_argument_error,
+    touch,
+    wait_for_path,
+)
 
 TIMEOUT = 30.0
-GATE_TIMEOUT = 20.0
 CHAIN_LENGTH = 10_000
 CHAIN_TIMEOUT = 60.0
 
@@ -40,31 +50,11 @@ class DependencyError(Exception):
     """Raised by a dependency; its dependents must fail with it."""
 
 
-class TwoArgumentError(Exception):
-    """Pickles as ``TwoArgumentError(first)``, which cannot be called: no unpickling."""
-
-    def __init__(self, first, second):
-        super().__init__(first)
-        self.second = second
-
-
 class Box:
     """A user object with a future inside (pickled through its __dict__)."""
 
     def __init__(self, content):
         self.content = content
-
-
-def inc(x):
-    return x + 1
-
-
-def add(x, y):
-    return x + y
-
-
-def identity(x):
-    return x
 
 
 def same_object(x, y):
@@ -73,30 +63,6 @@ def same_object(x, y):
 
 def unbox(box):
     return box.content
-
-
-def echo(*args, **kwargs):
-    return args, kwargs
-
-
-def touch(path):
-    with open(path, "a"):
-        pass
-
-
-def wait_for_path(path, timeout=GATE_TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear within {timeout} s")
-        time.sleep(0.005)
-
-
-def block(gate, started=None, value=None):
-    if started is not None:
-        touch(started)
-    wait_for_path(gate)
-    return value
 
 
 def fail_after(gate, message):
@@ -112,10 +78,6 @@ def write_marker(path, *values):
     """The dependent whose running would be visible: it creates ``path``."""
     touch(path)
     return values
-
-
-def raise_two_argument_error():
-    raise TwoArgumentError("only the first survives", "second")
 
 
 def outer_frame(message):
@@ -369,7 +331,7 @@ def test_exception_that_cannot_be_unpickled_becomes_a_remote_error(executor):
         future.result(timeout=TIMEOUT)
     error = info.value
     assert isinstance(error, futurepool.FuturePoolError)
-    assert error.type_name == f"{__name__}.TwoArgumentError"
+    assert error.type_name == f"{TwoArgumentError.__module__}.{TwoArgumentError.__qualname__}"
     assert error.message == "only the first survives"
     assert "TwoArgumentError" in str(error) and "only the first survives" in str(error)
     assert "in raise_two_argument_error" in error.traceback_text

@@ -18,13 +18,13 @@ out in the tests that meet them (search for "Intended difference"). What
 only futurepool has (handles as arguments, crash containment) is in
 tests/faults/test_pool_faults.py.
 
-Tasks live in :mod:`tests.conformance._pool_tasks`, which imports only the
+Tasks live in :mod:`tests.conformance._tasks`, which imports only the
 stdlib, so that spawn workers start fast. Tasks that must stay busy wait on
-a gate file the test creates (:class:`~tests.conformance._pool_support.Gates`),
+a gate file the test creates (:class:`~tests.conformance._support.Gates`),
 never on a fixed sleep. Every wait has a deadline: results are read with
 ``get(timeout)`` / ``next(timeout)``, and calls that take no timeout of their
 own (``map``, ``apply``, ``join``...) run under
-:func:`~tests.conformance._pool_support.bounded`.
+:func:`~tests.conformance._support.bounded`.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ import pytest
 import futurepool
 from futurepool.testing import wait_until
 
-from . import _pool_tasks as T
-from ._pool_support import TIMEOUT, Gates, bounded, end_pool, end_pools, read_pid
+from . import _tasks as T
+from ._support import TIMEOUT, Gates, bounded, end_pool, end_pools, only, read_pid
 
 #: Seconds for a wait that is expected to run out (a result that is not ready yet).
 SHORT = 0.3
@@ -110,11 +110,6 @@ def gates(make_pool, tmp_path):
     g = Gates(str(tmp_path / "gates"))
     yield g
     g.open_all()
-
-
-def only(impl, *allowed, reason):
-    if impl not in allowed:
-        pytest.skip(reason)
 
 
 def expect_timeout(wait, *args):
@@ -494,7 +489,7 @@ def test_map_async_result_protocol(make_pool, gates):
 @pytest.mark.parametrize("n", [7, 16, 100])
 @pytest.mark.parametrize("kind", ["list", "generator"])
 def test_default_chunksize_is_the_stdlib_formula(impl, make_pool, n, kind):
-    """ceil(len / (4 * processes)), seen from inside the chunks (see ``_pool_tasks.Marker``)."""
+    """ceil(len / (4 * processes)), seen from inside the chunks (see ``_tasks.Marker``)."""
     only(impl, *PROCESS_BASED, reason="a ThreadPool shares the items instead of pickling chunks")
     pool = make_pool(processes=2)
     marker = T.Marker()

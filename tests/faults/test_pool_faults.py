@@ -18,7 +18,7 @@ After each test the FAULTS.md §2 invariants apply: the pool still works
 leaks (the autouse fixtures of tests/conftest.py). Every wait has a
 deadline: results are read with ``get(timeout)`` / ``next(timeout)``, and
 calls without a timeout of their own run under
-:func:`~tests.conformance._pool_support.bounded`.
+:func:`~tests.conformance._support.bounded`.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ import pytest
 import futurepool
 from futurepool.testing import wait_until
 
-from ..conformance import _pool_tasks as T
-from ..conformance._pool_support import TIMEOUT, Gates, bounded, end_pools
+from ..conformance import _tasks as T
+from ..conformance._support import TIMEOUT, Gates, bounded, end_pools
 from . import _crashers as C
 
 #: Seconds from a worker's death to the error that reports it (FAULTS 17:

@@ -6,7 +6,7 @@
 * :func:`end_pool` terminates and joins a pool, with the same deadline;
   :func:`end_pools` does it for a fixture's pools and collects them.
 * :class:`Gates` hands out gate files for tasks to wait on
-  (:func:`tests.conformance._pool_tasks.block`) and opens them all at the end.
+  (:func:`tests.conformance._tasks.block`) and opens them all at the end.
 * :func:`read_pid` reads the pid a blocked task wrote.
 
 Workers never import this module (it imports pytest).
@@ -24,7 +24,7 @@ import pytest
 
 from futurepool.testing import wait_until
 
-from . import _pool_tasks as T
+from . import _tasks as T
 
 #: Seconds any single result, or a call without a timeout of its own, may take.
 TIMEOUT = 30.0
@@ -123,6 +123,10 @@ class Gates:
         """A path a task may create (e.g. ``started``); not a gate."""
         return os.path.join(self.directory, name)
 
+    def started_marker(self) -> str:
+        """A fresh ``started`` path for the next blocked task."""
+        return self.marker(f"started-{len(self.paths)}")
+
     @staticmethod
     def open(path: str) -> None:
         T.touch(path)
@@ -130,3 +134,9 @@ class Gates:
     def open_all(self) -> None:
         for path in self.paths:
             T.touch(path)
+
+
+def only(impl, *allowed, reason):
+    """Skip the test unless ``impl`` is one of ``allowed``."""
+    if impl not in allowed:
+        pytest.skip(reason)

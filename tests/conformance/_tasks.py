@@ -1,4 +1,4 @@
-"""Tasks for the ``Pool`` tests (tests/conformance/test_pool.py, tests/faults/test_pool_faults.py).
+"""Tasks for the conformance and Pool tests (one module, so none is written twice).
 
 Workers import this module by name (``multiprocessing`` pickles functions by
 reference under spawn, and cloudpickle does the same for importable
