@@ -66,6 +66,25 @@ class CellTimeout(BaseException):
     catching ``Exception`` does not swallow it."""
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def use_this_checkout() -> None:
+    """Import this checkout's futurepool, and _tasks / _harness, here and in workers.
+
+    The checkout wins over an installed futurepool. PYTHONPATH carries both
+    folders to workers that an implementation starts as a fresh program
+    rather than by fork (spawn passes sys.path itself).
+    """
+    for path in (HERE, ROOT):
+        if path in sys.path:
+            sys.path.remove(path)
+    sys.path[:0] = [HERE, ROOT]
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join([HERE, ROOT] + inherited)
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     """What the subject implementation should reach in a scenario.

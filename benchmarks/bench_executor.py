@@ -13,24 +13,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-# The checkout's futurepool wins over an installed one, and _tasks / _harness
-# import from here. PYTHONPATH carries both to workers that an implementation
-# starts as a fresh program rather than by fork (spawn passes sys.path itself).
-for path in (str(HERE), str(ROOT)):
-    if path in sys.path:
-        sys.path.remove(path)
-sys.path[:0] = [str(HERE), str(ROOT)]
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(HERE), str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-)
+import _harness  # noqa: E402 - the script's own folder is sys.path[0]
+
+_harness.use_this_checkout()
 
 import _tasks  # noqa: E402
 from _harness import Skip, Suite, Target  # noqa: E402

@@ -15,23 +15,13 @@ import ctypes
 import ctypes.util
 import gc
 import multiprocessing
-import os
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-# As in bench_executor.py: this checkout's futurepool first; _tasks and
-# _harness importable here and, through PYTHONPATH, in workers that start as
-# fresh programs.
-for path in (str(HERE), str(ROOT)):
-    if path in sys.path:
-        sys.path.remove(path)
-sys.path[:0] = [str(HERE), str(ROOT)]
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(HERE), str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-)
+import _harness  # noqa: E402 - the script's own folder is sys.path[0]
+
+_harness.use_this_checkout()
 
 import _tasks  # noqa: E402
 from _harness import Suite, Target  # noqa: E402

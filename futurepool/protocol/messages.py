@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
 
 PROTOCOL_VERSION = 1
 MAGIC = b"fp"
@@ -68,13 +67,3 @@ class ResultStatus(enum.IntEnum):
     ERROR = 1            #: payload is serialize.dumps_exception(...) of the task's exception
     ARGS_FAILED = 2      #: the arguments (or function) could not be unpickled
     MISSING_FUNCTION = 3  #: the worker's cache lost the function: send it again
-
-
-@dataclass(frozen=True, slots=True)
-class Header:
-    type: MessageType
-    count: int = 0
-    ident: int = 0
-
-    def pack(self) -> bytes:
-        return HEADER.pack(MAGIC, PROTOCOL_VERSION, self.type, self.count, self.ident)
