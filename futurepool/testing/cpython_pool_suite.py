@@ -104,6 +104,7 @@ from .cpython_suite import (
     CPythonSuiteUnavailable,
     _parse_suite_args,
     _run_suite,
+    _TestGuard,
     _TimedResult,
     _Watchdog,
 )
@@ -349,11 +350,10 @@ def _rewrite_script(source: str, expression: str) -> str:
     return source.replace(_SCRIPT_CALL, f"{expression}(")
 
 
-class _Adapter:
+class _Adapter(_TestGuard):
     """Mixed in first: what every bound class and test does around CPython's own."""
 
-    _strict_env = False
-    _hard_timeout: float | None = None
+    _env_changed = ENV_CHANGED
     _settle_timeout: float | None = None
     _pool_spec: str | None = None
     _view: _Namespace | None = None
@@ -400,14 +400,9 @@ class _Adapter:
                 )
 
     def setUp(self):
-        from test import support
         from test.support import script_helper
 
-        if self._hard_timeout:
-            faulthandler.dump_traceback_later(self._hard_timeout, exit=True, file=sys.__stderr__)
-            self.addCleanup(faulthandler.cancel_dump_traceback_later)
-        self._env_before = support.environment_altered
-        support.environment_altered = False
+        self._guard_test()
         cpython = sys.modules[_MODULE]
         patches = [
             unittest.mock.patch.dict(cpython.__dict__, {"multiprocessing": self._view}),
@@ -421,22 +416,6 @@ class _Adapter:
             patch.start()
             self.addCleanup(patch.stop)
         super().setUp()
-
-    def tearDown(self):
-        from test import support
-
-        try:
-            super().tearDown()
-        finally:
-            altered = support.environment_altered
-            support.environment_altered = self._env_before or altered
-        if altered:
-            ENV_CHANGED.append(self.id())
-            if self._strict_env:
-                self.fail(
-                    "the test altered the environment: threads still running or child "
-                    "processes reaped by test.support (its warnings are on stderr)"
-                )
 
 
 def _wait_for_quiet_children(timeout: float, quiet: float = 1.0) -> None:

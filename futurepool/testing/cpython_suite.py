@@ -255,13 +255,18 @@ def _strict_env_default() -> bool:
     return os.environ.get(STRICT_ENV_ENV, "") not in ("", "0")
 
 
-class _Adapter:
-    """Mixed in first: what every bound test does around CPython's setUp/tearDown."""
+class _TestGuard:
+    """What every bound test of both suites does around CPython's setUp/tearDown.
+
+    Subclasses call :meth:`_guard_test` first in ``setUp`` and name the list
+    that collects the tests which altered the environment.
+    """
 
     _strict_env = False
     _hard_timeout: float | None = None
+    _env_changed: list[str] = ENV_CHANGED
 
-    def setUp(self):
+    def _guard_test(self):
         from test import support
 
         if self._hard_timeout:
@@ -271,8 +276,6 @@ class _Adapter:
             self.addCleanup(faulthandler.cancel_dump_traceback_later)
         self._env_before = support.environment_altered
         support.environment_altered = False
-        self._patch_subprocess_scripts()
-        super().setUp()
 
     def tearDown(self):
         from test import support
@@ -283,12 +286,21 @@ class _Adapter:
             altered = support.environment_altered
             support.environment_altered = self._env_before or altered
         if altered:
-            ENV_CHANGED.append(self.id())
+            self._env_changed.append(self.id())
             if self._strict_env:
                 self.fail(
                     "the test altered the environment: threads still running or child "
                     "processes reaped by test.support (its warnings are on stderr)"
                 )
+
+
+class _Adapter(_TestGuard):
+    """Mixed in first into each concurrent.futures test class."""
+
+    def setUp(self):
+        self._guard_test()
+        self._patch_subprocess_scripts()
+        super().setUp()
 
     def _patch_subprocess_scripts(self):
         # The shutdown tests call ``assert_python_ok`` from their module's
