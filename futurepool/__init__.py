@@ -8,6 +8,8 @@ passed to other tasks. See README.md for the differences from the stdlib.
 from .errors import (
     FuturePoolError,
     InitializerError,
+    ObjectLostError,
+    ObjectStoreFullError,
     RemoteError,
     ResultPicklingError,
     UnpicklingFailedError,
@@ -24,6 +26,8 @@ __all__ = [
     "Future",
     "FuturePoolError",
     "InitializerError",
+    "ObjectLostError",
+    "ObjectStoreFullError",
     "Pool",
     "ProcessPoolExecutor",
     "RemoteError",

@@ -55,3 +55,26 @@ SHUTDOWN_TIMEOUT: float = _env("SHUTDOWN_TIMEOUT", 5.0)
 
 #: Seconds the driver waits for its node to start before giving up.
 START_TIMEOUT: float = _env("START_TIMEOUT", 60.0)
+
+# --- the object store (store/segments.py) -------------------------------------
+
+#: Values (and pickle-5 buffers) at least this many bytes are stored in shared
+#: memory and passed by location; smaller ones travel inside messages.
+INLINE_THRESHOLD: int = _env("INLINE_THRESHOLD", 100 * 1024)
+
+#: Where segments live (a tmpfs), and the name prefix of every one of them.
+#: Tests give each run its own prefix so that leak checks see only their own.
+SHM_DIR: str = _env("SHM_DIR", "/dev/shm", str)
+SHM_PREFIX: str = _env("SHM_PREFIX", "fp_", str)
+
+#: Bytes of SHM_DIR the stores of one executor may fill before new values
+#: spill to SPILL_DIR. 0: STORE_FRACTION of the free space seen at start.
+STORE_CAPACITY: int = _env("STORE_CAPACITY", 0)
+STORE_FRACTION: float = _env("STORE_FRACTION", 0.5)
+
+#: Directory for values that do not fit in shared memory (on disk).
+SPILL_DIR: str = _env("SPILL_DIR", TMPDIR, str)
+
+#: Freed segments each writing process keeps mapped for reuse (writing into
+#: pages already mapped is several times faster than into fresh ones).
+STORE_POOL_BYTES: int = _env("STORE_POOL_BYTES", 1 << 30)

@@ -24,6 +24,8 @@ __all__ = [
     "RemoteError",
     "ResultPicklingError",
     "ProtocolError",
+    "ObjectStoreFullError",
+    "ObjectLostError",
 ]
 
 _OOM_HINT = (
@@ -166,3 +168,28 @@ class ResultPicklingError(FuturePoolError, pickle.PicklingError):
 
 class ProtocolError(FuturePoolError):
     """A message did not follow the wire protocol; it was dropped."""
+
+
+class ObjectStoreFullError(FuturePoolError, MemoryError):
+    """A value could not be stored: shared memory and the spill directory are full.
+
+    Raised in the caller by ``submit``, ``map`` and ``put`` before anything
+    is sent (nothing is left half-written), or as the exception of the one
+    future whose result could not be stored. A ``MemoryError``, so code that
+    handles running out of memory keeps handling it.
+    """
+
+
+class ObjectLostError(FuturePoolError):
+    """A stored value is gone: its segment was removed before it was read.
+
+    Attributes:
+        name: the segment that held the value.
+    """
+
+    def __init__(self, message="", name=None):
+        super().__init__(message)
+        self.name = name
+
+    def __reduce__(self):
+        return type(self), (str(self), self.name)

@@ -45,6 +45,7 @@ import weakref
 from concurrent.futures import Executor as _StdExecutor
 
 from .core import owner as _owner
+from .errors import ObjectStoreFullError
 from .future import Future
 from .store import serialize
 
@@ -172,16 +173,13 @@ class Executor(_StdExecutor):
         owner = self._owner
         try:
             task = owner.make_task(future, fn, args, kwargs)
+        except ObjectStoreFullError:
+            raise
         except Exception as exc:
             task = None
             error = exc
         with self._shutdown_lock:
-            if owner.broken is not None:
-                raise owner._broken_error()
-            if self._shutdown_thread:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            if _owner.interpreter_exiting():
-                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            self._check_open()
             if task is None:
                 future.set_exception(error)
                 return future
@@ -189,6 +187,42 @@ class Executor(_StdExecutor):
                 owner.start()
             owner.post(("task", task))
         return future
+
+    def put(self, value):
+        """Store ``value`` once; return a done Future to pass to many tasks.
+
+        Passing the Future instead of the value means the value is pickled
+        and stored once, however many tasks take it: large buffers (NumPy
+        arrays) are shared through shared memory and each task reads them in
+        place, as read-only views. ``result()`` returns the value.
+
+        Raises:
+            ObjectStoreFullError: neither shared memory nor the spill
+                directory has room; nothing was stored.
+            RuntimeError: after ``shutdown``.
+            pickle.PicklingError, TypeError: the value cannot be pickled.
+        """
+        owner = self._owner
+        with self._shutdown_lock:
+            self._check_open()
+        data = serialize.encode(value, owner.store)
+        future = Future()
+        future._description = f"put({type(value).__qualname__})"
+        future._set_encoded_result(data)
+        with self._shutdown_lock:
+            self._check_open()
+            if owner.thread is None:  # it frees what is stored when done
+                owner.start()
+        return future
+
+    def _check_open(self):
+        """Raise if no new work may come (call with ``_shutdown_lock`` held)."""
+        if self._owner.broken is not None:
+            raise self._owner._broken_error()
+        if self._shutdown_thread:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if _owner.interpreter_exiting():
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
     def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
         """Like ``map(fn, *iterables)``, run in the pool; results in input order.

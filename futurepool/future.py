@@ -21,8 +21,9 @@ import itertools
 import logging
 from concurrent.futures import Future as _StdFuture
 
-from .errors import UnpicklingFailedError
+from .errors import ObjectLostError, UnpicklingFailedError
 from .store import serialize
+from .store.objects import view_of
 
 __all__ = ["Future"]
 
@@ -33,11 +34,11 @@ _DONE_STATES = ("CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED")
 
 
 class _Encoded:
-    """A result still in its pickled form."""
+    """A result still in its pickled form (``serialize.encode``)."""
 
     __slots__ = ("data",)
 
-    def __init__(self, data: bytes):
+    def __init__(self, data):
         self.data = data
 
 
@@ -67,12 +68,12 @@ class Future(_StdFuture):
 
     # -- set by the owner -----------------------------------------------------
 
-    def _set_encoded_result(self, data: bytes) -> None:
+    def _set_encoded_result(self, data) -> None:
         self._encoded = data
         self.set_result(_Encoded(data))
 
-    def _payload(self) -> bytes:
-        """The pickled result, for a dependent task (the future is done, not failed)."""
+    def _payload(self):
+        """The encoded result, for a dependent task (the future is done, not failed)."""
         if self._encoded is not None:
             return self._encoded
         return serialize.dumps(self._result)  # set_result() called directly by a user
@@ -108,8 +109,8 @@ class Future(_StdFuture):
             if type(value) is not _Encoded:
                 return value
             try:
-                self._result = serialize.loads(value.data)
-            except KeyboardInterrupt:
+                self._result = serialize.decode(value.data, view_of)
+            except (KeyboardInterrupt, ObjectLostError):
                 raise
             except BaseException as exc:  # noqa: BLE001 - __setstate__ may even sys.exit()
                 error = UnpicklingFailedError(

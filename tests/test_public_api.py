@@ -17,6 +17,8 @@ PUBLIC_NAMES = sorted(
         "RemoteError",
         "ResultPicklingError",
         "Pool",
+        "ObjectStoreFullError",
+        "ObjectLostError",
     ]
 )
 

@@ -38,7 +38,7 @@ import traceback
 from .. import config
 from ..protocol.framing import PipeReader, write_pipe_message
 from ..protocol.messages import MessageType
-from ..store import serialize
+from ..store import segments, serialize
 from .processes import (
     EXIT_INITIALIZER_FAILED,
     INITIALIZING,
@@ -222,7 +222,11 @@ def main() -> None:
     signal.set_wakeup_fd(node.wakeup_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGTERM, lambda *_: node.begin_stop(signal.SIGTERM))
-    sys.exit(node.run())
+    code = node.run()
+    # Every worker is gone: nothing of the session's store is written any more.
+    store = settings["store"]
+    segments.remove_files(store.dirs, store.session + "-")
+    sys.exit(code)
 
 
 def _read_settings(reader: PipeReader) -> dict:

@@ -26,11 +26,13 @@ executor is collected, or ``shutdown`` is called, or the interpreter exits,
 the thread finishes the outstanding tasks, stops the node (which stops its
 workers), removes the run directory and exits.
 
-Objects: in this version every result is inline: the worker sends the
-pickled value, the owner keeps the bytes in the Future, and a dependent task
-receives them inside its TASKS message. The Future is the object table's
-entry; Python's reference counting frees a value when neither the user nor a
-pending task holds its Future.
+Objects: a small result travels inline: the worker sends the pickled value,
+the owner keeps the bytes in the Future, and a dependent task receives them
+inside its TASKS message. A large one stays in the worker's store and only
+its location travels (``store.objects``). Either way the Future is the
+object table's entry: Python's reference counting frees a value when neither
+the user nor a pending task holds its Future, and a stored piece's Block then
+posts ``free`` here, which goes to the worker that wrote it.
 """
 
 from __future__ import annotations
@@ -54,10 +56,18 @@ from concurrent.futures import CancelledError
 import zmq
 
 from .. import config
-from ..errors import InitializerError, ProtocolError, UnpicklingFailedError, WorkerCrashedError
+from ..errors import (
+    InitializerError,
+    ObjectLostError,
+    ObjectStoreFullError,
+    ProtocolError,
+    UnpicklingFailedError,
+    WorkerCrashedError,
+)
 from ..protocol.framing import PipeReader, decode_header, pack_header, write_pipe_message
 from ..protocol.messages import MessageType, ResultStatus
-from ..store import serialize
+from ..store import segments, serialize
+from ..store.objects import DRIVER, DriverStore
 from .processes import EXIT_INITIALIZER_FAILED, INITIALIZING, start_node
 from .scheduler import Scheduler, WorkerSlot
 
@@ -105,6 +115,10 @@ class Owner:
         self.max_tasks_per_child = max_tasks_per_child
         self.max_retries = max_retries
         self.functions = serialize.FunctionCache()
+        self.store = DriverStore(segments.new_settings(
+            config.SHM_DIR, config.SPILL_DIR, config.SHM_PREFIX, config.STORE_CAPACITY,
+            config.STORE_FRACTION, config.STORE_POOL_BYTES, config.INLINE_THRESHOLD,
+            writers=max_workers + 1), self.free_piece)
         # Shared with user threads.
         self.commands: collections.deque = collections.deque()
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -131,6 +145,7 @@ class Owner:
         self.node_events: PipeReader | None = None
         self.ctx = self.sock = self.poller = None
         self.run_dir = None
+        self.frees: dict[WorkerSlot, list] = {}  # pieces to free, by the worker that wrote them
 
     # -- called from user threads ---------------------------------------------
 
@@ -154,8 +169,8 @@ class Owner:
             raise _pickling_error(  # noqa: B904 - its cause is set, or it is the original
                 f"Could not pickle the function {serialize.describe_callable(fn)}", exc)
         try:
-            data, deps = serialize.dumps_arguments(args, kwargs)
-        except KeyboardInterrupt:
+            data, deps = serialize.dumps_arguments(args, kwargs, self.store)
+        except (KeyboardInterrupt, ObjectStoreFullError):
             raise
         except BaseException as exc:  # noqa: BLE001 - sys.exit() in a __reduce__ too
             raise _pickling_error(_culprit(fn, args, kwargs), exc)  # noqa: B904 - as above
@@ -163,6 +178,10 @@ class Owner:
                     self.max_retries)
         future._description = task.describe()
         return task
+
+    def free_piece(self, location) -> None:
+        """A stored piece lost its last holder (called from finalizers, any thread)."""
+        self.post(("free", location))
 
     def request_shutdown(self, cancel_futures: bool = False) -> None:
         self.post(("shutdown", cancel_futures))
@@ -176,7 +195,9 @@ class Owner:
             self.thread.join(timeout)
 
     def close_unstarted(self) -> None:
-        """Shutdown of an executor that never ran a task: nothing but fds to free."""
+        """Shutdown of an executor that never ran a task: fds and stored values to free."""
+        self.store.pin_all()
+        self.store.close()
         self.release_fds()
 
     def _executor_gone(self, _ref) -> None:
@@ -198,6 +219,7 @@ class Owner:
     def _open(self) -> None:
         base = config.TMPDIR if len(config.TMPDIR) < 60 else "/tmp"  # sockaddr_un: 108 bytes
         sweep_run_dirs(base)
+        segments.sweep_dead_sessions(self.store.settings.dirs, config.SHM_PREFIX)
         self.run_dir = tempfile.mkdtemp(prefix=f"{_RUN_DIR_PREFIX}{os.getpid()}-", dir=base)
         self.address = f"ipc://{self.run_dir}/owner"
         self.ctx = zmq.Context(1)
@@ -232,6 +254,7 @@ class Owner:
             "run_dir": self.run_dir,
             "initializer": self.initializer_blob,
             "max_tasks_per_child": self.max_tasks_per_child,
+            "store": self.store.settings,
         }
         write_pipe_message(cmd_w, MessageType.NODE_CONFIG, serialize.dumps_plain(settings))
 
@@ -240,6 +263,8 @@ class Owner:
         while True:
             if self.commands:
                 self._drain_commands()
+                if self.frees:
+                    self._send_frees()
             if self.ready:
                 self._dispatch()
             if self.stopping and self._idle():
@@ -281,6 +306,8 @@ class Owner:
                 self._admit(command[1])
             elif kind == "dep":
                 self._dependency_done(command[1], command[2])
+            elif kind == "free":
+                self._free(command[1])
             elif kind == "shutdown":
                 self.stopping = True
                 if command[1]:
@@ -343,6 +370,39 @@ class Owner:
             if not task.started and task.future.cancel():
                 del self.tasks[task.task_id]
         self.ready = collections.deque(t for t in self.ready if t.task_id in self.tasks)
+
+    # -- stored pieces --------------------------------------------------------
+
+    def _free(self, location) -> None:
+        if location.writer == DRIVER:
+            self.store.writer.free(location)
+            return
+        slot = self.scheduler.workers.get(location.writer)
+        if slot is None or not slot.alive:  # its writer is gone: nobody will reuse it
+            segments.unlink(location, self.store.settings.dirs)
+        else:
+            self.frees.setdefault(slot, []).append(tuple(location))
+
+    def _send_frees(self) -> None:
+        frees, self.frees = self.frees, {}
+        for slot, locations in frees.items():
+            try:
+                self.sock.send_multipart([
+                    slot.routing_id, pack_header(MessageType.FREE, len(locations)),
+                    serialize.dumps_plain(locations)], zmq.NOBLOCK)
+            except zmq.ZMQError:  # it just left
+                for location in locations:
+                    segments.unlink(segments.Location(*location), self.store.settings.dirs)
+
+    def _wrap_pieces(self, payload):
+        """A worker's encoded result, its stored pieces as Blocks (freed when dropped)."""
+        if type(payload) is bytes:
+            return payload
+        inband, pieces = payload
+        wrap = self.store.wrap
+        if type(inband) is not bytes:
+            inband = wrap(segments.Location(*inband))
+        return inband, tuple(wrap(segments.Location(*piece)) for piece in pieces)
 
     # -- dispatch -------------------------------------------------------------
 
@@ -435,6 +495,8 @@ class Owner:
         inflight = worker.inflight
         worker.progress_at = time.monotonic()
         for task_id, attempt, status, payload, took in results:
+            if status == ResultStatus.OK and type(payload) is not bytes:
+                payload = self._wrap_pieces(payload)  # a result we drop below is freed
             if inflight and inflight[0].task_id == task_id:
                 task = inflight.popleft()
             else:
@@ -459,6 +521,9 @@ class Owner:
                 self._settle_exception(task, serialize.loads_exception(payload))
             elif status == ResultStatus.ARGS_FAILED:
                 original = serialize.loads_exception(payload)
+                if isinstance(original, ObjectLostError):
+                    self._settle_exception(task, original)
+                    continue
                 error = UnpicklingFailedError(
                     f"The arguments of {task.describe()} could not be unpickled in worker"
                     f" {worker.worker_id}: {type(original).__name__}: {original}. The task"
@@ -533,6 +598,10 @@ class Owner:
               running_attempt) -> None:
         self.scheduler.workers.pop(slot.worker_id, None)
         self.by_routing.pop(slot.routing_id, None)
+        self.frees.pop(slot, None)
+        # Segments it kept for reuse; what it stored for live results stays.
+        segments.remove_files(self.store.settings.dirs,
+                              f"{self.store.settings.session}-{slot.worker_id}-", only_free=True)
         if not slot.inflight:
             return
         if self.terminating:  # stopped on purpose: nothing is retried or moved
@@ -660,8 +729,12 @@ class Owner:
 
     def _close(self) -> None:
         self.stopping = True
+        # The node removes the session's segments as it exits: keep what the
+        # user can still read mapped first (the pages outlive the unlink).
+        self.store.pin_all()
         if self.node is not None:
             self._stop_node()
+        self.store.close()
         if self.node_events is not None:
             os.close(self.node_events.fd)
             self.node_events = None
@@ -696,18 +769,8 @@ def sweep_run_dirs(base: str) -> None:
         if not name.startswith(_RUN_DIR_PREFIX):
             continue
         pid = name[len(_RUN_DIR_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and not segments.pid_alive(int(pid)):
             shutil.rmtree(os.path.join(base, name), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _close_fds(fds) -> None:

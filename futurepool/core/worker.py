@@ -27,10 +27,12 @@ import time
 
 import zmq
 
-from ..errors import ResultPicklingError
+from ..errors import ObjectStoreFullError, ResultPicklingError
 from ..protocol.framing import decode_header, pack_header
 from ..protocol.messages import MessageType, ResultStatus
 from ..store import serialize
+from ..store.objects import WorkerStore
+from ..store.segments import Location
 from .processes import EXIT_INITIALIZER_FAILED, INITIALIZING, RUNNING_SLOT
 
 # The stdlib logs initializer failures here; code (and CPython's tests) watch it.
@@ -61,6 +63,7 @@ class Worker:
         # Objects of tasks whose result is not sent yet: dropped right after
         # it is, so a crash in an argument's __del__ cannot cost the result.
         self.keepalive: list = []
+        self.store = WorkerStore(settings["store"], worker_id)
         self.ctx = zmq.Context(1)
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.ROUTING_ID, routing_id(worker_id))
@@ -78,6 +81,7 @@ class Worker:
         # Linger so the last results reach the owner before the process exits.
         self.sock.close(linger=5000)
         self.ctx.term()
+        self.store.close()
 
     def _flush_late(self) -> None:
         while True:
@@ -135,7 +139,7 @@ class Worker:
                     self.functions.popitem(last=False)
             else:
                 self.functions.move_to_end(fn_id)
-            args, kwargs = serialize.loads_arguments(args_bytes, dict(deps))
+            args, kwargs = serialize.loads_arguments(args_bytes, dict(deps), self.store.view)
         except BaseException as exc:  # noqa: BLE001 - a __setstate__ may raise anything
             return (task_id, attempt, ResultStatus.ARGS_FAILED,
                     serialize.dumps_exception(exc), 0.0), None
@@ -148,7 +152,10 @@ class Worker:
                     took), (args, kwargs)
         took = time.perf_counter() - start
         try:
-            payload = serialize.dumps_result(result)
+            payload = serialize.dumps_result(result, self.store)
+        except ObjectStoreFullError as exc:  # this future fails; the worker is fine
+            return (task_id, attempt, ResultStatus.ERROR, serialize.dumps_exception(exc),
+                    took), (args, kwargs, result)
         except Exception as exc:  # noqa: BLE001
             error = ResultPicklingError(
                 f"Could not pickle the result of {serialize.describe_callable(fn)}():"
@@ -235,6 +242,10 @@ class Worker:
             return False
         if kind == MessageType.TASKS:
             self.queue.extend(serialize.loads(frames[1]))
+        elif kind == MessageType.FREE:
+            free = self.store.writer.free
+            for location in serialize.loads(frames[1]):
+                free(Location(*location))
         return True
 
 

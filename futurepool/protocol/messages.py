@@ -27,6 +27,7 @@ RESULTS        worker -> owner            [(task_id, attempt, status, payload,
                                            run_seconds)]
 INIT_FAILED    worker -> owner            exception bytes (serialize.dumps_exception)
 STOP           owner -> worker            empty
+FREE           owner -> worker            [Location tuple, ...] of pieces it wrote
 NODE_CONFIG    driver -> node (pipe)      dict of start-up settings
 WORKER_EXITED  node -> driver (pipe)      (worker_id, pid, exitcode, signal_name)
 NODE_STOP      driver -> node (pipe)      empty
@@ -52,6 +53,7 @@ class MessageType(enum.IntEnum):
     RESULTS = 3
     INIT_FAILED = 4
     STOP = 5
+    FREE = 6
     NODE_CONFIG = 10
     WORKER_EXITED = 11
     NODE_STOP = 12
@@ -63,7 +65,7 @@ _KNOWN_TYPES = frozenset(int(t) for t in MessageType)
 class ResultStatus(enum.IntEnum):
     """How a task ended, as a worker reports it."""
 
-    OK = 0               #: payload is the pickled return value
+    OK = 0               #: payload is the encoded return value (serialize.encode)
     ERROR = 1            #: payload is serialize.dumps_exception(...) of the task's exception
     ARGS_FAILED = 2      #: the arguments (or function) could not be unpickled
     MISSING_FUNCTION = 3  #: the worker's cache lost the function: send it again

@@ -40,13 +40,86 @@ PROTOCOL = 5
 loads = pickle.loads
 
 
-def dumps(obj) -> bytes:
+def dumps(obj, buffer_callback=None) -> bytes:
     """Pickle user data (cloudpickle, protocol 5)."""
-    return cloudpickle.dumps(obj, protocol=PROTOCOL)
+    return cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffer_callback)
 
 
-def dumps_result(obj) -> bytes:
-    """Pickle a task's result in the worker: C pickle first, cloudpickle if needed.
+def _dumps_c(obj, buffer_callback=None) -> bytes:
+    return pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffer_callback)
+
+
+# --- values: inline, or with pieces in the object store -----------------------
+#
+# An encoded value is either the pickle itself (``bytes``: small, no large
+# buffers), or ``(inband, pieces)``: ``inband`` is the pickle or, when it is
+# large itself, a stored piece; ``pieces`` are the pickle-5 out-of-band
+# buffers of at least ``store.threshold`` bytes, each stored, in order. A
+# stored piece is a ``Block`` in the driver and a ``Location`` elsewhere.
+
+def encode(obj, store, dumps_fn=dumps):
+    """Pickle ``obj``, putting its large buffers (and a large pickle) into ``store``.
+
+    On failure nothing stays stored. ``store`` None keeps everything inline.
+    """
+    if store is None:
+        return dumps_fn(obj)
+    threshold = store.threshold
+    pieces = []
+
+    def out_of_band(buffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: in-band
+            return True
+        if raw.nbytes < threshold:
+            return True
+        pieces.append(store.stored(raw))
+        return False
+
+    try:
+        data = dumps_fn(obj, buffer_callback=out_of_band)
+        if len(data) >= threshold:
+            data = store.stored(memoryview(data))
+    except BaseException:
+        _discard(store, pieces)
+        raise
+    if not pieces and type(data) is bytes:
+        return data
+    return data, tuple(pieces)
+
+
+def _discard(store, pieces) -> None:
+    discard = getattr(store, "discard", None)  # driver Blocks free themselves
+    if discard is not None:
+        for piece in pieces:
+            discard(piece)
+
+
+def decode(data, view):
+    """Unpickle what :func:`encode` made; ``view(piece)`` maps a stored piece.
+
+    Large buffers come back as read-only views of the shared pages (a NumPy
+    array is not copied).
+    """
+    if type(data) is bytes:
+        return loads(data)
+    inband, pieces = data
+    if type(inband) is not bytes:
+        inband = view(inband)
+    return pickle.loads(inband, buffers=[view(piece) for piece in pieces])
+
+
+def pieces_of(data) -> tuple:
+    """The stored pieces an encoded value refers to."""
+    if type(data) is bytes:
+        return ()
+    inband, pieces = data
+    return pieces if type(inband) is bytes else (inband, *pieces)
+
+
+def dumps_result(obj, store=None):
+    """Encode a task's result in the worker: C pickle first, cloudpickle if needed.
 
     Everything a worker holds is importable by reference except what arrived
     by value (lambdas, classes from the caller's ``__main__``); for those the
@@ -54,9 +127,9 @@ def dumps_result(obj) -> bytes:
     cloudpickle takes over. That keeps the common case at C speed.
     """
     try:
-        return pickle.dumps(obj, protocol=PROTOCOL)
+        return encode(obj, store, _dumps_c)
     except Exception:  # noqa: BLE001 - any refusal: let cloudpickle try, and raise
-        return cloudpickle.dumps(obj, protocol=PROTOCOL)
+        return encode(obj, store, dumps)
 
 
 def dumps_plain(obj) -> bytes:
@@ -141,19 +214,27 @@ def collect_references(dep) -> bool:
     return True
 
 
-def dumps_arguments(args, kwargs) -> tuple[bytes, dict]:
-    """Pickle ``(args, kwargs)`` and return the futures found inside them."""
+def dumps_arguments(args, kwargs, store=None) -> tuple:
+    """Encode ``(args, kwargs)`` and return the futures found inside them."""
     # Re-entrant: pickling a MapResult submits its joining task meanwhile.
     outer = getattr(_collector, "deps", None)
     _collector.deps = deps = {}
     try:
-        return dumps((args, kwargs)), deps
+        return encode((args, kwargs), store), deps
     finally:
         _collector.deps = outer
 
 
-# Worker side: values of the current task's dependencies, by object id.
+# Worker side: the encoded values of the current task's dependencies, by
+# object id, decoded when the arguments' pickle refers to them.
 _resolving = threading.local()
+
+
+class _Decoded:
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
 
 
 def resolve_reference(object_id: int):
@@ -163,20 +244,21 @@ def resolve_reference(object_id: int):
         raise RuntimeError(
             f"futurepool: reference to object {object_id} outside of a task that depends on it")
     value = values[object_id]
-    if isinstance(value, (bytes, memoryview)):
-        value = values[object_id] = loads(value)
-    return value
+    if type(value) is not _Decoded:
+        value = values[object_id] = _Decoded(decode(value, _resolving.view))
+    return value.value
 
 
-def loads_arguments(data, dep_values: dict):
-    """Unpickle ``(args, kwargs)``, substituting dependency values."""
+def loads_arguments(data, dep_values: dict, view):
+    """Decode ``(args, kwargs)``, substituting dependency values."""
     if not dep_values:
-        return loads(data)
+        return decode(data, view)
     _resolving.values = dict(dep_values)
+    _resolving.view = view
     try:
-        return loads(data)
+        return decode(data, view)
     finally:
-        _resolving.values = None
+        _resolving.values = _resolving.view = None
 
 
 # --- exceptions --------------------------------------------------------------

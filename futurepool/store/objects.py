@@ -1,0 +1,145 @@
+"""Stored objects as each process sees them: handles in the driver, locations in workers.
+
+The driver's owner counts references the Python way. Every stored piece the
+driver knows of is one :class:`Block`; whatever needs the piece holds the
+Block: a Future's result, a pending task's arguments, a ``put`` handle, the
+identity cache while the argument is reused. When the last holder lets go,
+the Block asks the owner to free the piece: the writer reuses or unlinks its
+segment (``segments.SegmentWriter.free``). Readers' views need no count:
+their shared locks keep a segment from being reused, and their mappings keep
+its pages after an unlink.
+
+Workers see plain :class:`~futurepool.store.segments.Location` tuples (a
+Block pickles as its location) and keep nothing once a task is done.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+from . import segments
+from .segments import Location, SegmentWriter, StoreSettings
+
+DRIVER = -1  # the writer id of the driver's own segments
+
+
+class Block:
+    """The driver's handle of one stored piece; frees it when collected."""
+
+    __slots__ = ("location", "_store", "_pinned", "__weakref__")
+
+    def __init__(self, location: Location, store: DriverStore):
+        self.location = location
+        self._store = store
+        self._pinned = None
+
+    def __reduce__(self):  # in messages to workers, a block is its location
+        return Location, tuple(self.location)
+
+    def view(self) -> memoryview:
+        pinned = self._pinned
+        if pinned is not None:
+            return pinned
+        return segments.read(self.location, self._store.settings.dirs)
+
+    def pin(self) -> None:
+        """Map it now, so that it stays readable after the session's files are removed."""
+        if self._pinned is None:
+            try:
+                self._pinned = self.view()
+            except Exception:  # noqa: BLE001 - already lost: reading will say so
+                pass
+
+    def __del__(self):
+        try:
+            self._store.release(self.location)
+        except Exception:  # noqa: BLE001 - never raise from a finalizer
+            pass
+
+    def __repr__(self):
+        return f"<Block {self.location.name} {self.location.nbytes:,} bytes>"
+
+
+class DriverStore:
+    """The driver's side of the store: its writer, and the Blocks it has handed out.
+
+    ``release`` is called from finalizers in any thread: it only posts to the
+    owner's I/O thread (``on_free``), which does the work, or, once the owner
+    is closed, unlinks the segment at once.
+    """
+
+    def __init__(self, settings: StoreSettings, on_free):
+        self.settings = settings
+        self.threshold = settings.threshold
+        self.writer = SegmentWriter(settings, DRIVER)
+        self._on_free = on_free
+        self._blocks: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def stored(self, buf: memoryview) -> Block:
+        """Store a buffer for the driver (arguments, ``put``); reuses a live copy."""
+        exporter = buf.obj
+        block = self.writer.cached(exporter, buf.nbytes)
+        if block is None:
+            block = self.wrap(self.writer.write(buf))
+            self.writer.remember(exporter, buf.nbytes, block)
+        return block
+
+    def wrap(self, location: Location) -> Block:
+        block = Block(location, self)
+        with self._lock:
+            self._blocks[location.name] = block
+        return block
+
+    def live_names(self) -> set[str]:
+        with self._lock:
+            return set(self._blocks.keys())
+
+    def release(self, location: Location) -> None:
+        if self.closed:
+            self.unlink(location)
+        else:
+            self._on_free(location)
+
+    def unlink(self, location: Location) -> None:
+        segments.unlink(location, self.settings.dirs)
+
+    def pin_all(self) -> None:
+        with self._lock:
+            blocks = list(self._blocks.values())
+        for block in blocks:
+            block.pin()
+
+    def close(self) -> None:
+        """Remove every file of the session (the node does too; whoever is last)."""
+        self.closed = True
+        self.writer.close()
+        segments.remove_files(self.settings.dirs, self.settings.session + "-")
+
+
+class WorkerStore:
+    """A worker's side: it writes its results and reads its tasks' inputs."""
+
+    def __init__(self, settings: StoreSettings, worker_id: int):
+        self.settings = settings
+        self.threshold = settings.threshold
+        self.writer = SegmentWriter(settings, worker_id)
+
+    def stored(self, buf: memoryview) -> Location:
+        return self.writer.write(buf)
+
+    def view(self, location: Location) -> memoryview:
+        return segments.read(location, self.settings.dirs)
+
+    def discard(self, location: Location) -> None:
+        """A piece written for a result that will not be sent."""
+        self.writer.free(location)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def view_of(block: Block) -> memoryview:
+    return block.view()

@@ -1,0 +1,417 @@
+"""Segments: the files in shared memory (or, spilled, on disk) that hold stored values.
+
+One stored piece (a pickle-5 out-of-band buffer, or a large pickle) is one
+segment, a file in ``SHM_DIR`` (``/dev/shm``) named after the session and the
+process that wrote it::
+
+    <SHM_PREFIX>s<driver pid>-<token>-<writer>-<seq>       live
+    <SHM_PREFIX>s<driver pid>-<token>-<writer>-<seq>.free  freed, kept for reuse
+
+Writers. Each process that stores values (the driver for arguments and
+``put``, each worker for its results) has a :class:`SegmentWriter`. Writing
+into fresh tmpfs pages costs several times more than into pages already
+mapped (page faults), so a writer keeps the segments it wrote mapped, and
+when the owner frees one it is renamed ``.free`` and reused for the next
+value of a similar size. Space is reserved with ``posix_fallocate`` before
+anything is written, so a full filesystem is an exception, never SIGBUS;
+past the store's capacity values spill to ``SPILL_DIR``.
+
+Readers. :func:`read` maps a segment read-only and returns a memoryview of
+it; NumPy arrays unpickled from it are views of the shared pages. The reader
+holds a shared ``flock`` on the segment for as long as any view is alive (the
+lock lives on the mapping's file descriptor, and the kernel drops it when the
+mapping goes, or the process dies). A writer reuses a freed segment only if
+it can take the lock exclusively; otherwise it unlinks it, and the reader's
+mapping keeps the pages alive (a view outlives the free).
+
+Cleanup. The node removes its session's segments when it exits, the driver
+does at shutdown, and :func:`sweep_dead_sessions` removes those of drivers
+that are gone.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import errno
+import fcntl
+import itertools
+import mmap
+import os
+import queue
+import threading
+import weakref
+from typing import NamedTuple
+
+from ..errors import ObjectLostError, ObjectStoreFullError
+
+PAGE = mmap.PAGESIZE
+_FREE_SUFFIX = ".free"
+#: Live segments a writer keeps mapped (each mapping holds a descriptor).
+_MAX_MAPPED = 256
+_NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+class Location(NamedTuple):
+    """Where a stored piece is: what travels in messages instead of the bytes."""
+
+    name: str
+    nbytes: int
+    spilled: bool
+    writer: int  # -1: the driver; else the worker id
+
+
+class StoreSettings(NamedTuple):
+    shm_dir: str
+    spill_dir: str
+    session: str      # <prefix>s<pid>-<token>
+    min_free: int     # spill once the shm filesystem would have less free than this
+    pool_bytes: int   # freed bytes a writer keeps for reuse
+    threshold: int    # values and buffers this large are stored
+
+    @property
+    def dirs(self) -> tuple[str, str]:
+        return self.shm_dir, self.spill_dir
+
+
+def new_settings(shm_dir, spill_dir, prefix, capacity, fraction, pool_bytes, threshold,
+                 writers) -> StoreSettings:
+    """Settings for a new session (in the driver); capacity 0 picks ``fraction`` of free."""
+    free = _free_bytes(shm_dir)
+    if capacity <= 0:
+        capacity = int(free * fraction)
+    session = f"{prefix}s{os.getpid()}-{os.urandom(3).hex()}"
+    # Every writer's pool together may hold at most half the capacity.
+    pool = min(pool_bytes, capacity // (2 * max(1, writers)))
+    return StoreSettings(shm_dir, spill_dir, session, max(0, free - capacity), pool, threshold)
+
+
+def _free_bytes(directory: str) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def _size_class(nbytes: int) -> int:
+    """Round up to one of 8 sizes per power of two (and to pages), so segments get reused."""
+    size = max(PAGE, -(-nbytes // PAGE) * PAGE)
+    step = max(PAGE, 1 << max(0, size.bit_length() - 4))
+    return -(-size // step) * step
+
+
+class _Segment:
+    __slots__ = ("name", "size", "mm")
+
+    def __init__(self, name: str, size: int, mm):
+        self.name = name
+        self.size = size
+        self.mm = mm
+
+
+class SegmentWriter:
+    """Stores pieces for one process; see the module docstring. Thread-safe."""
+
+    def __init__(self, settings: StoreSettings, writer: int):
+        self.settings = settings
+        self.writer = writer
+        self.stem = f"{settings.session}-{writer}-"
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._mapped: collections.OrderedDict[str, _Segment] = collections.OrderedDict()
+        self._pool: list[tuple[int, int, _Segment]] = []  # (size, seq, segment), sorted
+        self._pool_bytes = 0
+        self._reaper: _Reaper | None = None
+        # Identity cache: an object's buffer stored once while its block lives.
+        self._by_exporter: dict[tuple[int, int], tuple[weakref.ref, weakref.ref]] = {}
+
+    # -- writing --------------------------------------------------------------
+
+    def write(self, buf: memoryview) -> Location:
+        """Store one contiguous buffer; raises ObjectStoreFullError if nowhere fits."""
+        buf = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+        nbytes = buf.nbytes
+        seg = self._take(nbytes)
+        if seg is None:
+            seg = self._create(nbytes)
+            if seg is None:  # spilled: written through the file, nothing kept mapped
+                return self._spill(buf)
+        seg.mm[:nbytes] = buf
+        with self._lock:
+            self._mapped[seg.name] = seg
+            while len(self._mapped) > _MAX_MAPPED:
+                self._mapped.popitem(last=False)[1].mm.close()
+        return Location(seg.name, nbytes, False, self.writer)
+
+    def cached(self, exporter, nbytes: int):
+        """The block already holding ``exporter``'s buffer, if one is alive."""
+        entry = self._by_exporter.get((id(exporter), nbytes))
+        if entry is not None and entry[0]() is exporter:
+            return entry[1]()
+        return None
+
+    def remember(self, exporter, nbytes: int, block) -> None:
+        key = (id(exporter), nbytes)
+        try:
+            ref = weakref.ref(exporter, lambda _r, key=key: self._by_exporter.pop(key, None))
+        except TypeError:  # no weak references (bytes, bytearray): not cached
+            return
+        self._by_exporter[key] = (ref, weakref.ref(block))
+
+    def _next_name(self) -> str:
+        return f"{self.stem}{next(self._seq)}"
+
+    def _take(self, nbytes: int) -> _Segment | None:
+        """A freed segment of a fitting size, renamed for its new content."""
+        with self._lock:
+            pool = self._pool
+            i = bisect.bisect_left(pool, (nbytes, -1))
+            if i == len(pool) or pool[i][0] > 2 * _size_class(nbytes):
+                return None
+            size, _, seg = pool.pop(i)
+            self._pool_bytes -= size
+        name = self._next_name()
+        shm = self.settings.shm_dir
+        try:
+            os.rename(os.path.join(shm, seg.name), os.path.join(shm, name))
+        except OSError:  # removed under us (a sweep): make a new one instead
+            seg.mm.close()
+            return None
+        seg.name = name
+        return seg
+
+    def _create(self, nbytes: int) -> _Segment | None:
+        """A new segment in shared memory with its pages reserved; None: spill."""
+        size = _size_class(nbytes)
+        shm = self.settings.shm_dir
+        if _free_bytes(shm) - size < self.settings.min_free:
+            self.trim(0)  # our own pool first
+            if _free_bytes(shm) - size < self.settings.min_free:
+                return None
+        name = self._next_name()
+        path = os.path.join(shm, name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno not in _NO_ROOM:
+                    raise
+                os.unlink(path)
+                return None
+            mm = mmap.mmap(fd, size)
+        except BaseException:
+            _unlink_quietly(path)
+            raise
+        finally:
+            os.close(fd)
+        return _Segment(name, size, mm)
+
+    def _spill(self, buf: memoryview) -> Location:
+        name = self._next_name()
+        path = os.path.join(self.settings.spill_dir, name)
+        nbytes = buf.nbytes
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+            offset = 0
+            while offset < nbytes:
+                offset += os.pwrite(fd, buf[offset:offset + (64 << 20)], offset)
+        except OSError as exc:
+            _unlink_quietly(path)
+            if exc.errno in _NO_ROOM:
+                raise ObjectStoreFullError(
+                    f"Could not store a value of {nbytes:,} bytes: shared memory"
+                    f" ({self.settings.shm_dir}) is at the store's capacity and the spill"
+                    f" directory {self.settings.spill_dir} is full ({os.strerror(exc.errno)})."
+                    " Nothing was stored. Free results you no longer need, raise"
+                    " FUTUREPOOL_STORE_CAPACITY, or point FUTUREPOOL_SPILL_DIR at a larger"
+                    " disk.") from None
+            raise
+        except BaseException:
+            _unlink_quietly(path)
+            raise
+        finally:
+            os.close(fd)
+        return Location(name, nbytes, True, self.writer)
+
+    # -- freeing --------------------------------------------------------------
+
+    def free(self, location: Location) -> None:
+        """The owner freed ``location``: keep its segment for reuse, or unlink it."""
+        shm, spill = self.settings.dirs
+        if location.spilled:
+            self._unlink_later(os.path.join(spill, location.name))
+            return
+        with self._lock:
+            seg = self._mapped.pop(location.name, None)
+        path = os.path.join(shm, location.name)
+        if seg is None or not _unread(path) or \
+                self._pool_bytes + seg.size > self.settings.pool_bytes:
+            if seg is not None:
+                seg.mm.close()
+            self._unlink_later(path)
+            return
+        free_name = seg.name + _FREE_SUFFIX
+        try:
+            os.rename(path, os.path.join(shm, free_name))
+        except OSError:  # removed under us (a sweep, a test): forget it
+            seg.mm.close()
+            return
+        seg.name = free_name
+        with self._lock:
+            bisect.insort(self._pool, (seg.size, next(self._seq), seg))
+            self._pool_bytes += seg.size
+
+    def trim(self, keep_bytes: int) -> None:
+        """Unlink pooled segments until at most ``keep_bytes`` remain (now, not later)."""
+        with self._lock:
+            dropped = []
+            while self._pool and self._pool_bytes > keep_bytes:
+                size, _, seg = self._pool.pop()
+                self._pool_bytes -= size
+                dropped.append(seg)
+        for seg in dropped:
+            seg.mm.close()
+            _unlink_quietly(os.path.join(self.settings.shm_dir, seg.name))
+
+    def _unlink_later(self, path: str) -> None:
+        # Giving back a large segment's pages takes milliseconds: not on the caller's time.
+        if self._reaper is None:
+            with self._lock:
+                if self._reaper is None:
+                    self._reaper = _Reaper()
+        self._reaper.put(path)
+
+    def close(self) -> None:
+        """Unlink the pool and drop mappings; live segments stay for their owner to free."""
+        self.trim(0)
+        with self._lock:
+            mapped, self._mapped = self._mapped, collections.OrderedDict()
+        for seg in mapped.values():
+            try:
+                seg.mm.close()
+            except BufferError:  # a view of it is still alive somewhere: let it be
+                pass
+        if self._reaper is not None:
+            self._reaper.stop()
+
+
+class _Reaper:
+    """A daemon thread that unlinks files handed to it."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="futurepool-reaper", daemon=True)
+        self._thread.start()
+
+    def put(self, path: str) -> None:
+        self._queue.put(path)
+
+    def _run(self) -> None:
+        while (path := self._queue.get()) is not None:
+            _unlink_quietly(path)
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
+def _unread(path: str) -> bool:
+    """True if no process holds a view of the segment (nobody has its shared lock)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # drops our lock too
+    return True
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# --- reading -----------------------------------------------------------------
+
+# One mapping per segment per process, shared by all views of it while any lives.
+_mappings: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_mappings_lock = threading.Lock()
+
+
+def read(location: Location, dirs: tuple[str, str]) -> memoryview:
+    """A read-only view of a stored piece; raises ObjectLostError if it is gone."""
+    name, nbytes, spilled = location.name, location.nbytes, location.spilled
+    with _mappings_lock:
+        mm = _mappings.get(name)
+        if mm is None:
+            path = os.path.join(dirs[1] if spilled else dirs[0], name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise ObjectLostError(
+                    f"The stored value {name} ({nbytes:,} bytes) is gone: its segment was"
+                    " removed before it was read.", name) from None
+            try:
+                # Held by the mapping's own descriptor (mmap dups ours), until it is unmapped.
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            _mappings[name] = mm
+    return memoryview(mm)[:nbytes]
+
+
+# --- cleanup -----------------------------------------------------------------
+
+def unlink(location: Location, dirs) -> None:
+    """Remove a piece's file now (its writer is gone, or the session is over)."""
+    _unlink_quietly(os.path.join(dirs[1] if location.spilled else dirs[0], location.name))
+
+
+def remove_files(dirs, stem: str, only_free: bool = False, keep=()) -> None:
+    """Unlink the files whose name starts with ``stem`` (except ``keep``)."""
+    for directory in dirs:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            if not name.startswith(stem) or name in keep:
+                continue
+            if only_free and not name.endswith(_FREE_SUFFIX):
+                continue
+            _unlink_quietly(os.path.join(directory, name))
+
+
+def sweep_dead_sessions(dirs, prefix: str) -> None:
+    """Remove the segments of sessions whose driver process is gone."""
+    marker = prefix + "s"
+    for directory in dirs:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            if not name.startswith(marker):
+                continue
+            pid = name[len(marker):].split("-", 1)[0]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                _unlink_quietly(os.path.join(directory, name))
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
