@@ -599,9 +599,11 @@ class Owner:
         self.scheduler.workers.pop(slot.worker_id, None)
         self.by_routing.pop(slot.routing_id, None)
         self.frees.pop(slot, None)
-        # Segments it kept for reuse; what it stored for live results stays.
+        # What it kept for reuse or was writing when it died; stored results
+        # the owner holds stay readable (the files outlive their writer).
         segments.remove_files(self.store.settings.dirs,
-                              f"{self.store.settings.session}-{slot.worker_id}-", only_free=True)
+                              f"{self.store.settings.session}-{slot.worker_id}-",
+                              keep=self.store.live_names())
         if not slot.inflight:
             return
         if self.terminating:  # stopped on purpose: nothing is retried or moved

@@ -142,11 +142,18 @@ class SegmentWriter:
         return Location(seg.name, nbytes, False, self.writer)
 
     def cached(self, exporter, nbytes: int):
-        """The block already holding ``exporter``'s buffer, if one is alive."""
+        """The block already holding ``exporter``'s buffer, if one is alive (and whole)."""
         entry = self._by_exporter.get((id(exporter), nbytes))
-        if entry is not None and entry[0]() is exporter:
-            return entry[1]()
-        return None
+        if entry is None or entry[0]() is not exporter:
+            return None
+        block = entry[1]()
+        if block is not None:
+            location = block.location
+            try:
+                os.stat(os.path.join(self.settings.dirs[location.spilled], location.name))
+            except OSError:  # removed under us: store it anew
+                return None
+        return block
 
     def remember(self, exporter, nbytes: int, block) -> None:
         key = (id(exporter), nbytes)
@@ -170,10 +177,15 @@ class SegmentWriter:
             self._pool_bytes -= size
         name = self._next_name()
         shm = self.settings.shm_dir
+        path = os.path.join(shm, name)
         try:
-            os.rename(os.path.join(shm, seg.name), os.path.join(shm, name))
+            os.rename(os.path.join(shm, seg.name), path)
+            whole = os.stat(path).st_size >= seg.size
         except OSError:  # removed under us (a sweep): make a new one instead
+            whole = False
+        if not whole:  # or truncated: writing would fault
             seg.mm.close()
+            _unlink_quietly(path)
             return None
         seg.name = name
         return seg
@@ -244,8 +256,8 @@ class SegmentWriter:
         with self._lock:
             seg = self._mapped.pop(location.name, None)
         path = os.path.join(shm, location.name)
-        if seg is None or not _unread(path) or \
-                self._pool_bytes + seg.size > self.settings.pool_bytes:
+        if seg is None or self._pool_bytes + seg.size > self.settings.pool_bytes or \
+                not _reusable(path, seg.size):
             if seg is not None:
                 seg.mm.close()
             self._unlink_later(path)
@@ -315,19 +327,22 @@ class _Reaper:
         self._thread.join()
 
 
-def _unread(path: str) -> bool:
-    """True if no process holds a view of the segment (nobody has its shared lock)."""
+def _reusable(path: str, size: int) -> bool:
+    """True if nobody holds a view of the segment (its shared lock) and it is whole.
+
+    A segment truncated under us would fault (SIGBUS) when written again.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return os.fstat(fd).st_size >= size
     except OSError:
         return False
     finally:
         os.close(fd)  # drops our lock too
-    return True
 
 
 def _unlink_quietly(path: str) -> None:
@@ -374,7 +389,7 @@ def unlink(location: Location, dirs) -> None:
     _unlink_quietly(os.path.join(dirs[1] if location.spilled else dirs[0], location.name))
 
 
-def remove_files(dirs, stem: str, only_free: bool = False, keep=()) -> None:
+def remove_files(dirs, stem: str, keep=()) -> None:
     """Unlink the files whose name starts with ``stem`` (except ``keep``)."""
     for directory in dirs:
         try:
@@ -382,11 +397,8 @@ def remove_files(dirs, stem: str, only_free: bool = False, keep=()) -> None:
         except OSError:
             continue
         for name in names:
-            if not name.startswith(stem) or name in keep:
-                continue
-            if only_free and not name.endswith(_FREE_SUFFIX):
-                continue
-            _unlink_quietly(os.path.join(directory, name))
+            if name.startswith(stem) and name not in keep:
+                _unlink_quietly(os.path.join(directory, name))
 
 
 def sweep_dead_sessions(dirs, prefix: str) -> None:

@@ -1,0 +1,310 @@
+"""The object store under faults (FAULTS.md 20, 22, 23, 25 and the leak rules of issue 3).
+
+Capacity and full-filesystem cases run on small private tmpfs mounts (we are
+root; the tests are marked ``chaos``), so that no other test's use of
+``/dev/shm`` can change what they see. Every test checks that the executor
+stays usable and that no segment is left behind; the autouse fixtures check
+``/dev/shm`` and the run directory again after each test.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+import futurepool
+from futurepool import ObjectLostError, ObjectStoreFullError, WorkerCrashedError, config
+from futurepool.testing import wait_until
+from tests.faults.test_lifecycle import DRIVER_PRELUDE, Driver, assert_gone, pool_processes
+from tests.store import _tasks
+from tests.store.test_store import segments
+
+TIMEOUT = 30.0
+MiB = _tasks.MiB
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount small tmpfs file systems: ``tmpfs("16m")`` -> its path."""
+    mounts = []
+
+    def mount(size: str) -> str:
+        path = tmp_path / f"tmpfs{len(mounts)}"
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                        str(path)], check=True, timeout=TIMEOUT)
+        mounts.append(path)
+        return str(path)
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=False, timeout=TIMEOUT)
+
+
+def _used(directory: str) -> int:
+    st = os.statvfs(directory)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def _files(directory: str) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+# --- 20: larger than the store, larger than the disk --------------------------------
+
+
+@pytest.mark.chaos
+def test_values_past_the_capacity_spill_and_read_back(tmpfs, tmp_path, monkeypatch):
+    shm = tmpfs("32m")
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    monkeypatch.setattr(config, "SHM_DIR", shm)
+    monkeypatch.setattr(config, "SPILL_DIR", str(spill))
+    monkeypatch.setattr(config, "STORE_CAPACITY", 8 * MiB)
+    with futurepool.Executor(max_workers=2) as ex:
+        a = np.arange(12 * MiB // 8, dtype=np.float64)
+        handle = ex.put(a)  # larger than the capacity: spilled
+        assert len(_files(str(spill))) == 1 and _files(shm) == []
+        assert ex.submit(_tasks.total, handle).result(timeout=TIMEOUT) == a.sum()
+        produced = ex.submit(_tasks.array, 12 * MiB, 2.0)
+        assert produced.result(timeout=TIMEOUT).sum() == 2.0 * (12 * MiB // 8)
+        assert len(_files(str(spill))) == 2
+        # Small enough values still go to shared memory.
+        assert ex.submit(_tasks.array, MiB).result(timeout=TIMEOUT).sum() == MiB // 8
+        del handle, produced
+        gc.collect()
+        assert wait_until(lambda: _files(str(spill)) == [], TIMEOUT), _files(str(spill))
+    assert _files(shm) == [] and _files(str(spill)) == []
+
+
+@pytest.mark.chaos
+def test_a_value_larger_than_store_and_disk_is_refused_in_the_caller(tmpfs, monkeypatch):
+    shm, spill = tmpfs("16m"), tmpfs("8m")
+    monkeypatch.setattr(config, "SHM_DIR", shm)
+    monkeypatch.setattr(config, "SPILL_DIR", spill)
+    monkeypatch.setattr(config, "STORE_CAPACITY", 8 * MiB)
+    huge = np.ones(32 * MiB // 8)
+    with futurepool.Executor(max_workers=2) as ex:
+        with pytest.raises(ObjectStoreFullError, match="33,554,432 bytes"):
+            ex.put(huge)
+        with pytest.raises(ObjectStoreFullError):
+            ex.submit(_tasks.total, huge)
+        with pytest.raises(MemoryError):  # what code written for the stdlib catches
+            ex.submit(_tasks.total, huge)
+        assert _files(shm) == [] and _files(spill) == []  # nothing half-written
+        # A result too big fails its own future only.
+        too_big = ex.submit(_tasks.array, 32 * MiB)
+        fine = ex.submit(_tasks.array, 2 * MiB, 3.0)
+        with pytest.raises(ObjectStoreFullError):
+            too_big.result(timeout=TIMEOUT)
+        assert fine.result(timeout=TIMEOUT).sum() == 3.0 * (2 * MiB // 8)
+        assert ex.submit(_tasks.total, np.ones(MiB // 8)).result(timeout=TIMEOUT) == MiB // 8
+        del fine
+        gc.collect()
+        assert wait_until(lambda: _files(spill) == [], TIMEOUT)
+    assert _files(shm) == [] and _files(spill) == []
+
+
+# --- 23: /dev/shm full -----------------------------------------------------------------
+
+
+@pytest.mark.chaos
+def test_a_full_shared_memory_is_an_exception_never_sigbus(tmpfs, tmp_path, monkeypatch):
+    shm = tmpfs("16m")
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    monkeypatch.setattr(config, "SHM_DIR", shm)
+    monkeypatch.setattr(config, "SPILL_DIR", str(spill))
+    monkeypatch.setattr(config, "STORE_CAPACITY", 1 << 40)  # the file system is the limit
+    filler = os.path.join(shm, "filler")
+    with futurepool.Executor(max_workers=2) as ex:
+        with open(filler, "wb") as f:
+            f.write(b"\0" * 12 * MiB)
+        # 8 MiB do not fit in the 4 MiB left: posix_fallocate says so, the value spills.
+        produced = ex.submit(_tasks.array, 8 * MiB, 5.0)
+        assert produced.result(timeout=TIMEOUT).sum() == 5.0 * MiB
+        argument = ex.submit(_tasks.total, np.full(MiB, 2.0))
+        assert argument.result(timeout=TIMEOUT) == 2.0 * MiB
+        assert len(_files(str(spill))) >= 1
+        # Once space frees, values go to shared memory again.
+        os.unlink(filler)
+        del produced
+        gc.collect()
+        assert wait_until(lambda: _files(str(spill)) == [], TIMEOUT)
+        again = ex.submit(_tasks.array, 8 * MiB, 1.0)
+        assert again.result(timeout=TIMEOUT).sum() == MiB
+        assert _files(str(spill)) == [] and len(segments(ex)) == 1
+    assert _files(shm) == [] and _files(str(spill)) == []
+
+
+# --- 22: the segment unlinked or truncated under a reader -------------------------------
+
+
+def test_a_segment_unlinked_under_a_reader(tmp_path):
+    ready, gate = str(tmp_path / "ready"), str(tmp_path / "gate")
+    with futurepool.Executor(max_workers=2) as ex:
+        a = np.arange(MiB, dtype=np.float64)
+        handle = ex.put(a)
+        reading = ex.submit(_tasks.read_twice, handle, ready, gate)
+        assert wait_until(lambda: os.path.exists(ready), TIMEOUT)
+        [name] = segments(ex)
+        os.unlink(os.path.join(config.SHM_DIR, name))
+        open(gate, "w").close()
+        # The reader's mapping keeps the pages: it reads the same bytes again.
+        assert reading.result(timeout=TIMEOUT) == (a.sum(), a.sum())
+        # A new reader finds it gone, in a worker and in the caller.
+        with pytest.raises(ObjectLostError, match=name):
+            ex.submit(_tasks.total, handle).result(timeout=TIMEOUT)
+        with pytest.raises(ObjectLostError):
+            handle.result()
+        assert ex.submit(_tasks.total, a).result(timeout=TIMEOUT) == a.sum()
+
+
+def test_a_result_lost_before_it_was_read():
+    with futurepool.Executor(max_workers=1) as ex:
+        produced = ex.submit(_tasks.array, 2 * MiB)
+        ex.submit(_tasks.getpid).result(timeout=TIMEOUT)
+        [name] = segments(ex)
+        os.unlink(os.path.join(config.SHM_DIR, name))
+        with pytest.raises(ObjectLostError):
+            produced.result(timeout=TIMEOUT)
+        with pytest.raises(ObjectLostError):
+            ex.submit(_tasks.total, produced).result(timeout=TIMEOUT)
+
+
+def test_a_segment_truncated_under_a_reader_kills_only_that_worker(tmp_path):
+    ready, gate = str(tmp_path / "ready"), str(tmp_path / "gate")
+    with futurepool.Executor(max_workers=2) as ex:
+        handle = ex.put(np.ones(4 * MiB // 8))
+        reading = ex.submit(_tasks.read_twice, handle, ready, gate)
+        assert wait_until(lambda: os.path.exists(ready), TIMEOUT)
+        [name] = segments(ex)
+        os.truncate(os.path.join(config.SHM_DIR, name), 0)
+        open(gate, "w").close()
+        with pytest.raises(WorkerCrashedError, match="SIGBUS"):
+            reading.result(timeout=TIMEOUT)
+        # The owner, the other worker and the replacement are fine.
+        assert ex.submit(_tasks.total, np.ones(MiB)).result(timeout=TIMEOUT) == MiB
+        del handle
+        gc.collect()
+        # The truncated segment is not kept for reuse (writing into it would fault).
+        assert wait_until(lambda: not {name, name + ".free"} & {
+            *segments(ex), *segments(ex, free=True)}, TIMEOUT)
+        assert ex.submit(_tasks.total, np.ones(MiB // 2)).result(timeout=TIMEOUT) == MiB // 2
+
+
+# --- 25: reference counting across processes --------------------------------------------
+
+
+@pytest.mark.chaos
+def test_a_borrower_that_crashes_releases_its_hold(tmpfs, monkeypatch):
+    shm = tmpfs("64m")
+    monkeypatch.setattr(config, "SHM_DIR", shm)
+    with futurepool.Executor(max_workers=1) as ex:
+        baseline = _used(shm)
+        produced = ex.submit(_tasks.array, 16 * MiB)
+        pid = ex.submit(_tasks.stash, produced).result(timeout=TIMEOUT)
+        del produced
+        gc.collect()
+        assert wait_until(lambda: segments(ex) == [], TIMEOUT)
+        # Unlinked, but the borrower's view still holds the pages.
+        assert _used(shm) - baseline >= 16 * MiB
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: _used(shm) - baseline < MiB, TIMEOUT), _used(shm)
+        assert ex.submit(_tasks.getpid).result(timeout=TIMEOUT) != pid
+
+
+def test_stored_results_outlive_the_worker_that_wrote_them():
+    with futurepool.Executor(max_workers=1) as ex:
+        pid = ex.submit(_tasks.getpid).result(timeout=TIMEOUT)
+        produced = ex.submit(_tasks.array, 4 * MiB, 3.0)
+        later = ex.submit(_tasks.array, 4 * MiB, 1.0)
+        later.result(timeout=TIMEOUT)
+        del later
+        gc.collect()
+        assert wait_until(lambda: len(segments(ex, free=True)) == 1, TIMEOUT)
+        os.kill(pid, signal.SIGKILL)
+        # The dead writer's pooled segment goes; the one a future holds stays readable.
+        assert wait_until(lambda: segments(ex, free=True) == [], TIMEOUT)
+        assert produced.result(timeout=TIMEOUT).sum() == 3.0 * (4 * MiB // 8)
+        assert ex.submit(_tasks.total, produced).result(timeout=TIMEOUT) == 3.0 * (4 * MiB // 8)
+        del produced
+        gc.collect()
+        assert wait_until(lambda: segments(ex) == [], TIMEOUT)
+
+
+# --- no leaks, whatever dies --------------------------------------------------------------
+
+
+def _ours() -> list[str]:
+    return sorted(n for n in os.listdir(config.SHM_DIR) if n.startswith(config.SHM_PREFIX))
+
+
+def test_the_node_killed_leaves_nothing_after_shutdown():
+    with futurepool.Executor(max_workers=2) as ex:
+        produced = ex.submit(_tasks.array, 4 * MiB, 2.0)
+        handle = ex.put(np.ones(MiB))
+        produced.result(timeout=TIMEOUT)
+        procs = pool_processes()
+        [node] = [p for p in procs if p.ppid() == os.getpid()]
+        node.kill()
+        assert_gone(procs)
+        assert produced.result().sum() == 2.0 * (4 * MiB // 8)
+        assert ex.submit(_tasks.total, handle).result(timeout=TIMEOUT) == MiB
+    assert _ours() == []
+
+
+_STORE_DRIVER = """
+import numpy as np
+with futurepool.Executor(max_workers=2) as ex:
+    kept = [ex.submit(np.full, 1 << 20, 1.0) for _ in range(3)]
+    handle = ex.put(np.ones(1 << 20))
+    [f.result(timeout=30) for f in kept]
+    report_pool(session=ex._owner.store.settings.session)
+    ex.submit(time.sleep, 60).result()
+"""
+
+
+def test_the_driver_killed_leaves_no_segment(tmp_path):
+    with Driver(DRIVER_PRELUDE + _STORE_DRIVER, tmp_path) as driver:
+        report = driver.read_json("session")
+        session = report["session"]
+        mine = [n for n in _ours() if n.startswith(session)]
+        assert len(mine) == 4, mine
+        driver.proc.send_signal(signal.SIGKILL)
+        assert driver.wait(TIMEOUT) == -signal.SIGKILL
+        # The node sees the driver go, stops its workers and removes the session's files.
+        assert wait_until(lambda: not [n for n in _ours() if n.startswith(session)], TIMEOUT)
+
+
+def test_segments_of_dead_sessions_are_swept():
+    dead = subprocess.Popen(["true"])
+    dead.wait(TIMEOUT)
+    assert not psutil.pid_exists(dead.pid)
+    stale = os.path.join(config.SHM_DIR, f"{config.SHM_PREFIX}s{dead.pid}-abcdef--1-0")
+    with open(stale, "wb") as f:
+        f.write(b"x" * 4096)
+    with futurepool.Executor(max_workers=1) as ex:
+        ex.submit(_tasks.getpid).result(timeout=TIMEOUT)
+        assert not os.path.exists(stale)
+
+
+def test_executor_garbage_collected_with_stored_values():
+    ex = futurepool.Executor(max_workers=1)
+    future = ex.submit(_tasks.array, 2 * MiB, 4.0)
+    future.result(timeout=TIMEOUT)
+    thread = ex._owner.thread
+    del ex
+    gc.collect()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    assert _ours() == []
+    assert future.result().sum() == 4.0 * (2 * MiB // 8)
+    time.sleep(0)  # the view is still readable once the session is gone
