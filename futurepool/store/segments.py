@@ -20,9 +20,10 @@ Readers. :func:`read` maps a segment read-only and returns a memoryview of
 it; NumPy arrays unpickled from it are views of the shared pages. The reader
 holds a shared ``flock`` on the segment for as long as any view is alive (the
 lock lives on the mapping's file descriptor, and the kernel drops it when the
-mapping goes, or the process dies). A writer reuses a freed segment only if
-it can take the lock exclusively; otherwise it unlinks it, and the reader's
-mapping keeps the pages alive (a view outlives the free).
+mapping goes, or the process dies). A writer reuses a freed segment only
+when it can take the lock exclusively; until then the segment waits in the
+pool, and whatever unlinks it meanwhile (a full pool, shutdown) leaves the
+reader's pages alive: a view outlives the free.
 
 Cleanup. The node removes its session's segments when it exits, the driver
 does at shutdown, and :func:`sweep_dead_sessions` removes those of drivers
@@ -50,6 +51,8 @@ _FREE_SUFFIX = ".free"
 #: Live segments a writer keeps mapped (each mapping holds a descriptor).
 _MAX_MAPPED = 256
 _NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+#: Pooled segments a write looks at (the smallest that fit) before making one.
+_CANDIDATES = 4
 
 
 class Location(NamedTuple):
@@ -167,28 +170,41 @@ class SegmentWriter:
         return f"{self.stem}{next(self._seq)}"
 
     def _take(self, nbytes: int) -> _Segment | None:
-        """A freed segment of a fitting size, renamed for its new content."""
+        """A freed segment of a fitting size that nobody reads, renamed for its new content.
+
+        Freed segments a reader still maps stay in the pool, skipped here,
+        until the reader lets go (its views die, or it exits).
+        """
+        shm = self.settings.shm_dir
+        limit = 2 * _size_class(nbytes)
         with self._lock:
             pool = self._pool
-            i = bisect.bisect_left(pool, (nbytes, -1))
-            if i == len(pool) or pool[i][0] > 2 * _size_class(nbytes):
-                return None
-            size, _, seg = pool.pop(i)
-            self._pool_bytes -= size
-        name = self._next_name()
-        shm = self.settings.shm_dir
-        path = os.path.join(shm, name)
-        try:
-            os.rename(os.path.join(shm, seg.name), path)
-            whole = os.stat(path).st_size >= seg.size
-        except OSError:  # removed under us (a sweep): make a new one instead
-            whole = False
-        if not whole:  # or truncated: writing would fault
-            seg.mm.close()
+            start = bisect.bisect_left(pool, (nbytes, -1))
+            candidates = [entry for entry in pool[start:start + _CANDIDATES] if entry[0] <= limit]
+        for entry in candidates:
+            seg = entry[2]
+            path = os.path.join(shm, seg.name)
+            state = _state(path, seg.size)
+            if state is _BUSY:
+                continue
+            with self._lock:
+                try:
+                    self._pool.remove(entry)
+                except ValueError:  # another thread took it
+                    continue
+                self._pool_bytes -= seg.size
+            if state is _FREE:
+                name = self._next_name()
+                try:
+                    os.rename(path, os.path.join(shm, name))
+                except OSError:  # removed under us (a sweep)
+                    seg.mm.close()
+                    continue
+                seg.name = name
+                return seg
+            seg.mm.close()  # gone or truncated: writing into it would fault
             _unlink_quietly(path)
-            return None
-        seg.name = name
-        return seg
+        return None
 
     def _create(self, nbytes: int) -> _Segment | None:
         """A new segment in shared memory with its pages reserved; None: spill."""
@@ -256,17 +272,19 @@ class SegmentWriter:
         with self._lock:
             seg = self._mapped.pop(location.name, None)
         path = os.path.join(shm, location.name)
-        if seg is None or self._pool_bytes + seg.size > self.settings.pool_bytes or \
-                not _reusable(path, seg.size):
+        if seg is None or self._pool_bytes + seg.size > self.settings.pool_bytes:
             if seg is not None:
                 seg.mm.close()
-            self._unlink_later(path)
+            self._unlink_later(path)  # a reader's mapping keeps its pages meanwhile
             return
         free_name = seg.name + _FREE_SUFFIX
         try:
+            if os.stat(path).st_size < seg.size:  # truncated: writing would fault
+                raise FileNotFoundError(path)
             os.rename(path, os.path.join(shm, free_name))
-        except OSError:  # removed under us (a sweep, a test): forget it
+        except OSError:  # removed or truncated under us: forget it
             seg.mm.close()
+            _unlink_quietly(path)
             return
         seg.name = free_name
         with self._lock:
@@ -327,20 +345,25 @@ class _Reaper:
         self._thread.join()
 
 
-def _reusable(path: str, size: int) -> bool:
-    """True if nobody holds a view of the segment (its shared lock) and it is whole.
+_FREE, _BUSY, _BROKEN = "free", "busy", "broken"
 
-    A segment truncated under us would fault (SIGBUS) when written again.
+
+def _state(path: str, size: int) -> str:
+    """Whether a freed segment can be written again.
+
+    _BUSY while a reader holds a view (its shared lock); _BROKEN if it is gone
+    or was truncated (writing would fault with SIGBUS); else _FREE.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return False
+        return _BROKEN
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return os.fstat(fd).st_size >= size
-    except OSError:
-        return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return _BUSY
+        return _FREE if os.fstat(fd).st_size >= size else _BROKEN
     finally:
         os.close(fd)  # drops our lock too
 

@@ -21,7 +21,7 @@ import pytest
 
 import futurepool
 from futurepool import ObjectLostError, ObjectStoreFullError, WorkerCrashedError, config
-from futurepool.testing import wait_until
+from futurepool.testing import run_driver, wait_until
 from tests.faults.test_lifecycle import DRIVER_PRELUDE, Driver, assert_gone, pool_processes
 from tests.store import _tasks
 from tests.store.test_store import segments
@@ -308,3 +308,40 @@ def test_executor_garbage_collected_with_stored_values():
     assert _ours() == []
     assert future.result().sum() == 4.0 * (2 * MiB // 8)
     time.sleep(0)  # the view is still readable once the session is gone
+
+
+@pytest.mark.chaos
+def test_a_docker_sized_shared_memory_works_with_the_default_capacity(tmpfs, tmp_path,
+                                                                      monkeypatch):
+    shm = tmpfs("64m")  # Docker's default /dev/shm
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    monkeypatch.setattr(config, "SHM_DIR", shm)
+    monkeypatch.setattr(config, "SPILL_DIR", str(spill))
+    with futurepool.Executor(max_workers=2) as ex:
+        # Twelve 8 MiB results held at once: 96 MiB, more than the whole tmpfs.
+        held = [ex.submit(_tasks.array, 8 * MiB, float(i)) for i in range(12)]
+        sums = [f.result(timeout=TIMEOUT).sum() for f in held]
+        assert sums == [i * MiB for i in range(12)]
+        assert _files(str(spill)), "nothing spilled past the default capacity"
+        assert _used(shm) <= 40 * MiB  # half the free space, plus the pools' slack
+        assert ex.submit(_tasks.total_all, *held).result(timeout=TIMEOUT) == sum(sums)
+    assert _files(shm) == [] and _files(str(spill)) == []
+
+
+def test_no_resource_tracker_warning_and_no_premature_unlink():
+    code = """
+        import gc, numpy as np, futurepool
+        with futurepool.Executor(max_workers=2) as ex:
+            kept = ex.submit(np.full, 1 << 20, 2.0).result(timeout=30)
+            handle = ex.put(np.ones(1 << 20))
+            assert ex.submit(np.sum, handle).result(timeout=30) == 1 << 20
+        gc.collect()
+        assert kept.sum() == 2 << 20  # still mapped after the session's files are gone
+        print("ok")
+    """
+    done = run_driver(code, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+    assert "resource_tracker" not in done.stderr and "leaked" not in done.stderr, done.stderr
+    assert done.stderr == ""
