@@ -25,3 +25,65 @@ def inc(x):
 def payload(size):
     """``size`` bytes: a result heavy enough for the driver's memory to notice."""
     return b"x" * size
+
+
+# --- bench_store.py: NumPy arrays in and out -------------------------------------
+#
+# NumPy is imported inside the functions, not here: the other benchmarks'
+# workers import this module too, and bench_executor's start-up time must not
+# include NumPy's import.
+
+#: Arrays a worker has built, by (nbytes, index): what ``cached_array`` returns.
+_CACHE = {}
+
+
+def cached_array(nbytes, index=0):
+    """A float64 array of ``nbytes`` bytes, every element ``index``.
+
+    Built on the first call in each worker process and kept in ``_CACHE``, so
+    that a timed call returns an array that already exists: the benchmark
+    measures moving it, not building it.
+    """
+    key = (nbytes, index)
+    a = _CACHE.get(key)
+    if a is None:
+        import numpy as np
+
+        a = _CACHE[key] = np.full(nbytes // 8, float(index))
+    return a
+
+
+def fill_cache(nbytes, count):
+    """Build ``cached_array(nbytes, i)`` for i in range(count); return nothing."""
+    for i in range(count):
+        cached_array(nbytes, i)
+
+
+def on_worker(fn, *args):
+    """``(pid, fn(*args))``, after a short pause.
+
+    Warm-ups submit one per worker at a time: the pause keeps a worker busy
+    long enough for the next call to go to another one, and the pid says
+    which worker ran it, until every worker has.
+    """
+    import os
+    import time
+
+    result = fn(*args)
+    time.sleep(0.02)
+    return os.getpid(), result
+
+
+def total(a):
+    """The sum of an array: reads every element of an argument moved to the worker."""
+    return float(a.sum())
+
+
+def ends(a):
+    """Read an array lightly: first element + last element + length."""
+    return float(a[0] + a[-1] + len(a))
+
+
+def total_all(*arrays):
+    """The sum of every element of every array."""
+    return sum(float(a.sum()) for a in arrays)
