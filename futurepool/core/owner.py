@@ -67,7 +67,7 @@ from ..errors import (
 from ..protocol.framing import PipeReader, decode_header, pack_header, write_pipe_message
 from ..protocol.messages import MessageType, ResultStatus
 from ..store import segments, serialize
-from ..store.objects import DRIVER, DriverStore
+from ..store.objects import DriverStore
 from .processes import EXIT_INITIALIZER_FAILED, INITIALIZING, start_node
 from .scheduler import Scheduler, WorkerSlot
 
@@ -374,8 +374,8 @@ class Owner:
     # -- stored pieces --------------------------------------------------------
 
     def _free(self, location) -> None:
-        if location.writer == DRIVER:
-            self.store.writer.free(location)
+        if location is None:  # the driver's own pieces, deferred by their Blocks
+            self.store.writer.drain_frees()
             return
         slot = self.scheduler.workers.get(location.writer)
         if slot is None or not slot.alive:  # its writer is gone: nobody will reuse it

@@ -41,6 +41,8 @@ LOGGER = logging.getLogger("concurrent.futures")
 _HOLD_SECONDS = 0.001
 _QUICK_SECONDS = 0.0001
 _FUNCTION_CACHE_SIZE = 512
+#: How often an idle worker holding mappings checks for unlinked ones.
+_IDLE_CHECK_MS = 200
 
 
 def routing_id(worker_id: int) -> bytes:
@@ -197,6 +199,15 @@ class Worker:
             if not self.queue:
                 self.flush()
                 self.keepalive.clear()
+                reader = self.store.reader
+                if reader.has_idle():
+                    reader.release_idle()
+                    # Unmap what gets unlinked meanwhile (its pages would stay allocated).
+                    while reader.has_idle():
+                        with lock:
+                            if sock.poll(_IDLE_CHECK_MS):
+                                break
+                        reader.release_idle()
                 with lock:  # the outbox is empty: the flusher has nothing to send
                     frames = sock.recv_multipart()
                 if not self._accept(frames):
@@ -232,6 +243,8 @@ class Worker:
                 if not self.should_hold():
                     self.flush()
                     self.keepalive.clear()
+                    if self.store.reader.has_idle():
+                        self.store.reader.release_idle()
                 elif len(self.outbox) == 1:
                     self.holding.set()
 

@@ -100,6 +100,12 @@ class DriverStore:
     def release(self, location: Location) -> None:
         if self.closed:
             self.unlink(location)
+        elif location.writer == DRIVER:
+            # Freed by the next write in any thread, or by the owner's I/O
+            # thread, which ``on_free`` wakes; never here (a finalizer may run
+            # inside the writer's own lock).
+            self.writer.defer_free(location)
+            self._on_free(None)
         else:
             self._on_free(location)
 
@@ -126,18 +132,18 @@ class WorkerStore:
         self.settings = settings
         self.threshold = settings.threshold
         self.writer = SegmentWriter(settings, worker_id)
+        self.reader = segments.CachedReader(settings.dirs)
+        self.view = self.reader.view
 
     def stored(self, buf: memoryview) -> Location:
         return self.writer.write(buf)
-
-    def view(self, location: Location) -> memoryview:
-        return segments.read(location, self.settings.dirs)
 
     def discard(self, location: Location) -> None:
         """A piece written for a result that will not be sent."""
         self.writer.free(location)
 
     def close(self) -> None:
+        self.reader.close()
         self.writer.close()
 
 

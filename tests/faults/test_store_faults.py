@@ -345,3 +345,21 @@ def test_no_resource_tracker_warning_and_no_premature_unlink():
     assert done.stdout.strip() == "ok"
     assert "resource_tracker" not in done.stderr and "leaked" not in done.stderr, done.stderr
     assert done.stderr == ""
+
+
+@pytest.mark.chaos
+def test_an_idle_worker_lets_go_of_unlinked_segments(tmpfs, monkeypatch):
+    shm = tmpfs("64m")
+    monkeypatch.setattr(config, "SHM_DIR", shm)
+    monkeypatch.setattr(config, "STORE_POOL_BYTES", 0)  # freed segments are unlinked
+    with futurepool.Executor(max_workers=1) as ex:
+        baseline = _used(shm)
+        handle = ex.put(np.ones(16 * MiB // 8))
+        # The worker keeps its mapping after the task, to read the next value
+        # written into the same segment without page faults...
+        assert ex.submit(_tasks.total, handle).result(timeout=TIMEOUT) == 16 * MiB // 8
+        del handle
+        gc.collect()
+        assert wait_until(lambda: segments(ex) == [], TIMEOUT)
+        # ...but not once the segment is unlinked: its pages must go back.
+        assert wait_until(lambda: _used(shm) - baseline < MiB, TIMEOUT), _used(shm) - baseline
