@@ -55,7 +55,7 @@ class Node:
         self.event_fd = event_fd
         # pid -> (worker_id, start time, running-task slot)
         self.workers: dict[int, tuple[int, float, mmap.mmap]] = {}
-        self.next_worker_id = 0
+        self.next_worker_id = settings.get("first_worker_id", 0)
         self.stopping = False
         self.no_respawn = False  # an initializer failed: the pool is broken
         self.quick_deaths = 0

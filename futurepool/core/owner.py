@@ -255,6 +255,8 @@ class Owner:
             "initializer": self.initializer_blob,
             "max_tasks_per_child": self.max_tasks_per_child,
             "store": self.store.settings,
+            # Worker ids name sockets and segments: a restarted node must not reuse any.
+            "first_worker_id": self.node_restarts << 20,
         }
         write_pipe_message(cmd_w, MessageType.NODE_CONFIG, serialize.dumps_plain(settings))
 
@@ -596,8 +598,10 @@ class Owner:
 
     def _bury(self, slot: WorkerSlot, exitcode, signal_name, detail, running_id,
               running_attempt) -> None:
-        self.scheduler.workers.pop(slot.worker_id, None)
-        self.by_routing.pop(slot.routing_id, None)
+        if self.scheduler.workers.get(slot.worker_id) is slot:
+            del self.scheduler.workers[slot.worker_id]
+        if self.by_routing.get(slot.routing_id) is slot:
+            del self.by_routing[slot.routing_id]
         self.frees.pop(slot, None)
         # What it kept for reuse or was writing when it died; stored results
         # the owner holds stay readable (the files outlive their writer).

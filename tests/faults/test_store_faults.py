@@ -363,3 +363,23 @@ def test_an_idle_worker_lets_go_of_unlinked_segments(tmpfs, monkeypatch):
         assert wait_until(lambda: segments(ex) == [], TIMEOUT)
         # ...but not once the segment is unlinked: its pages must go back.
         assert wait_until(lambda: _used(shm) - baseline < MiB, TIMEOUT), _used(shm) - baseline
+
+
+def test_a_restarted_node_never_reuses_worker_ids(monkeypatch):
+    # The dead workers are buried after DEATH_GRACE; make sure the new node's
+    # workers are up by then. They used to get the same ids (and socket and
+    # segment names), so the burial took the new workers' entries along and
+    # their results were dropped: shutdown then waited forever.
+    monkeypatch.setattr(config, "DEATH_GRACE", 1.0)
+    with futurepool.Executor(max_workers=2) as ex:
+        produced = ex.submit(_tasks.array, 4 * MiB, 2.0)
+        old = {ex.submit(_tasks.getpid).result(timeout=TIMEOUT) for _ in range(4)}
+        procs = pool_processes()
+        [node] = [p for p in procs if p.ppid() == os.getpid()]
+        node.kill()
+        assert_gone(procs)
+        new = ex.submit(_tasks.getpid).result(timeout=TIMEOUT)
+        assert new not in old
+        time.sleep(1.5)  # past the burial of the old workers
+        futures = [ex.submit(_tasks.total, produced) for _ in range(8)]
+        assert [f.result(timeout=TIMEOUT) for f in futures] == [2.0 * (4 * MiB // 8)] * 8
