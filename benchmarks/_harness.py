@@ -85,6 +85,33 @@ def use_this_checkout() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join([HERE, ROOT] + inherited)
 
 
+def load_loky_executor(workers):
+    """Implementation loader: a fresh ``loky.ProcessPoolExecutor`` per cell."""
+    try:
+        import loky
+    except ImportError:
+        raise Skip("loky is not installed (pip install loky)") from None
+    return (
+        lambda: loky.ProcessPoolExecutor(max_workers=workers),
+        f"loky {loky.__version__} ProcessPoolExecutor (fresh, not the reusable one)",
+    )
+
+
+def load_futurepool(workers, kind: str = "Executor"):
+    """Implementation loader: ``futurepool.Executor`` (or ``.Pool``) of this checkout."""
+    import futurepool
+
+    make = getattr(futurepool, kind)  # AttributeError (reported as skipped) before it exists
+    version = getattr(futurepool, "__version__", "?")
+    if kind == "Pool":
+        def factory():
+            return make(workers)
+    else:
+        def factory():
+            return make(max_workers=workers)
+    return factory, f"futurepool {version} {kind} from {os.path.dirname(futurepool.__file__)}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     """What the subject implementation should reach in a scenario.

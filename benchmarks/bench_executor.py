@@ -16,14 +16,13 @@ import multiprocessing
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import _harness  # noqa: E402 - the script's own folder is sys.path[0]
 
 _harness.use_this_checkout()
 
 import _tasks  # noqa: E402
-from _harness import Skip, Suite, Target  # noqa: E402
+from _harness import Suite, Target  # noqa: E402
 
 FUTURE_ARGS = "future_args"  # trait: futures may be passed as task arguments
 
@@ -64,31 +63,9 @@ def _load_ppe(workers):
     )
 
 
-def _load_loky(workers):
-    try:
-        import loky
-    except ImportError:
-        raise Skip("loky is not installed (pip install loky)") from None
-    return (
-        lambda: loky.ProcessPoolExecutor(max_workers=workers),
-        f"loky {loky.__version__} ProcessPoolExecutor (fresh, not the reusable one)",
-    )
-
-
-def _load_futurepool(workers):
-    import futurepool
-
-    executor = futurepool.Executor
-    version = getattr(futurepool, "__version__", "?")
-    return (
-        lambda: executor(max_workers=workers),
-        f"futurepool {version} Executor from {Path(futurepool.__file__).parent}",
-    )
-
-
 suite.implementation("ppe", "PPE", _load_ppe)
-suite.implementation("loky", "loky", _load_loky)
-suite.implementation("futurepool", "futurepool", _load_futurepool, traits=[FUTURE_ARGS])
+suite.implementation("loky", "loky", _harness.load_loky_executor)
+suite.implementation("futurepool", "futurepool", _harness.load_futurepool, traits=[FUTURE_ARGS])
 
 
 @suite.scenario("throughput", unit="tasks/s", higher_is_better=True, timeout=60, target=Target(2.0))

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import multiprocessing
 import sys
 import time
-from pathlib import Path
 
 import _harness  # noqa: E402 - the script's own folder is sys.path[0]
 
@@ -75,19 +75,9 @@ def _load_mp(workers):
     )
 
 
-def _load_futurepool(workers):
-    import futurepool
-
-    pool = futurepool.Pool  # AttributeError (reported as skipped) before it exists
-    version = getattr(futurepool, "__version__", "?")
-    return (
-        lambda: pool(workers),
-        f"futurepool {version} Pool from {Path(futurepool.__file__).parent}",
-    )
-
-
 suite.implementation("mp", "mp.Pool", _load_mp)
-suite.implementation("futurepool", "futurepool", _load_futurepool)
+suite.implementation("futurepool", "futurepool",
+                     functools.partial(_harness.load_futurepool, kind="Pool"))
 
 
 # --- memory helpers ----------------------------------------------------------------

@@ -23,7 +23,6 @@ import multiprocessing.forkserver
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import _harness  # noqa: E402 - the script's own folder is sys.path[0]
 import numpy as np
@@ -214,28 +213,6 @@ def _load_ppe(workers):
     )
 
 
-def _load_loky(workers):
-    try:
-        import loky
-    except ImportError:
-        raise Skip("loky is not installed (pip install loky)") from None
-    return (
-        lambda: loky.ProcessPoolExecutor(max_workers=workers),
-        f"loky {loky.__version__} ProcessPoolExecutor (fresh, not the reusable one)",
-    )
-
-
-def _load_futurepool(workers):
-    import futurepool
-
-    executor = futurepool.Executor
-    version = getattr(futurepool, "__version__", "?")
-    return (
-        lambda: executor(max_workers=workers),
-        f"futurepool {version} Executor from {Path(futurepool.__file__).parent}",
-    )
-
-
 def _load_ray(workers):
     try:
         import ray
@@ -249,8 +226,9 @@ def _load_ray(workers):
 
 
 suite.implementation("ppe", "PPE", _load_ppe)
-suite.implementation("loky", "loky", _load_loky)
-suite.implementation("futurepool", "futurepool", _load_futurepool, traits=[FUTURE_ARGS, PUT])
+suite.implementation("loky", "loky", _harness.load_loky_executor)
+suite.implementation("futurepool", "futurepool", _harness.load_futurepool,
+                     traits=[FUTURE_ARGS, PUT])
 suite.implementation("ray", "Ray", _load_ray, traits=[FUTURE_ARGS, PUT])
 
 

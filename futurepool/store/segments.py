@@ -164,9 +164,8 @@ class SegmentWriter:
             return None
         block = entry[1]()
         if block is not None:
-            location = block.location
             try:
-                os.stat(os.path.join(self.settings.dirs[location.spilled], location.name))
+                os.stat(_path(block.location, self.settings.dirs))
             except OSError:  # removed under us: store it anew
                 return None
         return block
@@ -434,18 +433,14 @@ _mappings_lock = threading.Lock()
 
 def read(location: Location, dirs: tuple[str, str]) -> memoryview:
     """A read-only view of a stored piece; raises ObjectLostError if it is gone."""
-    name, nbytes, spilled = location.name, location.nbytes, location.spilled
+    name, nbytes = location.name, location.nbytes
     with _mappings_lock:
         mm = _mappings.get(name)
         if mm is None:
-            path = os.path.join(dirs[1] if spilled else dirs[0], name)
+            # The lock stays held by the mapping's own descriptor (mmap dups
+            # ours) until it is unmapped.
+            fd = _open_shared(_path(location, dirs), location)
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise _lost(location) from None
-            try:
-                # Held by the mapping's own descriptor (mmap dups ours), until it is unmapped.
-                fcntl.flock(fd, fcntl.LOCK_SH)
                 mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
             finally:
                 os.close(fd)
@@ -483,7 +478,7 @@ class CachedReader:
             collections.OrderedDict()
 
     def view(self, location: Location) -> memoryview:
-        path = os.path.join(self.dirs[1] if location.spilled else self.dirs[0], location.name)
+        path = _path(location, self.dirs)
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -513,12 +508,8 @@ class CachedReader:
         return memoryview(lease.mm)[:location.nbytes]
 
     def _open(self, path: str, key, location: Location) -> _Lease:
+        fd = _open_shared(path, location)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise _lost(location) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != key or st.st_size < location.nbytes:
                 raise _lost(location)
@@ -572,6 +563,24 @@ def _exported(mm) -> bool:
     return False
 
 
+def _path(location: Location, dirs) -> str:
+    return os.path.join(dirs[1] if location.spilled else dirs[0], location.name)
+
+
+def _open_shared(path: str, location: Location) -> int:
+    """Open a segment and take its shared (reader's) lock; ObjectLostError if it is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise _lost(location) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _lost(location: Location) -> ObjectLostError:
     return ObjectLostError(
         f"The stored value {location.name} ({location.nbytes:,} bytes) is gone: its segment"
@@ -582,7 +591,7 @@ def _lost(location: Location) -> ObjectLostError:
 
 def unlink(location: Location, dirs) -> None:
     """Remove a piece's file now (its writer is gone, or the session is over)."""
-    _unlink_quietly(os.path.join(dirs[1] if location.spilled else dirs[0], location.name))
+    _unlink_quietly(_path(location, dirs))
 
 
 def remove_files(dirs, stem: str, keep=()) -> None:
