@@ -59,6 +59,7 @@ _CANDIDATES = 4
 #: last reader to let go before it makes a new segment instead.
 _BUSY_WAIT = 0.005
 _WAIT_FROM = 1 << 20
+_JUST_FREED = 0.05
 _PARALLEL_COPY_FROM = 16 << 20
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -110,12 +111,13 @@ def _size_class(nbytes: int) -> int:
 
 
 class _Segment:
-    __slots__ = ("name", "size", "mm")
+    __slots__ = ("name", "size", "mm", "freed_at")
 
     def __init__(self, name: str, size: int, mm):
         self.name = name
         self.size = size
         self.mm = mm
+        self.freed_at = 0.0
 
 
 class SegmentWriter:
@@ -194,12 +196,15 @@ class SegmentWriter:
             start = bisect.bisect_left(pool, (nbytes, -1))
             candidates = [entry for entry in pool[start:start + _CANDIDATES] if entry[0] <= limit]
         # A reader usually lets go within microseconds of its task's end; fresh
-        # pages cost ~0.2 ms per MiB: for a large value, waiting a little pays.
-        patience = time.monotonic() + (_BUSY_WAIT if nbytes >= _WAIT_FROM else 0.0)
+        # pages cost ~0.2 ms per MiB: for a large value just freed, waiting a
+        # little pays. (One a reader kept for longer is skipped at once.)
+        now = time.monotonic()
+        patience = now + (_BUSY_WAIT if nbytes >= _WAIT_FROM else 0.0)
         for entry in candidates:
             seg = entry[2]
             path = os.path.join(shm, seg.name)
-            while (state := _state(path, seg.size)) is _BUSY and time.monotonic() < patience:
+            while (state := _state(path, seg.size)) is _BUSY and \
+                    now - seg.freed_at < _JUST_FREED and time.monotonic() < patience:
                 time.sleep(0.0002)
             if state is _BUSY:
                 continue
@@ -236,7 +241,7 @@ class SegmentWriter:
         try:
             try:
                 os.posix_fallocate(fd, 0, size)
-            except OSError as exc:
+            except OSError as exc:  # full, other programs' files included: spill
                 if exc.errno not in _NO_ROOM:
                     raise
                 os.unlink(path)
@@ -316,6 +321,7 @@ class SegmentWriter:
             _unlink_quietly(path)
             return
         seg.name = free_name
+        seg.freed_at = time.monotonic()
         with self._lock:
             bisect.insort(self._pool, (seg.size, next(self._seq), seg))
             self._pool_bytes += seg.size

@@ -383,3 +383,26 @@ def test_a_restarted_node_never_reuses_worker_ids(monkeypatch):
         time.sleep(1.5)  # past the burial of the old workers
         futures = [ex.submit(_tasks.total, produced) for _ in range(8)]
         assert [f.result(timeout=TIMEOUT) for f in futures] == [2.0 * (4 * MiB // 8)] * 8
+
+
+@pytest.mark.chaos
+def test_a_full_file_system_takes_back_the_pool_before_spilling(tmpfs, tmp_path, monkeypatch):
+    shm = tmpfs("16m")
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    monkeypatch.setattr(config, "SHM_DIR", shm)
+    monkeypatch.setattr(config, "SPILL_DIR", str(spill))
+    monkeypatch.setattr(config, "STORE_CAPACITY", 1 << 40)
+    with futurepool.Executor(max_workers=1) as ex:
+        handle = ex.put(np.ones(8 * MiB // 8))
+        del handle
+        gc.collect()
+        assert wait_until(lambda: len(segments(ex, free=True)) == 1, TIMEOUT)  # kept for reuse
+        with open(os.path.join(shm, "filler"), "wb") as f:
+            f.write(b"\0" * 6 * MiB)
+        # 10 MiB fit only once the pooled 8 MiB are given back: no spill.
+        handle = ex.put(np.full(10 * MiB // 8, 3.0))
+        assert _files(str(spill)) == []
+        assert segments(ex, free=True) == [] and len(segments(ex)) == 1
+        assert ex.submit(_tasks.total, handle).result(timeout=TIMEOUT) == 3.0 * (10 * MiB // 8)
+        os.unlink(os.path.join(shm, "filler"))
