@@ -374,6 +374,7 @@ def test_a_restarted_node_never_reuses_worker_ids(monkeypatch):
     with futurepool.Executor(max_workers=2) as ex:
         produced = ex.submit(_tasks.array, 4 * MiB, 2.0)
         old = {ex.submit(_tasks.getpid).result(timeout=TIMEOUT) for _ in range(4)}
+        assert produced.result(timeout=TIMEOUT).sum() == 2.0 * (4 * MiB // 8)
         procs = pool_processes()
         [node] = [p for p in procs if p.ppid() == os.getpid()]
         node.kill()
