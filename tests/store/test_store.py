@@ -132,16 +132,15 @@ def test_put_after_shutdown_raises():
         executor.put(np.ones(MiB))
 
 
-def test_the_same_array_passed_to_many_tasks_is_stored_once(executor, tmp_path):
+def test_the_same_array_passed_to_many_tasks_is_stored_once(single, tmp_path):
     a = np.arange(MiB, dtype=np.float64)
     gate = str(tmp_path / "gate")
-    blockers = [executor.submit(_tasks.wait_for, gate) for _ in range(2)]
-    futures = [executor.submit(_tasks.total, a) for _ in range(16)]
+    blocker = single.submit(_tasks.wait_for, gate)  # the only worker: the rest stays pending
+    futures = [single.submit(_tasks.total, a) for _ in range(16)]
     # Sixteen pending tasks, one segment: the identity cache hands out the same block.
-    assert len(segments(executor, DRIVER)) == 1
+    assert len(segments(single, DRIVER)) == 1
     open(gate, "w").close()
-    for f in blockers:
-        f.result(timeout=TIMEOUT)
+    blocker.result(timeout=TIMEOUT)
     assert [f.result(timeout=TIMEOUT) for f in futures] == [a.sum()] * 16
 
 
@@ -171,19 +170,18 @@ def test_dropping_the_last_future_frees_its_segment(executor):
     assert wait_until(lambda: segments(executor) == [], TIMEOUT), segments(executor)
 
 
-def test_a_pending_dependent_keeps_its_input_alive(executor, tmp_path):
+def test_a_pending_dependent_keeps_its_input_alive(single, tmp_path):
     gate = str(tmp_path / "gate")
-    blockers = [executor.submit(_tasks.wait_for, gate) for _ in range(2)]
-    produced = executor.put(np.full(MiB, 5.0))
-    consumer = executor.submit(_tasks.total, produced)
+    blocker = single.submit(_tasks.wait_for, gate)
+    produced = single.put(np.full(MiB, 5.0))
+    consumer = single.submit(_tasks.total, produced)
     del produced
     gc.collect()
-    assert len(segments(executor, DRIVER)) == 1  # the pending task holds it
+    assert len(segments(single, DRIVER)) == 1  # the pending task holds it
     open(gate, "w").close()
     assert consumer.result(timeout=TIMEOUT) == 5.0 * MiB
-    for f in blockers:
-        f.result(timeout=TIMEOUT)
-    assert wait_until(lambda: segments(executor) == [], TIMEOUT)
+    blocker.result(timeout=TIMEOUT)
+    assert wait_until(lambda: segments(single) == [], TIMEOUT)
 
 
 def test_a_view_outlives_the_free_and_the_executor(single):
