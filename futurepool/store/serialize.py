@@ -110,14 +110,6 @@ def decode(data, view):
     return pickle.loads(inband, buffers=[view(piece) for piece in pieces])
 
 
-def pieces_of(data) -> tuple:
-    """The stored pieces an encoded value refers to."""
-    if type(data) is bytes:
-        return ()
-    inband, pieces = data
-    return pieces if type(inband) is bytes else (inband, *pieces)
-
-
 def dumps_result(obj, store=None):
     """Encode a task's result in the worker: C pickle first, cloudpickle if needed.
 
