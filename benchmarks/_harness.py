@@ -85,6 +85,18 @@ def use_this_checkout() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join([HERE, ROOT] + inherited)
 
 
+def close_executor(ex, failed: bool) -> None:
+    """Close an executor-like cell object; after a failure, without waiting for its queue."""
+    if not failed:
+        ex.shutdown(wait=True)
+        return
+    # Don't wait for thousands of queued tasks; the harness kills what is left.
+    try:
+        ex.shutdown(wait=False, cancel_futures=True)
+    except TypeError:  # loky has no cancel_futures
+        ex.shutdown(wait=False)
+
+
 def load_loky_executor(workers):
     """Implementation loader: a fresh ``loky.ProcessPoolExecutor`` per cell."""
     try:

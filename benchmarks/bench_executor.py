@@ -36,19 +36,10 @@ def _warm(ex, cell) -> None:
         f.result(timeout=cell.left())
 
 
-def _close(ex, failed: bool) -> None:
-    if not failed:
-        ex.shutdown(wait=True)
-        return
-    # Don't wait for thousands of queued no-ops; the harness kills what is left.
-    try:
-        ex.shutdown(wait=False, cancel_futures=True)
-    except TypeError:  # loky has no cancel_futures
-        ex.shutdown(wait=False)
-
 
 suite = Suite(
-    "futurepool executor benchmark", baseline="ppe", subject="futurepool", warm=_warm, close=_close
+    "futurepool executor benchmark", baseline="ppe", subject="futurepool", warm=_warm,
+    close=_harness.close_executor,
 )
 suite.header_extra.append(
     f"multiprocessing default start method: {multiprocessing.get_start_method()}"

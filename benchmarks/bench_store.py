@@ -70,15 +70,6 @@ def _warm(ex, cell) -> None:
     _every_worker(ex, cell, _tasks.ends, np.arange(4.0))
 
 
-def _close(ex, failed: bool) -> None:
-    if not failed:
-        ex.shutdown(wait=True)
-        return
-    try:
-        ex.shutdown(wait=False, cancel_futures=True)
-    except TypeError:  # loky has no cancel_futures
-        ex.shutdown(wait=False)
-
 
 class _RayFuture:
     """An ObjectRef with a Future's ``result(timeout)``."""
@@ -185,7 +176,7 @@ class StoreSuite(Suite):
 
 suite = StoreSuite(
     "futurepool object store benchmark", baseline="ppe", subject="futurepool",
-    warm=_warm, close=_close,
+    warm=_warm, close=_harness.close_executor,
 )
 suite.header_extra.append(
     f"multiprocessing default start method: {multiprocessing.get_start_method()};"

@@ -600,32 +600,32 @@ def unlink(location: Location, dirs) -> None:
     _unlink_quietly(_path(location, dirs))
 
 
-def remove_files(dirs, stem: str, keep=()) -> None:
-    """Unlink the files whose name starts with ``stem`` (except ``keep``)."""
+def _files(dirs, start: str):
+    """``(directory, name)`` of the files in ``dirs`` whose name starts with ``start``."""
     for directory in dirs:
         try:
             names = os.listdir(directory)
         except OSError:
             continue
         for name in names:
-            if name.startswith(stem) and name not in keep:
-                _unlink_quietly(os.path.join(directory, name))
+            if name.startswith(start):
+                yield directory, name
+
+
+def remove_files(dirs, stem: str, keep=()) -> None:
+    """Unlink the files whose name starts with ``stem`` (except ``keep``)."""
+    for directory, name in _files(dirs, stem):
+        if name not in keep:
+            _unlink_quietly(os.path.join(directory, name))
 
 
 def sweep_dead_sessions(dirs, prefix: str) -> None:
     """Remove the segments of sessions whose driver process is gone."""
     marker = prefix + "s"
-    for directory in dirs:
-        try:
-            names = os.listdir(directory)
-        except OSError:
-            continue
-        for name in names:
-            if not name.startswith(marker):
-                continue
-            pid = name[len(marker):].split("-", 1)[0]
-            if pid.isdigit() and not pid_alive(int(pid)):
-                _unlink_quietly(os.path.join(directory, name))
+    for directory, name in _files(dirs, marker):
+        pid = name[len(marker):].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            _unlink_quietly(os.path.join(directory, name))
 
 
 def pid_alive(pid: int) -> bool:

@@ -48,6 +48,31 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(path)], check=False, timeout=TIMEOUT)
 
 
+@pytest.fixture
+def store_on(tmpfs, tmp_path, monkeypatch):
+    """Point new executors' store at a private tmpfs: ``store_on("16m")`` -> (shm, spill).
+
+    The spill directory is on disk, or a tmpfs of ``spill`` bytes; ``capacity``
+    sets STORE_CAPACITY (None: the default share of the tmpfs).
+    """
+
+    def point(size: str, *, spill: str | None = None, capacity: int | None = None):
+        shm = tmpfs(size)
+        if spill is None:
+            spill_dir = tmp_path / "spill"
+            spill_dir.mkdir()
+            spill = str(spill_dir)
+        else:
+            spill = tmpfs(spill)
+        monkeypatch.setattr(config, "SHM_DIR", shm)
+        monkeypatch.setattr(config, "SPILL_DIR", spill)
+        if capacity is not None:
+            monkeypatch.setattr(config, "STORE_CAPACITY", capacity)
+        return shm, spill
+
+    return point
+
+
 def _used(directory: str) -> int:
     st = os.statvfs(directory)
     return (st.f_blocks - st.f_bfree) * st.f_frsize
@@ -61,35 +86,27 @@ def _files(directory: str) -> list[str]:
 
 
 @pytest.mark.chaos
-def test_values_past_the_capacity_spill_and_read_back(tmpfs, tmp_path, monkeypatch):
-    shm = tmpfs("32m")
-    spill = tmp_path / "spill"
-    spill.mkdir()
-    monkeypatch.setattr(config, "SHM_DIR", shm)
-    monkeypatch.setattr(config, "SPILL_DIR", str(spill))
-    monkeypatch.setattr(config, "STORE_CAPACITY", 8 * MiB)
+def test_values_past_the_capacity_spill_and_read_back(store_on):
+    shm, spill = store_on("32m", capacity=8 * MiB)
     with futurepool.Executor(max_workers=2) as ex:
         a = np.arange(12 * MiB // 8, dtype=np.float64)
         handle = ex.put(a)  # larger than the capacity: spilled
-        assert len(_files(str(spill))) == 1 and _files(shm) == []
+        assert len(_files(spill)) == 1 and _files(shm) == []
         assert ex.submit(_tasks.total, handle).result(timeout=TIMEOUT) == a.sum()
         produced = ex.submit(_tasks.array, 12 * MiB, 2.0)
         assert produced.result(timeout=TIMEOUT).sum() == 2.0 * (12 * MiB // 8)
-        assert len(_files(str(spill))) == 2
+        assert len(_files(spill)) == 2
         # Small enough values still go to shared memory.
         assert ex.submit(_tasks.array, MiB).result(timeout=TIMEOUT).sum() == MiB // 8
         del handle, produced
         gc.collect()
-        assert wait_until(lambda: _files(str(spill)) == [], TIMEOUT), _files(str(spill))
-    assert _files(shm) == [] and _files(str(spill)) == []
+        assert wait_until(lambda: _files(spill) == [], TIMEOUT), _files(spill)
+    assert _files(shm) == [] and _files(spill) == []
 
 
 @pytest.mark.chaos
-def test_a_value_larger_than_store_and_disk_is_refused_in_the_caller(tmpfs, monkeypatch):
-    shm, spill = tmpfs("16m"), tmpfs("8m")
-    monkeypatch.setattr(config, "SHM_DIR", shm)
-    monkeypatch.setattr(config, "SPILL_DIR", spill)
-    monkeypatch.setattr(config, "STORE_CAPACITY", 8 * MiB)
+def test_a_value_larger_than_store_and_disk_is_refused_in_the_caller(store_on):
+    shm, spill = store_on("16m", spill="8m", capacity=8 * MiB)
     huge = np.ones(32 * MiB // 8)
     with futurepool.Executor(max_workers=2) as ex:
         with pytest.raises(ObjectStoreFullError, match="33,554,432 bytes"):
@@ -116,13 +133,8 @@ def test_a_value_larger_than_store_and_disk_is_refused_in_the_caller(tmpfs, monk
 
 
 @pytest.mark.chaos
-def test_a_full_shared_memory_is_an_exception_never_sigbus(tmpfs, tmp_path, monkeypatch):
-    shm = tmpfs("16m")
-    spill = tmp_path / "spill"
-    spill.mkdir()
-    monkeypatch.setattr(config, "SHM_DIR", shm)
-    monkeypatch.setattr(config, "SPILL_DIR", str(spill))
-    monkeypatch.setattr(config, "STORE_CAPACITY", 1 << 40)  # the file system is the limit
+def test_a_full_shared_memory_is_an_exception_never_sigbus(store_on):
+    shm, spill = store_on("16m", capacity=1 << 40)  # the file system is the limit
     filler = os.path.join(shm, "filler")
     with futurepool.Executor(max_workers=2) as ex:
         with open(filler, "wb") as f:
@@ -132,16 +144,16 @@ def test_a_full_shared_memory_is_an_exception_never_sigbus(tmpfs, tmp_path, monk
         assert produced.result(timeout=TIMEOUT).sum() == 5.0 * MiB
         argument = ex.submit(_tasks.total, np.full(MiB, 2.0))
         assert argument.result(timeout=TIMEOUT) == 2.0 * MiB
-        assert len(_files(str(spill))) >= 1
+        assert len(_files(spill)) >= 1
         # Once space frees, values go to shared memory again.
         os.unlink(filler)
         del produced
         gc.collect()
-        assert wait_until(lambda: _files(str(spill)) == [], TIMEOUT)
+        assert wait_until(lambda: _files(spill) == [], TIMEOUT)
         again = ex.submit(_tasks.array, 8 * MiB, 1.0)
         assert again.result(timeout=TIMEOUT).sum() == MiB
-        assert _files(str(spill)) == [] and len(segments(ex)) == 1
-    assert _files(shm) == [] and _files(str(spill)) == []
+        assert _files(spill) == [] and len(segments(ex)) == 1
+    assert _files(shm) == [] and _files(spill) == []
 
 
 # --- 22: the segment unlinked or truncated under a reader -------------------------------
@@ -204,9 +216,8 @@ def test_a_segment_truncated_under_a_reader_kills_only_that_worker(tmp_path):
 
 
 @pytest.mark.chaos
-def test_a_borrower_that_crashes_releases_its_hold(tmpfs, monkeypatch):
-    shm = tmpfs("64m")
-    monkeypatch.setattr(config, "SHM_DIR", shm)
+def test_a_borrower_that_crashes_releases_its_hold(store_on):
+    shm, _ = store_on("64m")
     with futurepool.Executor(max_workers=1) as ex:
         baseline = _used(shm)
         produced = ex.submit(_tasks.array, 16 * MiB)
@@ -311,22 +322,17 @@ def test_executor_garbage_collected_with_stored_values():
 
 
 @pytest.mark.chaos
-def test_a_docker_sized_shared_memory_works_with_the_default_capacity(tmpfs, tmp_path,
-                                                                      monkeypatch):
-    shm = tmpfs("64m")  # Docker's default /dev/shm
-    spill = tmp_path / "spill"
-    spill.mkdir()
-    monkeypatch.setattr(config, "SHM_DIR", shm)
-    monkeypatch.setattr(config, "SPILL_DIR", str(spill))
+def test_a_docker_sized_shared_memory_works_with_the_default_capacity(store_on):
+    shm, spill = store_on("64m")  # Docker's default /dev/shm
     with futurepool.Executor(max_workers=2) as ex:
         # Twelve 8 MiB results held at once: 96 MiB, more than the whole tmpfs.
         held = [ex.submit(_tasks.array, 8 * MiB, float(i)) for i in range(12)]
         sums = [f.result(timeout=TIMEOUT).sum() for f in held]
         assert sums == [i * MiB for i in range(12)]
-        assert _files(str(spill)), "nothing spilled past the default capacity"
+        assert _files(spill), "nothing spilled past the default capacity"
         assert _used(shm) <= 40 * MiB  # half the free space, plus the pools' slack
         assert ex.submit(_tasks.total_all, *held).result(timeout=TIMEOUT) == sum(sums)
-    assert _files(shm) == [] and _files(str(spill)) == []
+    assert _files(shm) == [] and _files(spill) == []
 
 
 def test_no_resource_tracker_warning_and_no_premature_unlink():
@@ -348,9 +354,8 @@ def test_no_resource_tracker_warning_and_no_premature_unlink():
 
 
 @pytest.mark.chaos
-def test_an_idle_worker_lets_go_of_unlinked_segments(tmpfs, monkeypatch):
-    shm = tmpfs("64m")
-    monkeypatch.setattr(config, "SHM_DIR", shm)
+def test_an_idle_worker_lets_go_of_unlinked_segments(store_on, monkeypatch):
+    shm, _ = store_on("64m")
     monkeypatch.setattr(config, "STORE_POOL_BYTES", 0)  # freed segments are unlinked
     with futurepool.Executor(max_workers=1) as ex:
         baseline = _used(shm)
@@ -387,13 +392,8 @@ def test_a_restarted_node_never_reuses_worker_ids(monkeypatch):
 
 
 @pytest.mark.chaos
-def test_a_full_file_system_takes_back_the_pool_before_spilling(tmpfs, tmp_path, monkeypatch):
-    shm = tmpfs("16m")
-    spill = tmp_path / "spill"
-    spill.mkdir()
-    monkeypatch.setattr(config, "SHM_DIR", shm)
-    monkeypatch.setattr(config, "SPILL_DIR", str(spill))
-    monkeypatch.setattr(config, "STORE_CAPACITY", 1 << 40)
+def test_a_full_file_system_takes_back_the_pool_before_spilling(store_on):
+    shm, spill = store_on("16m", capacity=1 << 40)
     with futurepool.Executor(max_workers=1) as ex:
         handle = ex.put(np.ones(8 * MiB // 8))
         del handle
@@ -403,7 +403,7 @@ def test_a_full_file_system_takes_back_the_pool_before_spilling(tmpfs, tmp_path,
             f.write(b"\0" * 6 * MiB)
         # 10 MiB fit only once the pooled 8 MiB are given back: no spill.
         handle = ex.put(np.full(10 * MiB // 8, 3.0))
-        assert _files(str(spill)) == []
+        assert _files(spill) == []
         assert segments(ex, free=True) == [] and len(segments(ex)) == 1
         assert ex.submit(_tasks.total, handle).result(timeout=TIMEOUT) == 3.0 * (10 * MiB // 8)
         os.unlink(os.path.join(shm, "filler"))
