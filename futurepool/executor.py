@@ -16,12 +16,11 @@ types):
   (:class:`~futurepool.errors.UnpicklingFailedError`, also a
   ``BrokenProcessPool``), not the pool.
 * Futures are values: pass them as arguments to ``submit``/``map``.
-* Code reaches workers by value (cloudpickle) or by import, never by fork
-  inheritance, whatever ``mp_context`` says: lambdas, closures and
-  ``__main__`` functions work, ``max_tasks_per_child`` works with any
-  context, and objects that only survive a fork (a ``Lock`` made by a
-  *fork* context) cannot be passed in ``initargs``. ``mp_context`` is
-  validated and kept as ``_mp_context`` for code that reads it.
+* The start method of ``mp_context`` is honoured as the stdlib does
+  (``core.startup``): under fork, workers see the caller's memory as it was
+  when the executor started; under spawn/forkserver they import the main
+  script. Lambdas, closures and interactive code work under every method
+  (they travel by value), and ``max_tasks_per_child`` is accepted with fork.
 * Extra keyword-only argument ``max_retries`` (default 0, the stdlib's
   behaviour): how many times a task whose worker died is re-run.
 * ``map`` accepts ``buffersize``, and ``terminate_workers``/``kill_workers``
@@ -45,6 +44,7 @@ import weakref
 from concurrent.futures import Executor as _StdExecutor
 
 from .core import owner as _owner
+from .core import startup
 from .errors import ObjectStoreFullError
 from .future import Future
 from .store import serialize
@@ -89,12 +89,15 @@ class Executor(_StdExecutor):
     Args:
         max_workers: number of worker processes; default the number of CPUs
             this process may use (``os.process_cpu_count()``).
-        mp_context: accepted and validated for compatibility; workers are
-            always started by futurepool's node (see the module docstring).
+        mp_context: the start method's semantics, as in the stdlib: with
+            fork (the default on Linux before 3.14) workers inherit the
+            caller's state; with spawn or forkserver they import the main
+            script and start on demand.
         initializer: called with ``initargs`` in each worker before it
             takes tasks. If it fails, the pool is broken, as in the stdlib.
         initargs: arguments for ``initializer``; may hold
-            ``multiprocessing`` queues and pipes, as with the stdlib.
+            ``multiprocessing`` queues, pipes, locks and shared values, as
+            with the stdlib (under fork they are handed over in memory).
         max_tasks_per_child: a worker exits after this many tasks and is
             replaced by a fresh one.
         max_retries: times a task is re-run when its worker dies (not when
@@ -132,17 +135,26 @@ class Executor(_StdExecutor):
         self._initializer = initializer
         self._initargs = initargs
         self._max_tasks_per_child = max_tasks_per_child
-        blob, fds = None, []
-        if initializer is not None:
-            try:
-                blob, fds = serialize.dumps_for_spawn((initializer, tuple(initargs)))
-            except Exception as exc:
-                raise TypeError(f"initializer and initargs must be picklable: "
-                                f"{type(exc).__name__}: {exc}") from exc
+        semantics = startup.semantics(mp_context)
+        method = mp_context.get_start_method() or mp.get_start_method()
+        blob, fds, references = None, [], None
+        if semantics == startup.SPAWN:
+            references = startup.MainReferences.for_spawn()
+            if initializer is not None:  # fork hands them over in memory
+                try:
+                    blob, fds = serialize.dumps_for_spawn((initializer, tuple(initargs)),
+                                                          references)
+                except Exception as exc:
+                    raise TypeError(f"initializer and initargs must be picklable: "
+                                    f"{type(exc).__name__}: {exc}") from exc
         self._owner = _owner.Owner(
-            self, max_workers=max_workers, initializer_blob=blob, inherited_fds=fds,
-            max_tasks_per_child=max_tasks_per_child, max_retries=max_retries,
+            self, max_workers=max_workers, semantics=semantics, start_method=method,
+            initializer=initializer, initargs=initargs, initializer_blob=blob,
+            inherited_fds=fds, max_tasks_per_child=max_tasks_per_child,
+            max_retries=max_retries, main_references=references,
+            workers_on_demand=semantics == startup.SPAWN,
             initializer_name=serialize.describe_callable(initializer) if initializer else "")
+        self._shut_down = False  # shutdown() finished: _processes is None, as in the stdlib
         self._shutdown_thread = False
         self._shutdown_lock = threading.Lock()
 
@@ -157,6 +169,27 @@ class Executor(_StdExecutor):
         """The thread that owns this executor's state, under the stdlib's name."""
         return self._owner.thread
 
+    @property
+    def _processes(self):
+        """pid -> worker process, as the stdlib's ``_processes`` (None after shutdown).
+
+        Each value has ``pid``, ``name``, ``is_alive()``, ``join(timeout)``,
+        ``terminate()``, ``kill()`` and ``exitcode``. A snapshot: workers
+        that are replaced later appear in the next one.
+        """
+        if self._shut_down:
+            return None
+        if self._owner.thread is None:
+            return {}
+        return self._owner.process_table()
+
+    def _refuse_forked_copy(self):
+        if self._owner.forked_copy:
+            raise RuntimeError(
+                f"this executor belongs to the process that created it (pid"
+                f" {self._owner.pid}); a copy inherited by fork, as in a worker, cannot run"
+                " tasks")
+
     def submit(self, fn, /, *args, **kwargs):
         """Schedule ``fn(*args, **kwargs)``; return a :class:`futurepool.Future`.
 
@@ -169,8 +202,17 @@ class Executor(_StdExecutor):
             RuntimeError: after ``shutdown`` (or interpreter shutdown).
             BrokenProcessPool: the pool is broken (its initializer failed).
         """
-        future = Future()
         owner = self._owner
+        self._refuse_forked_copy()
+        with self._shutdown_lock:
+            self._check_open()
+            # Workers first (the fork of the node must see the caller's state as it is
+            # now, and no thread of ours yet), then pickling, as in the stdlib.
+            if owner.thread is None:
+                owner.start()
+            if owner.on_demand:
+                owner.adjust_workers()
+        future = Future()
         try:
             task = owner.make_task(future, fn, args, kwargs)
         except ObjectStoreFullError:
@@ -183,8 +225,6 @@ class Executor(_StdExecutor):
             if task is None:
                 future.set_exception(error)
                 return future
-            if owner.thread is None:
-                owner.start()
             owner.post(("task", task))
         return future
 
@@ -203,16 +243,15 @@ class Executor(_StdExecutor):
             pickle.PicklingError, TypeError: the value cannot be pickled.
         """
         owner = self._owner
-        with self._shutdown_lock:
-            self._check_open()
-        data = serialize.encode(value, owner.store)
-        future = Future()
-        future._description = f"put({type(value).__qualname__})"
-        future._set_encoded_result(data)
+        self._refuse_forked_copy()
         with self._shutdown_lock:
             self._check_open()
             if owner.thread is None:  # it frees what is stored when done
                 owner.start()
+        data = serialize.encode(value, owner.store, owner.dumps)
+        future = Future()
+        future._description = f"put({type(value).__qualname__})"
+        future._set_encoded_result(data)
         return future
 
     def _check_open(self):
@@ -291,15 +330,18 @@ class Executor(_StdExecutor):
 
     def _stop(self, request, wait):
         """Refuse new tasks, ask the owner to stop (``request``), maybe wait."""
+        owner = self._owner
+        if owner.forked_copy:  # the parent's, not ours to stop (and its lock may be held)
+            return
         with self._shutdown_lock:
             self._shutdown_thread = True
-            owner = self._owner
             if owner.thread is None:
                 owner.close_unstarted()
                 return
             request(owner)
         if wait:
             owner.join()
+        self._shut_down = True
 
     def __exit__(self, exc_type, exc_val, exc_tb):
         # Ctrl-C in the with-block: do not wait for queued work (cpython#125886).

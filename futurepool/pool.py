@@ -371,8 +371,9 @@ class Pool:
         initializer: called with ``initargs`` in each worker at start.
         initargs: arguments for ``initializer``.
         maxtasksperchild: a worker exits after this many tasks and is replaced.
-        context: accepted for compatibility and kept as ``_ctx``; workers are
-            started by futurepool's node whatever it says.
+        context: its start method decides what workers inherit, as in the
+            stdlib (fork: the caller's state; spawn/forkserver: the main
+            script, imported); kept as ``_ctx``.
 
     .. versionadded:: 0.1
     """
@@ -394,9 +395,10 @@ class Pool:
         self._maxtasksperchild = maxtasksperchild
         self._initializer = initializer
         self._initargs = initargs
-        self._executor = Executor(processes, initializer=initializer, initargs=initargs,
-                                  max_tasks_per_child=maxtasksperchild)
-        self._executor._owner.start()  # workers start now, as the stdlib's do
+        self._executor = Executor(processes, mp_context=self._ctx, initializer=initializer,
+                                  initargs=initargs, max_tasks_per_child=maxtasksperchild)
+        # Every worker starts now, whatever the start method, as the stdlib's do.
+        self._executor._owner.start(all_workers=True)
         # Like the stdlib's result handler, the callback thread exists from the start.
         self._runner = _CallbackThread()
         self._state = RUN
@@ -416,6 +418,15 @@ class Pool:
 
     def __reduce__(self):
         raise NotImplementedError("pool objects cannot be passed between processes or pickled")
+
+    @property
+    def _pool(self):
+        """The worker processes, as the stdlib's list of ``Process`` objects.
+
+        Each has ``pid``, ``name``, ``is_alive()``, ``join(timeout)``,
+        ``terminate()``, ``kill()`` and ``exitcode``; a snapshot.
+        """
+        return list(self._executor._owner.process_table().values())
 
     def __enter__(self):
         self._check_running()

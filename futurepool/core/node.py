@@ -3,8 +3,8 @@
 ::
 
     driver (owner's I/O thread)                      node (this module)
-      cmd pipe  ── NODE_CONFIG, NODE_STOP ────────►  main loop (one thread)
-      event pipe ◄── WORKER_EXITED ─────────────────   ├─ os.fork() ─► worker 0 ─┐
+      cmd pipe  ── NODE_CONFIG, _SCALE, _STOP ────►  main loop (one thread)
+      event pipe ◄── WORKER_STARTED, _EXITED ───────   ├─ os.fork() ─► worker 0 ─┐
                                                        ├─ os.fork() ─► worker 1 ─┤ zmq ipc
       owner ROUTER ◄──────────── READY / RESULTS ──────────────────────────────────┘ to owner
 
@@ -12,8 +12,10 @@ Who owns what: the node owns nothing but its children. It has no threads and
 no zmq context, which is what makes ``os.fork()`` safe and cheap here (about
 a millisecond, with the interpreter and our modules already loaded); the
 workers build their own zmq context after the fork. User code never runs in
-the node, so workers inherit no user state: code reaches them by value
-(cloudpickle) or by import.
+the node. How the node itself starts decides what workers inherit
+(``core.startup``): under fork semantics it is forked from the driver, so
+workers see the driver's memory; under spawn semantics it is a fresh
+interpreter, and each worker imports the main script.
 
 Liveness, both ways, without heartbeat traffic:
 * the driver holds the write end of the command pipe: end of file on it
@@ -24,6 +26,7 @@ Liveness, both ways, without heartbeat traffic:
 
 from __future__ import annotations
 
+import gc
 import mmap
 import multiprocessing
 import multiprocessing.util
@@ -42,15 +45,24 @@ from ..store import segments, serialize
 from .processes import (
     EXIT_INITIALIZER_FAILED,
     INITIALIZING,
+    NODE_PROCESS_NAME,
     RUNNING_SLOT,
+    WORKER_PROCESS_NAME,
     describe_status,
     set_parent_death_signal,
+    set_process_name,
 )
+from .startup import become_worker_process
+from .worker import run_worker
 
 
 class Node:
-    def __init__(self, settings: dict, cmd: PipeReader, event_fd: int):
+    def __init__(self, settings: dict, cmd: PipeReader, event_fd: int, inherited=None):
         self.settings = settings
+        # Fork semantics: what the workers take from memory (initializer, initargs, the
+        # driver's signal handlers); None for a spawned node.
+        self.inherited = inherited
+        self.target = settings["workers"]  # how many workers to keep (NODE_SCALE changes it)
         self.cmd_fd = cmd.fd
         self.event_fd = event_fd
         # pid -> (worker_id, start time, running-task slot)
@@ -75,9 +87,8 @@ class Node:
         if pid == 0:  # the worker
             code = 1
             try:
-                self._become_worker(node_pid)
-                from .worker import run_worker
-                code = run_worker(worker_id, self.settings, slot)
+                self._become_worker(node_pid, worker_id)
+                code = run_worker(worker_id, self.settings, slot, self.inherited)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:  # noqa: BLE001 - report, then leave without cleanup
@@ -90,8 +101,9 @@ class Node:
                 sys.stderr.flush()
                 os._exit(code)
         self.workers[pid] = (worker_id, time.monotonic(), slot)
+        self.report(MessageType.WORKER_STARTED, (worker_id, pid))
 
-    def _become_worker(self, node_pid: int) -> None:
+    def _become_worker(self, node_pid: int, worker_id: int) -> None:
         set_parent_death_signal()
         if os.getppid() != node_pid:  # the node died before prctl took effect
             os._exit(1)
@@ -100,8 +112,15 @@ class Node:
             os.close(fd)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if self.inherited is not None:  # as the stdlib's forked workers, keep the driver's
+            for signum, handler in self.inherited.get("signal_handlers", {}).items():
+                signal.signal(signum, handler)
         # Ctrl-C is the driver's to handle; it stops us (FAULTS.md 44).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        gc.enable()
+        set_process_name(WORKER_PROCESS_NAME)
+        become_worker_process(f"{self.settings['process_name']}-{worker_id + 1}",
+                              self.settings["driver_pid"])
 
     def reap(self) -> None:
         while True:
@@ -140,7 +159,7 @@ class Node:
             if time.monotonic() < self.respawn_at:
                 return
             self.respawn_at = None
-        while len(self.workers) < self.settings["workers"]:
+        while len(self.workers) < self.target:
             self.spawn_worker()
 
     def report(self, kind: MessageType, body) -> None:
@@ -159,8 +178,10 @@ class Node:
     # -- main loop ------------------------------------------------------------
 
     def run(self) -> int:
+        # A NODE_SCALE or NODE_STOP may have come with the configuration. The workers
+        # asked for start even so: a pool's workers always run its initializer.
+        self.read_commands(start_before_stop=True)
         self.top_up()
-        self.read_commands()  # a NODE_STOP may have come with the configuration
         poller = select.poll()
         poller.register(self.cmd_fd, select.POLLIN)
         poller.register(self.wakeup_r, select.POLLIN)
@@ -187,11 +208,15 @@ class Node:
             else:
                 self.top_up()
 
-    def read_commands(self) -> None:
+    def read_commands(self, start_before_stop: bool = False) -> None:
         try:
             for kind, ident, _body in self.cmd.read():
                 if kind == MessageType.NODE_STOP:
+                    if start_before_stop:
+                        self.top_up()
                     self.begin_stop(ident)  # 0: the owner told the workers to STOP
+                elif kind == MessageType.NODE_SCALE:
+                    self.target = ident
         except Exception:  # noqa: BLE001 - a corrupt pipe means the driver is gone
             self.cmd.closed = True
         if self.cmd.closed and not self.stopping:  # driver died: nobody wants results
@@ -207,17 +232,31 @@ class Node:
 
 
 def main() -> None:
-    """Entry point of the node process (started by ``processes.start_node``).
+    """Entry point of a spawned node (``start_node``; spawn semantics).
 
-    ``sys.argv[1:3]`` are the command and event pipe descriptors.
+    ``sys.argv[1:4]`` are the command and event pipe descriptors and the
+    driver's resource tracker descriptor (-1: none).
+    """
+    cmd_fd, event_fd, tracker_fd = (int(arg) for arg in sys.argv[1:4])
+    if tracker_fd >= 0:  # workers share the driver's tracker, as spawned children do
+        from multiprocessing import resource_tracker
+        resource_tracker._resource_tracker._fd = tracker_fd
+    sys.exit(serve(cmd_fd, event_fd))
+
+
+def serve(cmd_fd: int, event_fd: int, inherited=None) -> int:
+    """The node's life: wait for its configuration, keep workers, clean up; exit code.
+
+    ``inherited`` is set when this process was forked from the driver (fork
+    semantics): the initializer and the driver's signal handlers, in memory.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    cmd_fd, event_fd = int(sys.argv[1]), int(sys.argv[2])
+    set_process_name(NODE_PROCESS_NAME)
     os.set_blocking(cmd_fd, False)
     cmd = PipeReader(cmd_fd)
     settings = _read_settings(cmd)
     multiprocessing.current_process().authkey = settings["authkey"]
-    node = Node(settings, cmd, event_fd)
+    node = Node(settings, cmd, event_fd, inherited)
     os.set_blocking(node.wakeup_w, False)
     signal.set_wakeup_fd(node.wakeup_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -226,7 +265,33 @@ def main() -> None:
     # Every worker is gone: nothing of the session's store is written any more.
     store = settings["store"]
     segments.remove_files(store.dirs, store.session + "-")
-    sys.exit(code)
+    return code
+
+
+def serve_forked(cmd_fd: int, event_fd: int, inherited: dict) -> int:
+    """Entry point of a node forked from the driver (fork semantics); its exit code.
+
+    The driver's memory came along, but none of its threads: this process
+    runs only the code below, in a session of its own (a terminal's Ctrl-C
+    is the driver's). The driver's Python signal handlers are set aside for
+    the workers; the garbage collector leaves the inherited objects alone,
+    so their pages stay shared with the driver.
+    """
+    os.setsid()
+    signal.set_wakeup_fd(-1)
+    handlers = {}
+    for signum in signal.valid_signals():
+        try:
+            handler = signal.getsignal(signum)
+        except (ValueError, OSError):
+            continue
+        if callable(handler) and signum not in (signal.SIGINT, signal.SIGCHLD):
+            handlers[signum] = handler
+            signal.signal(signum, signal.SIG_DFL)
+    inherited["signal_handlers"] = handlers
+    gc.disable()
+    gc.freeze()
+    return serve(cmd_fd, event_fd, inherited)
 
 
 def _read_settings(reader: PipeReader) -> dict:

@@ -52,6 +52,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import CancelledError
+from multiprocessing import resource_tracker
 
 import zmq
 
@@ -64,17 +65,23 @@ from ..errors import (
     UnpicklingFailedError,
     WorkerCrashedError,
 )
-from ..protocol.framing import PipeReader, decode_header, pack_header, write_pipe_message
+from ..protocol.framing import decode_header, pack_header
 from ..protocol.messages import MessageType, ResultStatus
 from ..store import segments, serialize
 from ..store.objects import DriverStore
-from .processes import EXIT_INITIALIZER_FAILED, INITIALIZING, start_node
+from . import startup
+from .local_node import LocalNode
+from .processes import EXIT_INITIALIZER_FAILED, EXIT_START_FAILED, INITIALIZING, WorkerProcess
 from .scheduler import Scheduler, WorkerSlot
+from .startup import FORK, check_not_importing_main
 
 LOGGER = logging.getLogger("futurepool")
 
 _task_ids = itertools.count(1)
 _HOST = os.uname().nodename
+#: Worker names by start method, as the stdlib's process classes name them.
+_PROCESS_NAMES = {"fork": "ForkProcess", "spawn": "SpawnProcess",
+                  "forkserver": "ForkServerProcess"}
 
 
 class Task:
@@ -105,16 +112,35 @@ class Task:
 class Owner:
     """Owns the tasks one executor submits; see the module docstring."""
 
-    def __init__(self, executor, *, max_workers: int, initializer_blob: bytes | None,
-                 inherited_fds: list[int], max_tasks_per_child: int | None,
-                 max_retries: int, initializer_name: str = ""):
+    def __init__(self, executor, *, max_workers: int, semantics: str, start_method: str,
+                 initializer=None, initargs=(), initializer_blob: bytes | None = None,
+                 inherited_fds: list[int] = (), max_tasks_per_child: int | None = None,
+                 max_retries: int = 0, initializer_name: str = "",
+                 main_references=None, workers_on_demand: bool = False):
         self.max_workers = max_workers
+        self.semantics = semantics  # startup.FORK or startup.SPAWN
+        self.start_method = start_method
+        # Fork semantics hand the initializer over in memory; spawn pickles it.
+        self.inherited = {"initializer": initializer, "initargs": tuple(initargs)} \
+            if semantics == FORK and initializer is not None else None
         self.initializer_blob = initializer_blob
         self.initializer_name = initializer_name
-        self.inherited_fds = inherited_fds
+        self.inherited_fds = tuple(inherited_fds)
         self.max_tasks_per_child = max_tasks_per_child
         self.max_retries = max_retries
-        self.functions = serialize.FunctionCache()
+        # Which __main__ functions and classes travel by name (fork: fixed when the
+        # node is forked; until then everything travels by value).
+        self.main_references = main_references
+        self.functions = serialize.FunctionCache(self.dumps)
+        # Workers on demand (spawn semantics, as the stdlib): one more per submit that
+        # finds no idle worker. ``requested`` is written by user threads only.
+        self.on_demand = workers_on_demand
+        self.requested = 0 if workers_on_demand else max_workers
+        self.idle_workers = threading.Semaphore(0)
+        self.pid = os.getpid()
+        # pid -> WorkerProcess, for ``executor._processes``: the I/O thread writes.
+        self.processes: dict[int, WorkerProcess] = {}
+        self.processes_changed = threading.Condition()
         self.store = DriverStore(segments.new_settings(
             config.SHM_DIR, config.SPILL_DIR, config.SHM_PREFIX, config.STORE_CAPACITY,
             config.STORE_FRACTION, config.STORE_POOL_BYTES, config.INLINE_THRESHOLD,
@@ -140,19 +166,84 @@ class Owner:
         self.terminating = False  # terminate_workers(), kill_workers(), Ctrl-C
         self.start_failures = 0
         self.node_restarts = 0
-        self.node = None
-        self.node_cmd = -1
-        self.node_events: PipeReader | None = None
+        self.node: LocalNode | None = None
+        self.node_settings: dict | None = None
         self.ctx = self.sock = self.poller = None
         self.run_dir = None
         self.frees: dict[WorkerSlot, list] = {}  # pieces to free, by the worker that wrote them
 
     # -- called from user threads ---------------------------------------------
 
-    def start(self) -> None:
+    @property
+    def forked_copy(self) -> bool:
+        """Whether this is a copy in a process forked from the one that made it.
+
+        Its threads and node belong to that process; a lock it held while
+        forking (the executor's, during the node's fork) stays held here.
+        """
+        return self.pid != os.getpid()
+
+    def start(self, all_workers: bool = False) -> None:
+        """Start the node (forking the driver, under fork semantics), then the I/O thread.
+
+        Runs in the first submitting thread, before any thread of ours
+        exists for this executor, as the stdlib launches its forked workers.
+        ``all_workers``: start every worker now, even where they would start
+        on demand (``multiprocessing.Pool`` does).
+        """
+        check_not_importing_main("A futurepool executor")
+        if all_workers:
+            self.on_demand = False
+            self.requested = self.max_workers
+        base = config.TMPDIR if len(config.TMPDIR) < 60 else "/tmp"  # sockaddr_un: 108 bytes
+        sweep_run_dirs(base)
+        segments.sweep_dead_sessions(self.store.settings.dirs, config.SHM_PREFIX)
+        self.run_dir = tempfile.mkdtemp(prefix=f"{_RUN_DIR_PREFIX}{os.getpid()}-", dir=base)
+        self.address = f"ipc://{self.run_dir}/owner"
+        settings = {
+            "authkey": bytes(multiprocessing.current_process().authkey),
+            "owner_address": self.address,
+            "run_dir": self.run_dir,
+            "initializer": self.initializer_blob,
+            "max_tasks_per_child": self.max_tasks_per_child,
+            "store": self.store.settings,
+            "driver_pid": os.getpid(),
+            "process_name": _PROCESS_NAMES.get(self.start_method, "Process"),
+        }
+        if self.semantics == FORK:
+            self.main_references = startup.MainReferences.for_fork()
+        else:
+            settings["preparation"] = startup.preparation_data(settings["process_name"],
+                                                               self.start_method)
+        self.node_settings = settings
+        # Workers share the driver's resource tracker, as the stdlib's children do, so
+        # a SharedMemory a task attaches to is never unlinked under the caller (gh-82300).
+        resource_tracker.ensure_running()
+        self.node = LocalNode(self.semantics, self.inherited_fds, self.inherited)
+        self.node.start(resource_tracker._resource_tracker._fd)
         self.thread = threading.Thread(target=self._run, name="futurepool-owner", daemon=False)
         self.thread.start()
         _live_owners.add(self)
+
+    def dumps(self, obj, buffer_callback=None) -> bytes:
+        """Pickle user data for this executor's workers (``__main__`` by name where they can)."""
+        return serialize.dumps(obj, buffer_callback, self.main_references)
+
+    def adjust_workers(self) -> None:
+        """A submit: start one more worker unless one is idle (the stdlib's rule)."""
+        if self.idle_workers.acquire(blocking=False):
+            return
+        if self.requested < self.max_workers:
+            self.requested += 1
+            self.post(("scale", self.requested))
+
+    def process_table(self, timeout: float = 5.0) -> dict:
+        """pid -> WorkerProcess, once every requested worker has reported its start."""
+        with self.processes_changed:
+            self.processes_changed.wait_for(
+                lambda: len(self.processes) == self.requested or self.stopping
+                or self.broken is not None, timeout)
+            return dict(self.processes)
 
     def post(self, command) -> None:
         self.commands.append(command)
@@ -169,7 +260,7 @@ class Owner:
             raise _pickling_error(  # noqa: B904 - its cause is set, or it is the original
                 f"Could not pickle the function {serialize.describe_callable(fn)}", exc)
         try:
-            data, deps = serialize.dumps_arguments(args, kwargs, self.store)
+            data, deps = serialize.dumps_arguments(args, kwargs, self.store, self.dumps)
         except (KeyboardInterrupt, ObjectStoreFullError):
             raise
         except BaseException as exc:  # noqa: BLE001 - sys.exit() in a __reduce__ too
@@ -217,11 +308,6 @@ class Owner:
             _live_owners.discard(self)
 
     def _open(self) -> None:
-        base = config.TMPDIR if len(config.TMPDIR) < 60 else "/tmp"  # sockaddr_un: 108 bytes
-        sweep_run_dirs(base)
-        segments.sweep_dead_sessions(self.store.settings.dirs, config.SHM_PREFIX)
-        self.run_dir = tempfile.mkdtemp(prefix=f"{_RUN_DIR_PREFIX}{os.getpid()}-", dir=base)
-        self.address = f"ipc://{self.run_dir}/owner"
         self.ctx = zmq.Context(1)
         self.sock = self.ctx.socket(zmq.ROUTER)
         # Unknown or gone peers raise instead of silently dropping (FAULTS.md 1.6).
@@ -233,32 +319,20 @@ class Owner:
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.wake_fd, zmq.POLLIN)
-        self._start_node()
+        self._configure_node()
 
-    def _start_node(self) -> None:
-        cmd_r, cmd_w = os.pipe()
-        ev_r, ev_w = os.pipe()
-        try:
-            self.node = start_node(cmd_r, ev_w, tuple(self.inherited_fds))
-        finally:
-            os.close(cmd_r)
-            os.close(ev_w)
-        self.node_cmd = cmd_w
-        os.set_blocking(ev_r, False)
-        self.node_events = PipeReader(ev_r)
-        self.poller.register(ev_r, zmq.POLLIN)
-        settings = {
-            "authkey": bytes(multiprocessing.current_process().authkey),
-            "workers": self.max_workers,
-            "owner_address": self.address,
-            "run_dir": self.run_dir,
-            "initializer": self.initializer_blob,
-            "max_tasks_per_child": self.max_tasks_per_child,
-            "store": self.store.settings,
-            # Worker ids name sockets and segments: a restarted node must not reuse any.
-            "first_worker_id": self.node_restarts << 20,
-        }
-        write_pipe_message(cmd_w, MessageType.NODE_CONFIG, serialize.dumps_plain(settings))
+    def _configure_node(self) -> None:
+        """The node waits for this: the socket is bound, workers may dial it."""
+        self.poller.register(self.node.event_fd, zmq.POLLIN)
+        # Worker ids name sockets and segments: a restarted node must not reuse any.
+        self.node.configure({**self.node_settings, "workers": self.requested,
+                             "first_worker_id": self.node_restarts << 20})
+
+    def _restart_node(self) -> None:
+        """A new node after the last one died (forked from here under fork semantics)."""
+        self.node = LocalNode(self.semantics, self.inherited_fds, self.inherited)
+        self.node.start(resource_tracker._resource_tracker._fd)
+        self._configure_node()
 
     def _loop(self) -> None:
         sock, wake_fd, poll = self.sock, self.wake_fd, self.poller.poll
@@ -284,7 +358,7 @@ class Owner:
                     self._drain_socket()
                 elif what == wake_fd:
                     os.eventfd_read(wake_fd)
-                elif self.node_events is not None and what == self.node_events.fd:
+                elif self.node is not None and what == self.node.event_fd:
                     self._read_node_events()
             if self.timers:
                 self._run_timers()
@@ -310,6 +384,9 @@ class Owner:
                 self._dependency_done(command[1], command[2])
             elif kind == "free":
                 self._free(command[1])
+            elif kind == "scale":
+                if self.node is not None:
+                    self.node.scale(command[1])
             elif kind == "shutdown":
                 self.stopping = True
                 if command[1]:
@@ -324,8 +401,8 @@ class Owner:
                         "the workers were stopped (terminate_workers(), kill_workers() or"
                         f" Ctrl-C) before {task.describe()} ran"))
                 self.ready.clear()
-                if self.node_cmd >= 0:
-                    write_pipe_message(self.node_cmd, MessageType.NODE_STOP, ident=command[1])
+                if self.node is not None:
+                    self.node.stop(command[1])
 
     def _admit(self, task: Task) -> None:
         if self.broken is not None:
@@ -490,6 +567,8 @@ class Owner:
             self.start_failures = 0
         elif kind == MessageType.INIT_FAILED:
             self._initializer_failed(ident, serialize.loads_exception(frames[2]))
+        elif kind == MessageType.START_FAILED:
+            self._start_failed(ident, None, serialize.loads_exception(frames[2]))
         else:
             raise ProtocolError(f"unexpected {kind.name} from a worker")
 
@@ -511,6 +590,8 @@ class Owner:
                 worker.backlog = 0.0  # no drift from float sums
             if attempt != task.attempt:
                 continue
+            if self.on_demand:  # a worker is free again (the stdlib's idle semaphore)
+                self.idle_workers.release()
             if status == ResultStatus.OK:
                 self.scheduler.record(task.fn_id, took)
                 self.tasks.pop(task.task_id, None)
@@ -545,6 +626,18 @@ class Owner:
         except BaseException:  # noqa: BLE001 - already cancelled, or a callback failed
             LOGGER.debug("could not fail %s", task.describe(), exc_info=True)
 
+    def _start_failed(self, worker_id: int, pid, exc: BaseException) -> None:
+        """A worker could not import the main script (spawn semantics): the pool is broken."""
+        if self.broken is not None:
+            return
+        error = WorkerCrashedError(
+            "starting a worker", exitcode=EXIT_START_FAILED,
+            detail=f"Worker {worker_id} could not start: importing the main script as"
+                   f" __mp_main__, as workers of the '{self.start_method}' start method do,"
+                   f" raised {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        self._break(error)
+
     def _initializer_failed(self, worker_id: int, exc: BaseException) -> None:
         if self.broken is not None:
             return
@@ -559,21 +652,42 @@ class Owner:
     # -- the node and dead workers -------------------------------------------
 
     def _read_node_events(self) -> None:
-        reader = self.node_events
         try:
-            events = reader.read()
+            events = self.node.read_events()
         except ProtocolError:
             events = []
-        for kind, _ident, body in events:
-            if kind == MessageType.WORKER_EXITED:
-                self._worker_exited(*serialize.loads(body))
-        if reader.closed:
+        for kind, body in events:
+            if kind == MessageType.WORKER_STARTED:
+                self._worker_started(*body)
+            elif kind == MessageType.WORKER_EXITED:
+                self._worker_exited(*body)
+        if self.node.gone:
             self._node_died()
+
+    def _worker_started(self, worker_id: int, pid: int) -> None:
+        name = f"{self.node_settings['process_name']}-{worker_id + 1}"
+        with self.processes_changed:
+            self.processes[pid] = WorkerProcess(worker_id, pid, name)
+            self.processes_changed.notify_all()
+
+    def _process_gone(self, pid, exitcode, signal_name) -> None:
+        with self.processes_changed:
+            process = self.processes.pop(pid, None)
+            if process is not None:
+                process._exited(exitcode, signal_name)
+                self.processes_changed.notify_all()
 
     def _worker_exited(self, worker_id, pid, exitcode, signal_name, running_id=None,
                        running_attempt=0, detail="") -> None:
         """A worker died; ``running_id`` is what its slot said it ran (None: unknown)."""
+        self._process_gone(pid, exitcode, signal_name)
         slot = self.scheduler.workers.get(worker_id)
+        if exitcode == EXIT_START_FAILED:
+            # Its START_FAILED message, with the real exception, may still be in flight.
+            self._add_timer(config.DEATH_GRACE, lambda: self._start_failed(
+                worker_id, pid, RuntimeError("the worker exited while importing the main"
+                                             " script")))
+            return
         if exitcode == EXIT_INITIALIZER_FAILED or running_id == INITIALIZING:
             how = "failed" if exitcode == EXIT_INITIALIZER_FAILED else \
                 f"ended its process with {signal_name or f'EXIT({exitcode})'}"
@@ -640,11 +754,12 @@ class Owner:
             deaths=running.deaths, detail=detail))
 
     def _node_died(self) -> None:
-        self.poller.unregister(self.node_events.fd)
-        os.close(self.node_events.fd)
-        self.node_events = None
-        code = self.node.wait()
-        self._close_node_pipes()
+        self.poller.unregister(self.node.event_fd)
+        self.node.close_events()
+        self.node.close_commands()
+        code = self.node.process.wait()
+        for pid in list(self.processes):
+            self._process_gone(pid, None, "SIGKILL")
         for slot in list(self.scheduler.workers.values()):
             self._worker_exited(slot.worker_id, slot.pid, None, "SIGKILL",
                                 detail=f"Its node process (pid {self.node.pid}) died"
@@ -655,7 +770,7 @@ class Owner:
         if self.node_restarts > 3:
             self._break(WorkerCrashedError("the pool", detail="The node process died 4 times."))
         else:
-            self._start_node()
+            self._restart_node()
 
     # -- timers ---------------------------------------------------------------
 
@@ -691,11 +806,6 @@ class Owner:
             return fresh
         return CancelledError(f"the pool stopped: {error!r}")
 
-    def _close_node_pipes(self) -> None:
-        if self.node_cmd >= 0:
-            os.close(self.node_cmd)
-            self.node_cmd = -1
-
     def _stop_node(self) -> None:
         """Let the workers leave by themselves, then the node; kill what lingers.
 
@@ -705,13 +815,11 @@ class Owner:
         if self.sock is not None:
             for slot in self.by_routing.values():
                 self._send_stop(slot.routing_id)
-        if self.node_cmd >= 0:
-            try:
-                write_pipe_message(self.node_cmd, MessageType.NODE_STOP)
-            except OSError:
-                pass
+        node = self.node
+        node.stop()
         deadline = time.monotonic() + config.SHUTDOWN_TIMEOUT
-        while self.sock is not None and self.node.poll() is None and time.monotonic() < deadline:
+        while self.sock is not None and node.process.poll() is None \
+                and time.monotonic() < deadline:
             if self.sock.poll(10):
                 try:
                     frames = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -720,12 +828,18 @@ class Owner:
                 if len(frames) >= 2 and frames[0] not in self.by_routing:
                     self.by_routing[frames[0]] = None
                     self._send_stop(frames[0])
-        self._close_node_pipes()
-        try:
-            self.node.wait(config.SHUTDOWN_TIMEOUT + 1)
-        except Exception:  # noqa: BLE001 - TimeoutExpired: make sure
-            self.node.kill()
-            self.node.wait()
+        node.close_commands()
+        node.wait(config.SHUTDOWN_TIMEOUT + 1)
+        # The node reported every exit before it left: let the process handles know.
+        if not node.gone:
+            try:
+                for kind, body in node.read_events():
+                    if kind == MessageType.WORKER_EXITED:
+                        self._process_gone(*body[1:4])
+            except ProtocolError:
+                pass
+        for pid in list(self.processes):
+            self._process_gone(pid, None, None)
 
     def _send_stop(self, routing_id: bytes) -> None:
         try:
@@ -741,9 +855,8 @@ class Owner:
         if self.node is not None:
             self._stop_node()
         self.store.close()
-        if self.node_events is not None:
-            os.close(self.node_events.fd)
-            self.node_events = None
+        if self.node is not None:
+            self.node.close_events()
         if self.sock is not None:
             self.sock.close(linger=0)
             self.ctx.term()
@@ -855,3 +968,17 @@ def _python_exit() -> None:
 # Runs before the interpreter joins non-daemon threads, like the stdlib's
 # executors (threading._register_atexit exists since 3.9).
 threading._register_atexit(_python_exit)
+
+
+def _forget_owners_after_fork() -> None:
+    """In a process forked from this one, the executors' copies must stay inert.
+
+    Their threads and nodes belong to the parent: a copy must never wake the
+    parent's I/O thread (the eventfd is shared) nor pretend to run tasks.
+    """
+    for owner in list(_live_owners):
+        owner.sleeping = False
+    _live_owners.clear()
+
+
+os.register_at_fork(after_in_child=_forget_owners_after_fork)

@@ -8,9 +8,12 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 
 #: Exit code of a worker whose initializer failed: the node does not respawn it.
 EXIT_INITIALIZER_FAILED = 77
+#: Exit code of a worker that could not import the main script (spawn semantics).
+EXIT_START_FAILED = 78
 
 #: Each worker shares a 12-byte slot with its node (an anonymous shared mmap
 #: made before the fork) holding ``(task_id, attempt)`` of what it is running,
@@ -25,19 +28,35 @@ _PR_SET_PDEATHSIG = 1
 _libc = None
 
 
-def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
-    """Ask Linux to send ``sig`` to this process when its parent dies.
+_PR_SET_NAME = 15
+#: What ``ps -o comm``, ``top`` and ``psutil.Process.name()`` show for our processes
+#: (a node forked from the driver keeps the driver's command line).
+NODE_PROCESS_NAME = "futurepool-node"
+WORKER_PROCESS_NAME = "futurepool-wrk"
 
-    Used by workers (forked by the single-threaded node, so the "parent
-    thread" caveat of PR_SET_PDEATHSIG does not bite). Elsewhere a no-op.
-    """
+
+def _prctl(option: int, arg) -> None:
     global _libc
     if not sys.platform.startswith("linux"):
         return
     if _libc is None:
         # The process's own symbols (libc is loaded): find_library would run ldconfig.
         _libc = ctypes.CDLL(None, use_errno=True)
-    _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    _libc.prctl(option, arg, 0, 0, 0)
+
+
+def set_process_name(name: str) -> None:
+    """Set this process's short name (15 bytes at most; Linux only)."""
+    _prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]))
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies.
+
+    Used by workers (forked by the single-threaded node, so the "parent
+    thread" caveat of PR_SET_PDEATHSIG does not bite). Elsewhere a no-op.
+    """
+    _prctl(_PR_SET_PDEATHSIG, int(sig))
 
 
 def describe_status(status: int) -> tuple[int | None, str | None]:
@@ -54,11 +73,14 @@ def signal_name(signum: int) -> str:
         return f"SIG{signum}"
 
 
-def start_node(cmd_fd: int, event_fd: int, inherited_fds: tuple[int, ...]) -> subprocess.Popen:
-    """Start this host's node process, talking to us over two pipes.
+def start_node(cmd_fd: int, event_fd: int, tracker_fd: int,
+               inherited_fds: tuple[int, ...]) -> subprocess.Popen:
+    """Start this host's node as a fresh interpreter (spawn semantics).
 
     ``cmd_fd`` (its read end) and ``event_fd`` (its write end) are passed by
-    number; ``inherited_fds`` are descriptors that pickled initargs refer to
+    number, and so is ``tracker_fd``, the driver's ``multiprocessing``
+    resource tracker (-1: none), which workers share as spawned children
+    do; ``inherited_fds`` are descriptors that pickled initargs refer to
     (see ``serialize.dumps_for_spawn``). Its stdout and stderr are ours, so
     what tasks print shows where the caller's output goes.
 
@@ -71,7 +93,74 @@ def start_node(cmd_fd: int, event_fd: int, inherited_fds: tuple[int, ...]) -> su
     path = [package_root] + [p for p in sys.path if p != package_root]
     boot = f"import sys; sys.path[:] = {path!r}; from futurepool.core.node import main; main()"
     return subprocess.Popen(
-        [sys.executable, "-S", "-c", boot, str(cmd_fd), str(event_fd)],
+        [sys.executable, "-S", "-c", boot, str(cmd_fd), str(event_fd), str(tracker_fd)],
         stdin=subprocess.DEVNULL, pass_fds=(cmd_fd, event_fd, *inherited_fds),
         start_new_session=True,
     )
+
+
+class WorkerProcess:
+    """One worker process, shaped like the ``multiprocessing.Process`` objects the
+    stdlib keeps in ``ProcessPoolExecutor._processes`` and ``Pool._pool``.
+
+    The worker is the node's child, not ours: its exit is learnt from the
+    node's report (the owner's I/O thread calls :meth:`_exited`), and signals
+    go through psutil, which checks the process's start time so that a pid
+    recycled after the exit report is never signalled.
+    """
+
+    def __init__(self, worker_id: int, pid: int, name: str):
+        self.worker_id = worker_id
+        self.pid = pid
+        self.name = name
+        self.daemon = False
+        self.exitcode: int | None = None
+        self._done = threading.Event()
+
+    @property
+    def ident(self) -> int:
+        return self.pid
+
+    @property
+    def sentinel(self):
+        raise ValueError("a futurepool worker has no sentinel; use join(timeout)")
+
+    def is_alive(self) -> bool:
+        return not self._done.is_set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._done.wait(timeout)
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def close(self) -> None:
+        if self.is_alive():
+            raise ValueError("Cannot close a process while it is still running. You should"
+                             " first call join() or terminate().")
+
+    def _signal(self, sig: int) -> None:
+        import psutil  # only here: it costs milliseconds to import
+
+        if self._done.is_set():
+            return
+        try:
+            psutil.Process(self.pid).send_signal(sig)
+        except psutil.Error:  # gone
+            pass
+
+    def _exited(self, exitcode: int | None, signal_name: str | None) -> None:
+        """Called by the owner when the node reports the exit (or the node is gone)."""
+        if signal_name is not None:
+            signum = getattr(signal, signal_name, None)
+            self.exitcode = -int(signum) if signum is not None else -1
+        else:
+            self.exitcode = exitcode
+        self._done.set()
+
+    def __repr__(self) -> str:
+        state = "started" if self.is_alive() else f"stopped exitcode={self.exitcode}"
+        return f"<WorkerProcess name={self.name!r} pid={self.pid} {state}>"

@@ -24,6 +24,7 @@ import multiprocessing.util
 import os
 import threading
 import time
+import traceback
 
 import zmq
 
@@ -33,7 +34,8 @@ from ..protocol.messages import MessageType, ResultStatus
 from ..store import serialize
 from ..store.objects import WorkerStore
 from ..store.segments import Location
-from .processes import EXIT_INITIALIZER_FAILED, INITIALIZING, RUNNING_SLOT
+from .processes import EXIT_INITIALIZER_FAILED, EXIT_START_FAILED, INITIALIZING, RUNNING_SLOT
+from .startup import importing, prepare_main
 
 # The stdlib logs initializer failures here; code (and CPython's tests) watch it.
 LOGGER = logging.getLogger("concurrent.futures")
@@ -96,13 +98,42 @@ class Worker:
 
     # -- start-up -------------------------------------------------------------
 
-    def initialize(self) -> bool:
-        blob = self.settings.get("initializer")
-        if blob is None:
+    def prepare(self) -> bool:
+        """Spawn semantics: import the main script as ``__mp_main__`` first, as the stdlib.
+
+        A failure (the script raises, or starts an executor without the
+        main-module guard) is sent to the owner, which fails the pool with it.
+        """
+        data = self.settings.get("preparation")
+        if data is None:
             return True
         RUNNING_SLOT.pack_into(self.slot, 0, INITIALIZING, 0)
         try:
-            initializer, initargs = serialize.loads(blob)
+            prepare_main(data)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit in the script too
+            traceback.print_exc()
+            self._send_failure(MessageType.START_FAILED, exc)
+            return False
+        RUNNING_SLOT.pack_into(self.slot, 0, 0, 0)
+        return True
+
+    def _send_failure(self, kind: MessageType, exc: BaseException) -> None:
+        with self.lock:
+            self.sock.send_multipart([
+                pack_header(kind, 0, self.worker_id), serialize.dumps_exception(exc)])
+
+    def initialize(self, inherited) -> bool:
+        """Run the pool's initializer: from memory (fork semantics) or unpickled (spawn)."""
+        blob = self.settings.get("initializer")
+        if blob is None and (inherited is None or inherited.get("initializer") is None):
+            return True
+        RUNNING_SLOT.pack_into(self.slot, 0, INITIALIZING, 0)
+        try:
+            if blob is None:
+                initializer, initargs = inherited["initializer"], inherited["initargs"]
+            else:
+                with importing("the pool's initializer"):
+                    initializer, initargs = serialize.loads(blob)
             initializer(*initargs)
         except BaseException as exc:  # noqa: BLE001 - SystemExit in an initializer too
             LOGGER.critical("Exception in initializer:", exc_info=True)
@@ -110,11 +141,7 @@ class Worker:
             # by the initializer): flush it before the pool is declared
             # broken, as the stdlib's worker has when its exit is noticed.
             multiprocessing.util._exit_function()
-            with self.lock:
-                self.sock.send_multipart([
-                    pack_header(MessageType.INIT_FAILED, 0, self.worker_id),
-                    serialize.dumps_exception(exc),
-                ])
+            self._send_failure(MessageType.INIT_FAILED, exc)
             return False
         RUNNING_SLOT.pack_into(self.slot, 0, 0, 0)
         return True
@@ -135,7 +162,8 @@ class Worker:
             if fn is None:
                 if not fn_bytes:
                     return (task_id, attempt, ResultStatus.MISSING_FUNCTION, b"", 0.0), None
-                fn = serialize.loads(fn_bytes)
+                with importing("the module of a task's function"):
+                    fn = serialize.loads(fn_bytes)
                 self.functions[fn_id] = fn
                 if len(self.functions) > _FUNCTION_CACHE_SIZE:
                     self.functions.popitem(last=False)
@@ -269,13 +297,19 @@ def _safe_repr(value) -> str:
         return f"<{type(value).__qualname__} object>"
 
 
-def run_worker(worker_id: int, settings: dict, slot) -> int:
-    """Body of a worker process; returns its exit code."""
+def run_worker(worker_id: int, settings: dict, slot, inherited=None) -> int:
+    """Body of a worker process; returns its exit code.
+
+    ``inherited``: what a worker of a node forked from the driver takes from
+    memory (the initializer and its arguments), or None.
+    """
     # A segfault in a task then leaves the Python traceback in the worker's stderr.
     faulthandler.enable()
     worker = Worker(worker_id, settings, slot)
     try:
-        if not worker.initialize():
+        if not worker.prepare():
+            return EXIT_START_FAILED
+        if not worker.initialize(inherited):
             return EXIT_INITIALIZER_FAILED
         worker.serve()
     finally:

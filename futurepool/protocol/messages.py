@@ -26,11 +26,16 @@ TASKS          owner -> worker            [(task_id, attempt, fn_id, fn_bytes,
 RESULTS        worker -> owner            [(task_id, attempt, status, payload,
                                            run_seconds)]
 INIT_FAILED    worker -> owner            exception bytes (serialize.dumps_exception)
+START_FAILED   worker -> owner            exception bytes: importing the main script
+                                          (spawn semantics) failed
 STOP           owner -> worker            empty
 FREE           owner -> worker            [Location tuple, ...] of pieces it wrote
 NODE_CONFIG    driver -> node (pipe)      dict of start-up settings
-WORKER_EXITED  node -> driver (pipe)      (worker_id, pid, exitcode, signal_name)
-NODE_STOP      driver -> node (pipe)      empty
+WORKER_EXITED  node -> driver (pipe)      (worker_id, pid, exitcode, signal_name,
+                                           running task_id, attempt)
+WORKER_STARTED node -> driver (pipe)      (worker_id, pid), right after the fork
+NODE_STOP      driver -> node (pipe)      empty; ident: the signal to stop with (0: none)
+NODE_SCALE     driver -> node (pipe)      empty; ident: how many workers to keep
 =============  =========================  =====================================
 """
 
@@ -54,9 +59,12 @@ class MessageType(enum.IntEnum):
     INIT_FAILED = 4
     STOP = 5
     FREE = 6
+    START_FAILED = 7
     NODE_CONFIG = 10
     WORKER_EXITED = 11
     NODE_STOP = 12
+    WORKER_STARTED = 13
+    NODE_SCALE = 14
 
 
 _KNOWN_TYPES = frozenset(int(t) for t in MessageType)

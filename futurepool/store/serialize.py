@@ -20,9 +20,11 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import linecache
 import multiprocessing.context
 import os
 import pickle
+import re
 import threading
 import traceback
 import types
@@ -39,10 +41,60 @@ PROTOCOL = 5
 
 loads = pickle.loads
 
+_CLOUDPICKLE_REDUCE_CODE = cloudpickle.CloudPickler.dispatch_table[types.CodeType]
 
-def dumps(obj, buffer_callback=None) -> bytes:
-    """Pickle user data (cloudpickle, protocol 5)."""
-    return cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffer_callback)
+
+def _reduce_code(code: types.CodeType):
+    # cloudpickle >= 3.1.2 names the file of every code object it pickles
+    # "<dynamic-code>", to make pickles independent of where the code was
+    # written (cloudpipe/cloudpickle#560): tracebacks through code sent by
+    # value (lambdas, closures, __main__ functions, classmethods) then lose
+    # the file and every source line. Reduce as cloudpickle does, and put
+    # the name back when unpickling.
+    make, args = _CLOUDPICKLE_REDUCE_CODE(code)
+    return _make_code, (make, args, code.co_filename)
+
+
+def _make_code(make, args, filename: str) -> types.CodeType:
+    code = make(*args)
+    return code if code.co_filename == filename else code.replace(co_filename=filename)
+
+
+class _Pickler(cloudpickle.CloudPickler):
+    """cloudpickle, except that code keeps its file name (see :func:`_reduce_code`)."""
+
+    dispatch_table = collections.ChainMap({types.CodeType: _reduce_code},
+                                          cloudpickle.CloudPickler.dispatch_table)
+
+
+def dumps(obj, buffer_callback=None, main_by_name=None) -> bytes:
+    """Pickle user data (cloudpickle, protocol 5).
+
+    ``main_by_name(obj)`` says whether a function or class of ``__main__``
+    may travel by name because the receiving workers have the same one in
+    their ``__main__`` (``core.startup.MainReferences``); cloudpickle alone
+    sends every one of them by value.
+    """
+    if main_by_name is None:
+        with io.BytesIO() as file:
+            _Pickler(file, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+            return file.getvalue()
+    file = io.BytesIO()
+    pickler = _MainByNamePickler(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
+    pickler.main_by_name = main_by_name
+    pickler.dump(obj)
+    return file.getvalue()
+
+
+class _MainByNamePickler(_Pickler):
+    main_by_name = None
+
+    def reducer_override(self, obj):
+        kind = type(obj)
+        if (kind is types.FunctionType or issubclass(kind, type)) \
+                and obj.__module__ == "__main__" and self.main_by_name(obj):
+            return NotImplemented  # pickle's own save_global: by name
+        return super().reducer_override(obj)
 
 
 def _dumps_c(obj, buffer_callback=None) -> bytes:
@@ -148,14 +200,15 @@ class FunctionCache:
 
     _STRONG_LIMIT = 256
 
-    def __init__(self):
+    def __init__(self, dumps_fn=dumps):
+        self._dumps = dumps_fn
         self._weak = weakref.WeakKeyDictionary()
         self._strong: dict[int, tuple[object, bytes, bytes]] = {}
         self._lock = threading.Lock()
 
     def get(self, fn) -> tuple[bytes, bytes]:
         if type(fn) not in _CACHEABLE:
-            data = dumps(fn)
+            data = self._dumps(fn)
             return hashlib.blake2b(data, digest_size=16).digest(), data
         with self._lock:
             try:
@@ -167,7 +220,7 @@ class FunctionCache:
                     return strong[1], strong[2]
             if hit is not None:
                 return hit
-        data = dumps(fn)
+        data = self._dumps(fn)
         fn_id = hashlib.blake2b(data, digest_size=16).digest()
         entry = (fn_id, data)
         with self._lock:
@@ -206,13 +259,13 @@ def collect_references(dep) -> bool:
     return True
 
 
-def dumps_arguments(args, kwargs, store=None) -> tuple:
+def dumps_arguments(args, kwargs, store=None, dumps_fn=dumps) -> tuple:
     """Encode ``(args, kwargs)`` and return the futures found inside them."""
     # Re-entrant: pickling a MapResult submits its joining task meanwhile.
     outer = getattr(_collector, "deps", None)
     _collector.deps = deps = {}
     try:
-        return encode((args, kwargs), store), deps
+        return encode((args, kwargs), store, dumps_fn), deps
     finally:
         _collector.deps = outer
 
@@ -254,24 +307,87 @@ def loads_arguments(data, dep_values: dict, view):
 
 
 # --- exceptions --------------------------------------------------------------
+#
+# Frames name the file their code was written in, also for code that was
+# pickled by value (:func:`_reduce_code`). The worker renders the traceback
+# text with its own source lines (``linecache``) and lists the frames it
+# found none for; the caller fills those in from its ``linecache``. Code
+# typed in a Jupyter cell, at an interactive prompt or (3.13+) with ``python
+# -c`` has its source only there, and so does, on another host, code from a
+# file that host does not have. Frames the worker could read are not looked
+# up again: an exception whose frames all had their lines costs the caller
+# nothing more.
 
 def dumps_exception(exc: BaseException) -> bytes:
     """Pickle an exception with its traceback; never raises for the exception's sake."""
-    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    report = traceback.TracebackException(type(exc), exc, exc.__traceback__, compact=True)
+    tb_text = "".join(report.format())
     try:
         tb_dict = tblib.Traceback(exc.__traceback__).as_dict() if exc.__traceback__ else None
     except Exception:
         tb_dict = None
     try:
-        exc_bytes = dumps(exc)
+        # By name first, as the stdlib: an exception class of the caller's __main__
+        # must arrive as that class for ``except`` to catch it; cloudpickle if needed.
+        exc_bytes = _dumps_c(exc)
     except BaseException:  # noqa: BLE001 - a __reduce__ may raise anything
-        exc_bytes = None
+        try:
+            exc_bytes = dumps(exc)
+        except BaseException:  # noqa: BLE001
+            exc_bytes = None
     type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     try:
         message = str(exc)
     except BaseException:  # noqa: BLE001
         message = "<str() failed>"
-    return dumps_plain((exc_bytes, type_name, message, tb_text, tb_dict))
+    return dumps_plain((exc_bytes, type_name, message, tb_text, tb_dict,
+                        _frames_without_source(report)))
+
+
+def _frames_without_source(report: traceback.TracebackException) -> tuple[tuple[str, int], ...]:
+    """``(file name, line number)`` of every frame ``report`` shows without source."""
+    missing = {}
+    reports, seen = [report], set()
+    while reports:
+        report = reports.pop()
+        if report is None or id(report) in seen:
+            continue
+        seen.add(id(report))
+        for frame in report.stack:
+            # .line was looked up while formatting: no file is read again.
+            if frame.lineno is not None and not frame.line:
+                missing[frame.filename, frame.lineno] = None
+        reports.append(report.__cause__)
+        if not report.__suppress_context__:
+            reports.append(report.__context__)
+        reports.extend(getattr(report, "exceptions", None) or ())  # 3.11+ groups
+    return tuple(missing)
+
+
+# A frame's first line in rendered traceback text; the margin is what
+# exception groups draw on its left.
+_FRAME_LINE = re.compile(r'(?P<margin>[ |]*?)  File "(?P<filename>.+)", line (?P<lineno>\d+), in ')
+
+
+def _fill_source_lines(tb_text: str, missing: tuple[tuple[str, int], ...]) -> str:
+    """``tb_text`` with the source lines of ``missing`` frames that this process has."""
+    lines = {}
+    for filename, lineno in missing:
+        linecache.checkcache(filename)  # as traceback does: no stale lines
+        line = linecache.getline(filename, lineno).strip()
+        if line:
+            lines[filename, lineno] = line
+    if not lines:
+        return tb_text
+    rows = tb_text.splitlines(keepends=True)
+    filled = []
+    for i, row in enumerate(rows):
+        filled.append(row)
+        match = _FRAME_LINE.match(row)
+        line = match and lines.get((match["filename"], int(match["lineno"])))
+        if line and not (i + 1 < len(rows) and rows[i + 1][match.end("margin"):].strip() == line):
+            filled.append(f"{match['margin']}    {line}\n")
+    return "".join(filled)
 
 
 def loads_exception(data) -> BaseException:
@@ -280,9 +396,12 @@ def loads_exception(data) -> BaseException:
     The remote traceback is attached twice, deliberately: as real frames
     (tblib) so debuggers and ``traceback.print_exc()`` show the worker's
     frames, and as the stdlib's ``_RemoteTraceback`` ``__cause__`` holding the
-    text, as ``ProcessPoolExecutor`` does.
+    text, as ``ProcessPoolExecutor`` does. Source lines the worker could not
+    read are filled in from this process's ``linecache``.
     """
-    exc_bytes, type_name, message, tb_text, tb_dict = loads(data)
+    exc_bytes, type_name, message, tb_text, tb_dict, missing = loads(data)
+    if missing:
+        tb_text = _fill_source_lines(tb_text, missing)
     exc = None
     if exc_bytes is not None:
         try:
@@ -335,24 +454,27 @@ class _SpawningPopen:
         return _InheritedFd(fd)
 
 
-class _SpawnPickler(cloudpickle.CloudPickler):
+class _SpawnPickler(_MainByNamePickler):
     # Connections, sockets and the like reduce to fd handles only through
     # ForkingPickler's table, which plain pickle does not consult.
     dispatch_table = collections.ChainMap(ForkingPickler._extra_reducers,
-                                          cloudpickle.CloudPickler.dispatch_table)
+                                          _Pickler.dispatch_table)
 
 
-def dumps_for_spawn(obj) -> tuple[bytes, list[int]]:
+def dumps_for_spawn(obj, main_by_name=None) -> tuple[bytes, list[int]]:
     """Pickle start-up state the way ``multiprocessing`` does when spawning.
 
     Returns the pickle and the file descriptors the receiving processes must
     inherit (owned by the caller, who closes them when the pool is gone).
+    ``main_by_name`` as for :func:`dumps`.
     """
     popen = _SpawningPopen()
     multiprocessing.context.set_spawning_popen(popen)
     try:
         buf = io.BytesIO()
-        _SpawnPickler(buf, protocol=PROTOCOL).dump(obj)
+        pickler = _SpawnPickler(buf, protocol=PROTOCOL)
+        pickler.main_by_name = main_by_name or (lambda obj: False)
+        pickler.dump(obj)
     except BaseException:
         for fd in popen.fds:
             os.close(fd)

@@ -263,3 +263,75 @@ def make_traveller(_=None):
 def route_of(traveller):
     """(who made it, who pickled it on the way, who reads it)."""
     return traveller.maker, list(traveller.route), os.getpid()
+
+
+# --- start methods (test_start_methods.py) ---------------------------------------------
+
+_KEPT = None
+
+
+def keep_global(obj):
+    """An initializer that keeps a ``multiprocessing`` object for later tasks."""
+    global _KEPT
+    _KEPT = obj
+
+
+def use_kept(kind):
+    """Use what :func:`keep_global` kept, so that the driver can see it was used."""
+    obj = _KEPT
+    if kind in ("Queue", "JoinableQueue"):
+        obj.put("from the worker")
+        obj.close()
+        obj.join_thread()  # flushed before the result is reported
+    elif kind in ("Lock", "RLock", "Semaphore"):
+        if not obj.acquire(timeout=GATE_TIMEOUT):
+            return "could not acquire"
+        obj.release()
+    elif kind == "Event":
+        obj.set()
+    elif kind == "Value":
+        with obj.get_lock():
+            obj.value += 1
+    elif kind == "Array":
+        obj[0] = 7
+    return "ok"
+
+
+def check_kept_in_driver(obj, kind):
+    """What :func:`use_kept` did, seen from the driver."""
+    if kind in ("Queue", "JoinableQueue"):
+        assert obj.get(timeout=GATE_TIMEOUT) == "from the worker"
+        if kind == "JoinableQueue":
+            obj.task_done()
+        obj.close()
+        obj.join_thread()
+    elif kind in ("Lock", "RLock", "Semaphore"):
+        assert obj.acquire(timeout=GATE_TIMEOUT)
+        obj.release()
+    elif kind == "Event":
+        assert obj.is_set()
+    elif kind == "Value":
+        assert obj.value == 1
+    elif kind == "Array":
+        assert obj[0] == 7
+
+
+def install_queue_handler(queue):
+    """The logging cookbook's worker configuration: every record goes to ``queue``."""
+    import logging.handlers
+
+    logger = logging.getLogger("futurepool.tests.cookbook")
+    logger.handlers[:] = [logging.handlers.QueueHandler(queue)]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def log_line(message):
+    import logging
+
+    logging.getLogger("futurepool.tests.cookbook").info(message)
+
+
+def getpid_after(seconds):
+    time.sleep(seconds)
+    return os.getpid()

@@ -33,6 +33,7 @@ import pytest
 
 import futurepool
 from futurepool import config
+from futurepool.core.processes import NODE_PROCESS_NAME
 from futurepool.testing import (
     DRIVER_TAG,
     descendants,
@@ -58,7 +59,7 @@ import futurepool
 
 def report_pool(**extra):
     me = psutil.Process()
-    nodes = [p for p in me.children() if "futurepool.core.node" in " ".join(p.cmdline())]
+    nodes = [p for p in me.children() if p.name() == "futurepool-node"]
     procs = nodes + [w for n in nodes for w in n.children(recursive=True)]
     print(json.dumps({"pool": [[p.pid, p.create_time()] for p in procs],
                       "nodes": [p.pid for p in nodes], **extra}), flush=True)
@@ -89,7 +90,7 @@ def _run_entries() -> set[str]:
 
 def _is_node(proc: psutil.Process) -> bool:
     try:
-        return "futurepool.core.node" in " ".join(proc.cmdline())
+        return proc.name() == NODE_PROCESS_NAME
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
 
@@ -154,7 +155,7 @@ def futurepool_processes(since: float) -> list[psutil.Process]:
         try:
             if proc.create_time() < since - 0.05 or _gone(proc):
                 continue
-            if "futurepool" not in " ".join(proc.cmdline()):
+            if "futurepool" not in " ".join(proc.cmdline()) + proc.name():
                 continue
             if proc.environ().get("FUTUREPOOL_TMPDIR") != os.environ.get("FUTUREPOOL_TMPDIR"):
                 continue

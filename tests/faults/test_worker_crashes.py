@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import logging
+import multiprocessing
 import os
 import pickle
 import signal
@@ -741,7 +742,10 @@ def test_failing_initializer_breaks_pool_once_without_respawn_storm(make_executo
     itself (one line per start) and by sampling the process tree.
     """
     starts = tmp_path / "starts"
-    executor = make_executor(2, initializer=C.failing_initializer, initargs=(str(starts), kind))
+    # Spawn: forked workers would inherit pytest's logging handlers, which keep
+    # the worker's log in the worker's memory instead of writing it to stderr.
+    executor = make_executor(2, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=C.failing_initializer, initargs=(str(starts), kind))
     with ProcessSampler() as sampler:
         futures = [executor.submit(C.get_pid) for _ in range(3)]
         assert_settled(futures)
