@@ -81,3 +81,14 @@ SPILL_DIR: str = _env("SPILL_DIR", TMPDIR, str)
 #: Freed segments each writing process keeps mapped for reuse (writing into
 #: pages already mapped is several times faster than into fresh ones).
 STORE_POOL_BYTES: int = _env("STORE_POOL_BYTES", 1 << 30)
+
+# --- the cluster (protocol/security.py) ---------------------------------------
+
+#: The cluster's secret: one file, written by ``futurepool keygen`` (mode 0600)
+#: and copied to every host; head and nodes derive their CURVE keys from it.
+KEY_FILE: str = _env(
+    "KEY_FILE", os.path.join(os.path.expanduser("~"), ".config", "futurepool", "cluster.key"), str)
+
+#: A peer that fails the CURVE handshake is logged at most once per this many
+#: seconds per address; the refusals in between are counted and summarised.
+REFUSAL_LOG_INTERVAL: float = _env("REFUSAL_LOG_INTERVAL", 60.0)
