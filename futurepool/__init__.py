@@ -5,7 +5,10 @@ drop-in ``concurrent.futures.ProcessPoolExecutor`` whose futures can be
 passed to other tasks. See README.md for the differences from the stdlib.
 """
 
-from .errors import (
+# Before the imports: modules below read it while the package is being imported.
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
     FuturePoolError,
     InitializerError,
     ObjectLostError,
@@ -15,11 +18,9 @@ from .errors import (
     UnpicklingFailedError,
     WorkerCrashedError,
 )
-from .executor import Executor, ProcessPoolExecutor
-from .future import Future
-from .pool import Pool
-
-__version__ = "0.1.0"
+from .executor import Executor, ProcessPoolExecutor  # noqa: E402
+from .future import Future  # noqa: E402
+from .pool import Pool  # noqa: E402
 
 __all__ = [
     "Executor",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -22,8 +23,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--version", action="version", version=f"futurepool {__version__}")
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
     worker = commands.add_parser(
-        "worker", help="add this host's cores to a running executor (not available yet)")
-    worker.add_argument("--connect", metavar="tcp://HOST:PORT", required=True)
+        "worker", help="add this host's cores to a running executor",
+        description="Join the executor listening at --connect (an Executor or Pool made with"
+                    " listen=, or run with FUTUREPOOL_LISTEN set) and run its tasks on this"
+                    " host's cores. Long-lived: when that head goes away, wait for the next"
+                    " one. The link is CurveZMQ with keys derived from the cluster's key file;"
+                    " nothing is accepted from a peer without it. SIGTERM or Ctrl-C leave"
+                    " gracefully. Exit codes: 0 left, 1 refused (key, versions), 2 bad usage.")
+    worker.add_argument(
+        "--connect", metavar="tcp://HOST:PORT", default=os.environ.get("FUTUREPOOL_CONNECT"),
+        help="the head's address (env FUTUREPOOL_CONNECT)")
+    worker.add_argument(
+        "--key-file", metavar="PATH",
+        help="the cluster's key file, as on the head (env FUTUREPOOL_KEY_FILE, default"
+             " ~/.config/futurepool/cluster.key)")
+    worker.add_argument(
+        "--workers", type=_positive_int, metavar="N",
+        default=os.environ.get("FUTUREPOOL_WORKERS"),
+        help="worker processes to run (env FUTUREPOOL_WORKERS; default: this host's CPUs)")
+    worker.add_argument(
+        "--once", action="store_true", default=_env_flag("FUTUREPOOL_ONCE"),
+        help="exit when the head goes away instead of waiting for the next (env"
+             " FUTUREPOOL_ONCE=1)")
+    worker.add_argument(
+        "--grace", type=float, metavar="SECONDS", default=os.environ.get("FUTUREPOOL_GRACE"),
+        help="on SIGTERM, how long running tasks may take to finish before they are handed"
+             " back to the head (env FUTUREPOOL_GRACE; default 5)")
     keygen = commands.add_parser(
         "keygen", help="create the cluster's key file",
         description="Write a new random cluster key to a file only you can read (mode 0600)"
@@ -39,12 +64,37 @@ def main(argv: list[str] | None = None) -> None:
         help="replace an existing key file (hosts holding the old key are no longer admitted)")
     args = parser.parse_args(argv)
     if args.command == "worker":
-        parser.exit(2, "futurepool worker: joining remote executors is not implemented in"
-                       f" futurepool {__version__} yet; only the local pool is.\n")
+        if not args.connect or not args.connect.startswith("tcp://"):
+            worker.error("--connect tcp://HOST:PORT is required (or FUTUREPOOL_CONNECT)")
+        sys.exit(_worker(args))
     if args.command == "keygen":
         sys.exit(_keygen(args.key_file, args.force))
     parser.print_help()
     sys.exit(0 if args.command is None else 2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def _worker(args) -> int:
+    from .core import remote_node
+    from .executor import _default_workers
+
+    workers = int(args.workers) if args.workers else _default_workers()
+    grace = float(args.grace) if args.grace is not None else None
+    return remote_node.main(args.connect, args.key_file, workers, args.once, grace,
+                            log=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def _keygen(path: str | None, force: bool) -> int:

@@ -92,3 +92,16 @@ KEY_FILE: str = _env(
 #: A peer that fails the CURVE handshake is logged at most once per this many
 #: seconds per address; the refusals in between are counted and summarised.
 REFUSAL_LOG_INTERVAL: float = _env("REFUSAL_LOG_INTERVAL", 60.0)
+
+#: A remote node (or the head, seen from a node) silent for this long is dead.
+#: Both sides send a heartbeat every HEARTBEAT_INTERVAL.
+NODE_TIMEOUT: float = _env("NODE_TIMEOUT", 5.0)
+
+#: An executor created while this is set (``tcp://HOST:PORT``) listens there for
+#: remote nodes, as if created with ``listen=``: unchanged programs scale out.
+LISTEN: str = _env("LISTEN", "", str)
+
+#: Seconds a remote node waits for the head's answer to JOIN before it retries,
+#: and the longest back-off between attempts to reach a head.
+JOIN_TIMEOUT: float = _env("JOIN_TIMEOUT", 10.0)
+RECONNECT_MAX_INTERVAL: float = _env("RECONNECT_MAX_INTERVAL", 5.0)

@@ -38,18 +38,34 @@ import itertools
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 import weakref
 from concurrent.futures import Executor as _StdExecutor
 
+from . import config
 from .core import owner as _owner
 from .core import startup
 from .errors import ObjectStoreFullError
 from .future import Future
+from .protocol import security
 from .store import serialize
 
 __all__ = ["Executor", "ProcessPoolExecutor"]
+
+
+#: Executors listening for remote nodes (FUTUREPOOL_LISTEN gives its address to one).
+_listening: weakref.WeakSet = weakref.WeakSet()
+
+
+def _listen_from_environment():
+    """``FUTUREPOOL_LISTEN``: the first executor alive in this process listens there."""
+    if not config.LISTEN:
+        return None
+    if any(not executor._shutdown_thread for executor in _listening):
+        return None
+    return config.LISTEN
 
 
 def _default_workers() -> int:
@@ -87,8 +103,9 @@ class Executor(_StdExecutor):
     """Runs calls in worker processes; a drop-in ``ProcessPoolExecutor``.
 
     Args:
-        max_workers: number of worker processes; default the number of CPUs
-            this process may use (``os.process_cpu_count()``).
+        max_workers: number of worker processes on this host; default the
+            number of CPUs this process may use (``os.process_cpu_count()``).
+            With ``listen``, 0 makes a head that runs no task itself.
         mp_context: the start method's semantics, as in the stdlib: with
             fork (the default on Linux before 3.14) workers inherit the
             caller's state; with spawn or forkserver they import the main
@@ -102,6 +119,13 @@ class Executor(_StdExecutor):
             replaced by a fresh one.
         max_retries: times a task is re-run when its worker dies (not when
             it raises). Default 0, as in the stdlib.
+        listen: ``"tcp://HOST:PORT"`` (port 0: any free one) to let other
+            hosts add their cores with ``futurepool worker --connect``;
+            default ``$FUTUREPOOL_LISTEN`` for the first executor alive in
+            the process. The executor starts at once; ``address`` is where
+            it listens. Links are CurveZMQ, keyed by ``key_file``.
+        key_file: the cluster's key file (default ``$FUTUREPOOL_KEY_FILE``,
+            else ``~/.config/futurepool/cluster.key``; created if absent).
 
     Raises:
         ValueError: ``max_workers`` or ``max_tasks_per_child`` below 1.
@@ -112,10 +136,15 @@ class Executor(_StdExecutor):
     """
 
     def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(),
-                 *, max_tasks_per_child=None, max_retries=0):
+                 *, max_tasks_per_child=None, max_retries=0, listen=None, key_file=None):
+        if listen is None:
+            listen = _listen_from_environment()
+        elif not isinstance(listen, str) or not listen.startswith("tcp://"):
+            raise ValueError(f"listen must be an address like 'tcp://0.0.0.0:7777', got {listen!r}")
         if max_workers is None:
             max_workers = _default_workers()
-        elif max_workers <= 0:
+        elif max_workers <= 0 and not (max_workers == 0 and listen):
+            # 0 with listen=: a head that runs no task itself, only remote nodes do.
             raise ValueError("max_workers must be greater than 0")
         if mp_context is None:
             mp_context = mp.get_context("spawn" if max_tasks_per_child is not None else None)
@@ -152,11 +181,31 @@ class Executor(_StdExecutor):
             initializer=initializer, initargs=initargs, initializer_blob=blob,
             inherited_fds=fds, max_tasks_per_child=max_tasks_per_child,
             max_retries=max_retries, main_references=references,
-            workers_on_demand=semantics == startup.SPAWN,
+            workers_on_demand=semantics == startup.SPAWN and not listen, listen=listen,
+            key_file=key_file,
             initializer_name=serialize.describe_callable(initializer) if initializer else "")
         self._shut_down = False  # shutdown() finished: _processes is None, as in the stdlib
+        self.address = None
         self._shutdown_thread = False
         self._shutdown_lock = threading.Lock()
+        if listen:
+            self._listen()
+
+    def _listen(self):
+        """Start now and bind, so that hosts can join before the first submit."""
+        owner = self._owner
+        owner.start()
+        owner.listening.wait(config.START_TIMEOUT)
+        if owner.open_error is not None:
+            error = owner.open_error
+            self.shutdown(wait=True)
+            raise OSError(f"could not listen on {owner.listen} for remote nodes:"
+                          f" {type(error).__name__}: {error}") from error
+        self.address = owner.head.address
+        _listening.add(self)
+        print(f"futurepool: listening on {self.address} for remote nodes; add a host with:\n"
+              f"  futurepool worker --connect {self.address} --key-file"
+              f" {security.key_file_path(owner.key_file)}", file=sys.stderr, flush=True)
 
     @property
     def _broken(self):

@@ -171,3 +171,20 @@ class LocalNode:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+class LocalWorkers:
+    """The link to this host's workers: their DEALERs on the owner's ipc ROUTER."""
+
+    remote = False
+    host = os.uname().nodename
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def send(self, worker, header: bytes, body: bytes = b"") -> None:
+        """Raises ``zmq.ZMQError`` if the worker is gone (ROUTER_MANDATORY)."""
+        self.sock.send_multipart([worker.routing_id, header, body])
+
+    def describe(self) -> str:
+        return f"this host ({self.host})"

@@ -262,6 +262,12 @@ def serve(cmd_fd: int, event_fd: int, inherited=None) -> int:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGTERM, lambda *_: node.begin_stop(signal.SIGTERM))
     code = node.run()
+    try:
+        cmd.read()
+    except Exception:  # noqa: BLE001 - a corrupt pipe: the driver is gone all the same
+        cmd.closed = True
+    if cmd.closed:  # the driver went away (maybe while we stopped): nobody removes its files
+        shutil.rmtree(settings["run_dir"], ignore_errors=True)
     # Every worker is gone: nothing of the session's store is written any more.
     store = settings["store"]
     segments.remove_files(store.dirs, store.session + "-")

@@ -70,7 +70,8 @@ from ..protocol.messages import MessageType, ResultStatus
 from ..store import segments, serialize
 from ..store.objects import DriverStore
 from . import startup
-from .local_node import LocalNode
+from .head import Head, head_keys
+from .local_node import LocalNode, LocalWorkers
 from .processes import EXIT_INITIALIZER_FAILED, EXIT_START_FAILED, INITIALIZING, WorkerProcess
 from .scheduler import Scheduler, WorkerSlot
 from .startup import FORK, check_not_importing_main
@@ -116,7 +117,8 @@ class Owner:
                  initializer=None, initargs=(), initializer_blob: bytes | None = None,
                  inherited_fds: list[int] = (), max_tasks_per_child: int | None = None,
                  max_retries: int = 0, initializer_name: str = "",
-                 main_references=None, workers_on_demand: bool = False):
+                 main_references=None, workers_on_demand: bool = False,
+                 listen: str | None = None, key_file: str | None = None):
         self.max_workers = max_workers
         self.semantics = semantics  # startup.FORK or startup.SPAWN
         self.start_method = start_method
@@ -141,6 +143,13 @@ class Owner:
         # pid -> WorkerProcess, for ``executor._processes``: the I/O thread writes.
         self.processes: dict[int, WorkerProcess] = {}
         self.processes_changed = threading.Condition()
+        # The cluster: where to listen for remote nodes (None: this host only).
+        self.listen = listen
+        self.key_file = key_file
+        self.head: Head | None = None
+        self.listening = threading.Event()  # set once bound (or failed: open_error)
+        self.open_error: BaseException | None = None
+        self.remote_start: tuple[dict | None, str] | None = None  # (what nodes get, or why not)
         self.store = DriverStore(segments.new_settings(
             config.SHM_DIR, config.SPILL_DIR, config.SHM_PREFIX, config.STORE_CAPACITY,
             config.STORE_FRACTION, config.STORE_POOL_BYTES, config.INLINE_THRESHOLD,
@@ -211,7 +220,8 @@ class Owner:
             "process_name": _PROCESS_NAMES.get(self.start_method, "Process"),
         }
         if self.semantics == FORK:
-            self.main_references = startup.MainReferences.for_fork()
+            # Remote hosts import the script: by name only what both kinds of worker have.
+            self.main_references = startup.MainReferences.for_fork(importable=bool(self.listen))
         else:
             settings["preparation"] = startup.preparation_data(settings["process_name"],
                                                                self.start_method)
@@ -298,10 +308,17 @@ class Owner:
 
     def _run(self) -> None:
         try:
-            self._open()
+            try:
+                self._open()
+            except BaseException as exc:
+                self.open_error = exc
+                raise
+            finally:
+                self.listening.set()
             self._loop()
         except BaseException as exc:  # noqa: BLE001 - never die silently, never leave futures hanging
-            LOGGER.critical("futurepool owner thread failed", exc_info=True)
+            if exc is not self.open_error:
+                LOGGER.critical("futurepool owner thread failed", exc_info=True)
             self._break(exc)
         finally:
             self._close()
@@ -319,6 +336,11 @@ class Owner:
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.wake_fd, zmq.POLLIN)
+        self.local_workers = LocalWorkers(self.sock)
+        if self.listen:
+            self.head = Head(self, self.ctx, self.listen, head_keys(self.key_file))
+            for sock in self.head.sockets:
+                self.poller.register(sock, zmq.POLLIN)
         self._configure_node()
 
     def _configure_node(self) -> None:
@@ -360,8 +382,12 @@ class Owner:
                     os.eventfd_read(wake_fd)
                 elif self.node is not None and what == self.node.event_fd:
                     self._read_node_events()
+                elif self.head is not None:
+                    self.head.handle(what)
             if self.timers:
                 self._run_timers()
+            if self.head is not None:
+                self.head.tick(time.monotonic())
 
     def _idle(self) -> bool:
         if self.commands:
@@ -466,9 +492,8 @@ class Owner:
         frees, self.frees = self.frees, {}
         for slot, locations in frees.items():
             try:
-                self.sock.send_multipart([
-                    slot.routing_id, pack_header(MessageType.FREE, len(locations)),
-                    serialize.dumps_plain(locations)], zmq.NOBLOCK)
+                slot.link.send(slot, pack_header(MessageType.FREE, len(locations), slot.worker_id),
+                               serialize.dumps_plain(locations))
             except zmq.ZMQError:  # it just left
                 for location in locations:
                     segments.unlink(segments.Location(*location), self.store.settings.dirs)
@@ -516,15 +541,17 @@ class Owner:
             worker.backlog += task.estimate
             if worker.quota is not None:
                 worker.quota -= 1
+            args = task.args
+            if worker.link.remote:  # another host cannot map our segments: copy them in
+                args = serialize.inline(args)
+                deps = tuple((oid, serialize.inline(payload)) for oid, payload in deps)
             batches.setdefault(worker, []).append(
-                (task.task_id, task.attempt, task.fn_id, fn_bytes, task.args, deps))
+                (task.task_id, task.attempt, task.fn_id, fn_bytes, args, deps))
         for worker, items in batches.items():
             try:
-                self.sock.send_multipart([
-                    worker.routing_id,
-                    pack_header(MessageType.TASKS, len(items), worker.worker_id),
-                    serialize.dumps_plain(items),
-                ])
+                worker.link.send(worker, pack_header(MessageType.TASKS, len(items),
+                                                     worker.worker_id),
+                                 serialize.dumps_plain(items))
             except zmq.ZMQError:  # the worker is gone; its node will tell us how
                 worker.alive = False
                 self._requeue(worker, len(items))
@@ -555,24 +582,34 @@ class Owner:
         if len(frames) < 3:
             raise ProtocolError(f"{len(frames)} frames")
         kind, _count, ident = decode_header(frames[1])
-        worker = self.by_routing.get(frames[0])
+        self._worker_message(self.local_workers, frames[0], kind, ident, frames[2])
+
+    def _worker_message(self, link, routing_id: bytes, kind, worker_id: int, body) -> None:
+        """A message from a worker (``worker_id``: its header's ident), through ``link``."""
         if kind == MessageType.RESULTS:
-            if worker is not None:
-                self._results(worker, serialize.loads(frames[2]))
+            worker = self.scheduler.workers.get(worker_id)
+            if worker is not None and worker.link is link:
+                self._results(worker, serialize.loads(body))
         elif kind == MessageType.READY:
-            worker_id, pid, tasks_left = serialize.loads(frames[2])
-            slot = WorkerSlot(worker_id, frames[0], pid, tasks_left)
-            self.by_routing[frames[0]] = slot
+            worker_id, pid, tasks_left = serialize.loads(body)
+            slot = WorkerSlot(worker_id, routing_id, pid, tasks_left, link)
+            if not link.remote:
+                self.by_routing[routing_id] = slot
             self.scheduler.workers[worker_id] = slot
             self.start_failures = 0
         elif kind == MessageType.INIT_FAILED:
-            self._initializer_failed(ident, serialize.loads_exception(frames[2]))
+            self._initializer_failed(worker_id, serialize.loads_exception(body))
         elif kind == MessageType.START_FAILED:
-            self._start_failed(ident, None, serialize.loads_exception(frames[2]))
+            self._start_failed(worker_id, None, serialize.loads_exception(body))
         else:
             raise ProtocolError(f"unexpected {kind.name} from a worker")
 
     def _results(self, worker: WorkerSlot, results) -> None:
+        self._settle_results(worker, results)
+        if not worker.alive and worker.link.remote and not worker.inflight:
+            self._release_if_drained(worker.link)
+
+    def _settle_results(self, worker: WorkerSlot, results) -> None:
         inflight = worker.inflight
         worker.progress_at = time.monotonic()
         for task_id, attempt, status, payload, took in results:
@@ -670,17 +707,18 @@ class Owner:
             self.processes[pid] = WorkerProcess(worker_id, pid, name)
             self.processes_changed.notify_all()
 
-    def _process_gone(self, pid, exitcode, signal_name) -> None:
+    def _process_gone(self, pid, exitcode, signal_name, worker_id=None) -> None:
         with self.processes_changed:
-            process = self.processes.pop(pid, None)
-            if process is not None:
+            process = self.processes.get(pid)
+            if process is not None and worker_id in (None, process.worker_id):
+                del self.processes[pid]
                 process._exited(exitcode, signal_name)
                 self.processes_changed.notify_all()
 
     def _worker_exited(self, worker_id, pid, exitcode, signal_name, running_id=None,
                        running_attempt=0, detail="") -> None:
         """A worker died; ``running_id`` is what its slot said it ran (None: unknown)."""
-        self._process_gone(pid, exitcode, signal_name)
+        self._process_gone(pid, exitcode, signal_name, worker_id)
         slot = self.scheduler.workers.get(worker_id)
         if exitcode == EXIT_START_FAILED:
             # Its START_FAILED message, with the real exception, may still be in flight.
@@ -717,18 +755,20 @@ class Owner:
         if self.by_routing.get(slot.routing_id) is slot:
             del self.by_routing[slot.routing_id]
         self.frees.pop(slot, None)
-        # What it kept for reuse or was writing when it died; stored results
-        # the owner holds stay readable (the files outlive their writer).
-        segments.remove_files(self.store.settings.dirs,
-                              f"{self.store.settings.session}-{slot.worker_id}-",
-                              keep=self.store.live_names())
+        host = slot.link.host
+        if not slot.link.remote:
+            # What it kept for reuse or was writing when it died; stored results
+            # the owner holds stay readable (the files outlive their writer).
+            segments.remove_files(self.store.settings.dirs,
+                                  f"{self.store.settings.session}-{slot.worker_id}-",
+                                  keep=self.store.live_names())
         if not slot.inflight:
             return
         if self.terminating:  # stopped on purpose: nothing is retried or moved
             detail = "The workers were stopped by terminate_workers(), kill_workers() or Ctrl-C."
             for task in slot.inflight:
                 self._settle_exception(task, WorkerCrashedError(
-                    task.describe(), slot.worker_id, slot.pid, _HOST, exitcode, signal_name,
+                    task.describe(), slot.worker_id, slot.pid, host, exitcode, signal_name,
                     detail=detail))
             slot.inflight.clear()
             return
@@ -750,7 +790,7 @@ class Owner:
             self.ready.appendleft(running)
             return
         self._settle_exception(running, WorkerCrashedError(
-            running.describe(), slot.worker_id, slot.pid, _HOST, exitcode, signal_name,
+            running.describe(), slot.worker_id, slot.pid, host, exitcode, signal_name,
             deaths=running.deaths, detail=detail))
 
     def _node_died(self) -> None:
@@ -771,6 +811,50 @@ class Owner:
             self._break(WorkerCrashedError("the pool", detail="The node process died 4 times."))
         else:
             self._restart_node()
+
+    # -- remote nodes (core.head calls these) ---------------------------------
+
+    def _node_joined(self, node) -> None:
+        self._count_workers()
+
+    def _count_workers(self) -> None:
+        """``executor._max_workers``: this host's workers and every joined node's."""
+        executor = self.executor_ref()
+        if executor is not None and self.head is not None:
+            executor._max_workers = self.max_workers + self.head.slots
+
+    def _remote_slots(self, node) -> list[WorkerSlot]:
+        return [slot for slot in self.scheduler.workers.values() if slot.link is node]
+
+    def _node_leaving(self, node) -> None:
+        """It is draining (SIGTERM): nothing new for it; what has not started runs elsewhere."""
+        for slot in self._remote_slots(node):
+            slot.alive = False
+            self._hand_back(slot, keep_running=True)
+        self._count_workers()
+        self._release_if_drained(node)
+
+    def _hand_back(self, slot: WorkerSlot, keep_running: bool) -> None:
+        """Queue ``slot``'s tasks elsewhere, as new attempts (a late result is dropped)."""
+        keep = 1 if keep_running and slot.inflight else 0
+        while len(slot.inflight) > keep:
+            task = slot.inflight.pop()
+            slot.backlog -= task.estimate
+            task.attempt += 1
+            self.ready.appendleft(task)
+
+    def _release_if_drained(self, node) -> None:
+        if node.leaving and not any(slot.inflight for slot in self._remote_slots(node)):
+            self.head.release(node)
+
+    def _node_lost(self, node, why: str) -> None:
+        """Silent past its deadline, or gone: its workers are dead to us."""
+        detail = f"It ran on {node.describe()}, which was lost: {why}."
+        for slot in self._remote_slots(node):
+            if node.leaving:  # it said so first: nothing of it counts as a crash
+                self._hand_back(slot, keep_running=False)
+            self._worker_exited(slot.worker_id, slot.pid, None, None, None, 0, detail=detail)
+        self._count_workers()
 
     # -- timers ---------------------------------------------------------------
 
@@ -857,6 +941,8 @@ class Owner:
         self.store.close()
         if self.node is not None:
             self.node.close_events()
+        if self.head is not None:
+            self.head.close()
         if self.sock is not None:
             self.sock.close(linger=0)
             self.ctx.term()

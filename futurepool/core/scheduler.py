@@ -26,11 +26,13 @@ class WorkerSlot:
     """What the owner knows of one worker process."""
 
     __slots__ = ("worker_id", "routing_id", "pid", "inflight", "quota",
-                 "functions", "alive", "backlog", "progress_at")
+                 "functions", "alive", "backlog", "progress_at", "link")
 
-    def __init__(self, worker_id: int, routing_id: bytes, pid: int, tasks_left: int):
+    def __init__(self, worker_id: int, routing_id: bytes, pid: int, tasks_left: int, link=None):
         self.worker_id = worker_id
         self.routing_id = routing_id
+        # How the owner reaches it: the local node's ipc socket, or a remote node's link.
+        self.link = link
         self.pid = pid
         self.inflight: collections.deque = collections.deque()  # tasks, in the order sent
         # Tasks it may still be sent (max_tasks_per_child), or None: unlimited.

@@ -85,18 +85,22 @@ class MainReferences:
     workers do not run).
     """
 
-    def __init__(self, snapshot: dict | None, top_level: frozenset = frozenset()):
+    def __init__(self, snapshot: dict | None, top_level: frozenset | None = None):
         self._snapshot = snapshot
-        self._top_level = top_level
+        self._top_level = top_level  # None: no script to import (with a snapshot: no check)
 
     @classmethod
-    def for_fork(cls) -> MainReferences:
-        """What the node is about to inherit: ``__main__``'s functions and classes now."""
+    def for_fork(cls, importable: bool = False) -> MainReferences:
+        """What the node is about to inherit: ``__main__``'s functions and classes now.
+
+        ``importable``: also hosts that import the script (a cluster's remote
+        nodes) must find it, so it must be defined at the script's top level too.
+        """
         main = sys.modules.get("__main__")
         names = {name: value for name, value in vars(main).items()
                  if type(value) is types.FunctionType or isinstance(value, type)} \
             if main is not None else {}
-        return cls(names)
+        return cls(names, cls.for_spawn()._top_level or frozenset() if importable else None)
 
     @classmethod
     def for_spawn(cls) -> MainReferences:
@@ -108,13 +112,15 @@ class MainReferences:
         main = sys.modules.get("__main__")
         path = getattr(main, "__file__", None)
         if path is None or path.endswith(("ipython", "<stdin>")):
-            return cls(None)
+            return cls(None, frozenset())
         return cls(None, _top_level_definitions(os.path.abspath(path)))
 
     def __call__(self, obj) -> bool:
         name = obj.__qualname__
         if self._snapshot is not None:
-            return self._snapshot.get(name) is obj
+            if self._snapshot.get(name) is not obj:
+                return False
+            return self._top_level is None or name in self._top_level
         return name in self._top_level \
             and getattr(sys.modules.get("__main__"), name, None) is obj
 

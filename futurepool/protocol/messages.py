@@ -36,7 +36,16 @@ WORKER_EXITED  node -> driver (pipe)      (worker_id, pid, exitcode, signal_name
 WORKER_STARTED node -> driver (pipe)      (worker_id, pid), right after the fork
 NODE_STOP      driver -> node (pipe)      empty; ident: the signal to stop with (0: none)
 NODE_SCALE     driver -> node (pipe)      empty; ident: how many workers to keep
+JOIN           remote node -> head (tcp)  {versions, host, workers, pid}
+WELCOME        head -> remote node        dict of session settings (node_index, ...)
+REFUSED        head -> remote node        utf-8 text: why (a version mismatch...)
+HEARTBEAT      both ways (tcp)            empty
+LEAVE          remote node -> head        empty: draining, send no more tasks
+BYE            head -> remote node        empty: the session is over
 =============  =========================  =====================================
+
+Over TCP, a remote node relays its workers' messages both ways unchanged;
+their header's ident is the worker id, which routes them.
 """
 
 from __future__ import annotations
@@ -65,6 +74,12 @@ class MessageType(enum.IntEnum):
     NODE_STOP = 12
     WORKER_STARTED = 13
     NODE_SCALE = 14
+    JOIN = 20
+    WELCOME = 21
+    REFUSED = 22
+    HEARTBEAT = 23
+    LEAVE = 24
+    BYE = 25
 
 
 _KNOWN_TYPES = frozenset(int(t) for t in MessageType)

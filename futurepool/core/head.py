@@ -1,0 +1,287 @@
+"""The head's side of the cluster: one TCP port, CURVE, and the nodes that joined.
+
+::
+
+    owner I/O thread                                 remote host
+    ────────────────────────────────────────         ─────────────────────────────────
+    Head ── ROUTER tcp://HOST:PORT (CURVE server) ◄── DEALER (CURVE client) ── futurepool
+     │       ZAP: only the cluster's node key          worker (core.remote_node): relays
+     │       JOIN / WELCOME / HEARTBEAT / LEAVE        its workers' messages unchanged
+     └─ one RemoteLink per node: how the owner         (header ident = worker id)
+        sends to that node's workers
+
+Everything here runs on the owner's I/O thread, which polls :attr:`Head.sockets`
+and calls :meth:`Head.handle` and, every loop, :meth:`Head.tick`. The owner
+never learns TCP: it sends to a worker through the worker's link, and hears
+of workers through the callbacks this module makes (``_worker_message``,
+``_worker_started``, ``_worker_exited``).
+
+Trust: bodies from a node are unpickled (worker results, exceptions), so
+only peers holding the cluster's key get a frame through (FAULTS.md §1b):
+CURVE with ZAP admitting the derived node key; anything else is refused
+before any application frame is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import cloudpickle
+import zmq
+
+from .. import __version__, config
+from ..errors import ProtocolError
+from ..protocol import security
+from ..protocol.framing import decode_header, pack_header
+from ..protocol.messages import MessageType
+from ..protocol.zap import Authenticator
+from ..store import serialize
+from . import startup
+
+LOGGER = logging.getLogger("futurepool")
+
+#: Worker ids of remote node ``n`` start at ``(n + 1) << NODE_ID_SHIFT`` (local ones below).
+NODE_ID_SHIFT = 32
+
+#: Messages a node relays from its workers; the owner handles them as local ones.
+_WORKER_KINDS = frozenset({MessageType.READY, MessageType.RESULTS, MessageType.INIT_FAILED,
+                           MessageType.START_FAILED})
+
+
+def versions() -> dict:
+    """What must match between head and node: code objects do not cross minor versions."""
+    return {"python": f"{sys.version_info[0]}.{sys.version_info[1]}", "futurepool": __version__,
+            "cloudpickle": cloudpickle.__version__}
+
+
+def version_mismatch(ours: dict, theirs: dict) -> str:
+    """One line per differing version (``''``: they match)."""
+    return "; ".join(f"{key}: head {ours.get(key)} vs node {theirs.get(key)}"
+                     for key in sorted(set(ours) | set(theirs))
+                     if ours.get(key) != theirs.get(key))
+
+
+class RemoteLink:
+    """One joined node: how the owner reaches its workers, and what it knows of it."""
+
+    remote = True
+
+    def __init__(self, head: Head, routing_id: bytes, index: int, host: str, address: str,
+                 workers: int, pid: int):
+        self.head = head
+        self.routing_id = routing_id
+        self.index = index
+        self.host = host
+        self.address = address
+        self.workers = workers
+        self.pid = pid
+        self.first_worker_id = (index + 1) << NODE_ID_SHIFT
+        self.last_heard = time.monotonic()
+        self.joined_at = time.time()
+        self.leaving = False
+        self.worker_ids: set[int] = set()
+
+    def owns(self, worker_id: int) -> bool:
+        return worker_id >> NODE_ID_SHIFT == self.index + 1
+
+    def send(self, worker, header: bytes, body: bytes = b"") -> None:
+        """Raises ``zmq.ZMQError`` if the node's connection is gone."""
+        self.head.sock.send_multipart([self.routing_id, header, body], zmq.NOBLOCK)
+
+    def describe(self) -> str:
+        return f"node {self.index} ({self.host}, {self.address})"
+
+
+class Head:
+    """The listening side of a cluster, owned by one owner's I/O thread."""
+
+    def __init__(self, owner, context: zmq.Context, listen: str, keys):
+        self.owner = owner
+        self.keys = keys
+        self.nodes: dict[bytes, RemoteLink] = {}
+        self.next_index = 0
+        self.next_heartbeat = 0.0
+        self.auth = Authenticator(context, security.admitted_keys(keys))
+        self.sock = context.socket(zmq.ROUTER)
+        try:
+            self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self.sock.setsockopt(zmq.LINGER, 0)
+            self.sock.setsockopt(zmq.SNDHWM, 0)
+            self.sock.setsockopt(zmq.RCVHWM, 0)
+            self.sock.setsockopt(zmq.HANDSHAKE_IVL, int(config.JOIN_TIMEOUT * 1000))
+            security.make_curve_server(self.sock, keys)
+            self.monitor = self.auth.watch(self.sock)
+            self.sock.bind(listen)
+        except BaseException:
+            self.sock.close()
+            self.auth.close()
+            raise
+        self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+    @property
+    def sockets(self) -> list:
+        return [self.sock, *self.auth.sockets]
+
+    @property
+    def slots(self) -> int:
+        return sum(node.workers for node in self.nodes.values() if not node.leaving)
+
+    # -- input ------------------------------------------------------------------
+
+    def handle(self, what) -> None:
+        if what is not self.sock:
+            self.auth.handle()
+            return
+        sock = self.sock
+        for _ in range(10000):
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+                return
+            message = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            try:
+                self._handle(message)
+            except ProtocolError as exc:
+                LOGGER.warning("dropped a malformed message from a node: %s", exc)
+
+    def _handle(self, message) -> None:
+        if len(message) < 2:
+            raise ProtocolError(f"{len(message)} frames")
+        routing_id = message[0].bytes
+        kind, _count, ident = decode_header(message[1].bytes)
+        body = message[2].bytes if len(message) > 2 else b""
+        node = self.nodes.get(routing_id)
+        if node is None:
+            if kind == MessageType.JOIN:
+                self._join(routing_id, body, message[1].get("Peer-Address") or "?")
+            return  # a node we declared dead, or that never joined: ignore it
+        node.last_heard = time.monotonic()
+        if kind in _WORKER_KINDS:
+            if not node.owns(ident):
+                raise ProtocolError(f"{node.describe()} spoke for worker {ident}, not its own")
+            self.owner._worker_message(node, routing_id, kind, ident, body)
+        elif kind == MessageType.WORKER_STARTED:
+            worker_id, _pid = serialize.loads(body)
+            if node.owns(worker_id):  # not in executor._processes: pids are per host
+                node.worker_ids.add(worker_id)
+        elif kind == MessageType.WORKER_EXITED:
+            event = serialize.loads(body)
+            if node.owns(event[0]):
+                node.worker_ids.discard(event[0])
+                self.owner._worker_exited(*event, detail=f"It ran on {node.describe()}.")
+        elif kind == MessageType.LEAVE:
+            node.leaving = True
+            self.owner._node_leaving(node)
+        elif kind == MessageType.BYE:
+            self._lost(node, "it left")
+
+    def _join(self, routing_id: bytes, body: bytes, address: str) -> None:
+        try:
+            hello = serialize.loads(body)
+            theirs, host, workers, pid = (hello["versions"], hello["host"],
+                                          int(hello["workers"]), int(hello["pid"]))
+        except Exception as exc:  # noqa: BLE001 - an authenticated peer, but a broken JOIN
+            raise ProtocolError(f"a JOIN that does not decode: {exc!r}") from None
+        mismatch = version_mismatch(versions(), theirs)
+        if self.owner.remote_start is None:
+            self.owner.remote_start = session_for_nodes(self.owner)
+        refusal = f"versions differ ({mismatch})" if mismatch else self.owner.remote_start[1]
+        if refusal:
+            LOGGER.warning("refused node %s (%s): %s", host, address, refusal)
+            self._send(routing_id, pack_header(MessageType.REFUSED), refusal.encode())
+            return
+        node = RemoteLink(self, routing_id, self.next_index, host, address, workers, pid)
+        self.next_index += 1
+        self.nodes[routing_id] = node
+        welcome = dict(self.owner.remote_start[0], first_worker_id=node.first_worker_id)
+        self._send(routing_id, pack_header(MessageType.WELCOME, 0, node.index),
+                   serialize.dumps_plain(welcome))
+        LOGGER.info("%s joined with %d workers", node.describe(), workers)
+        self.owner._node_joined(node)
+
+    # -- output ------------------------------------------------------------------
+
+    def _send(self, routing_id: bytes, header: bytes, body: bytes = b"") -> bool:
+        try:
+            self.sock.send_multipart([routing_id, header, body], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:  # ROUTER_MANDATORY: the peer is gone
+            return False
+
+    def tick(self, now: float) -> None:
+        """Heartbeats out; nodes silent past their deadline are lost."""
+        if now < self.next_heartbeat:
+            return
+        self.next_heartbeat = now + config.HEARTBEAT_INTERVAL
+        self.auth.tick()
+        for node in list(self.nodes.values()):
+            if now - node.last_heard > config.NODE_TIMEOUT:
+                self._lost(node, f"it was silent for {now - node.last_heard:.1f} s (its host"
+                                 " died, froze or is cut off)")
+            else:
+                self._send(node.routing_id, pack_header(MessageType.HEARTBEAT))
+
+    def release(self, node: RemoteLink) -> None:
+        """A leaving node has nothing left to run: end its session (it exits)."""
+        self._send(node.routing_id, pack_header(MessageType.BYE))
+        self._lost(node, "it left")
+
+    def _lost(self, node: RemoteLink, why: str) -> None:
+        if self.nodes.pop(node.routing_id, None) is None:
+            return
+        LOGGER.warning("lost %s: %s", node.describe(), why)
+        self.owner._node_lost(node, why)
+
+    def close(self) -> None:
+        """Tell every node the session is over; close the socket, then the authenticator."""
+        for node in list(self.nodes.values()):
+            self._send(node.routing_id, pack_header(MessageType.BYE))
+        self.nodes.clear()
+        self.sock.close(linger=500)
+        self.auth.close()
+
+
+def session_for_nodes(owner) -> tuple[dict | None, str]:
+    """What every joining node is sent (WELCOME), or ``(None, why no node can serve)``.
+
+    Remote hosts get spawn semantics (``core.startup``): the main script's
+    source and the driver's preparation data, and the initializer pickled.
+    """
+    settings = {"initializer": owner.initializer_blob,
+                "max_tasks_per_child": owner.max_tasks_per_child,
+                "process_name": "SpawnProcess"}
+    if owner.inherited_fds:
+        return None, ("the pool's initargs hold multiprocessing objects (a Queue, a Pipe) that"
+                      " only reach workers on this host")
+    if owner.inherited is not None:  # fork semantics: pickle what local workers got in memory
+        try:
+            blob, fds = serialize.dumps_for_spawn(
+                (owner.inherited["initializer"], owner.inherited["initargs"]),
+                owner.main_references)
+        except Exception as exc:  # noqa: BLE001 - a fork-context Lock, an open file...
+            return None, (f"the pool's initializer and initargs cannot be sent to another host:"
+                          f" {type(exc).__name__}: {exc}")
+        for fd in fds:
+            os.close(fd)
+        if fds:
+            return None, ("the pool's initargs hold multiprocessing objects (a Queue, a Pipe)"
+                          " that only reach workers on this host")
+        settings["initializer"] = blob
+    preparation = startup.preparation_data("SpawnProcess", "spawn")
+    main = None
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if path is not None and os.path.isfile(path):
+        with open(path, "rb") as file:
+            main = (os.path.basename(path), file.read())
+    return {"settings": settings, "preparation": preparation, "main": main}, ""
+
+
+def head_keys(key_file: str | None = None):
+    """The cluster keys for a listening head; the key file is created if absent."""
+    path = security.key_file_path(key_file)
+    if not os.path.exists(path):
+        security.create_key_file(path)
+        LOGGER.warning("created the cluster key file %s (copy it to every host that joins)",
+                       path)
+    return security.load_keys(path)

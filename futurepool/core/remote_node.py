@@ -1,0 +1,338 @@
+"""A remote node: ``futurepool worker --connect tcp://HEAD:PORT``.
+
+::
+
+    head                          this process (one thread)           node + workers
+    ────────────────────          ─────────────────────────────       ───────────────────
+    ROUTER tcp, CURVE ◄─ JOIN ─── DEALER tcp (CURVE client)
+      ── WELCOME ───────────────► starts a session: LocalNode ──────► node (spawned)
+      ── TASKS/FREE/STOP ───────► relayed by worker id ─► ROUTER ipc ◄── DEALER per worker
+      ◄─ READY/RESULTS ────────── relayed unchanged ◄────┘
+      ◄─ WORKER_* events ──────── from the node's pipe
+      ◄► HEARTBEAT                a silent head ends the session
+
+It dials out (no inbound port), registers, serves one session of one head,
+and when the head goes away (BYE, or silence past ``NODE_TIMEOUT``) it drops
+that session's workers and segments and waits, reconnecting with back-off,
+for the next head; ``--once`` exits instead. SIGTERM or Ctrl-C leave
+gracefully: the head hears LEAVE at once, hands back what has not started,
+and the node waits up to the grace period for running tasks to finish.
+
+This process runs no user code and unpickles nothing from the head but the
+session's settings (builtins): workers do the rest, in their own processes.
+Everything here runs on its main thread, which owns both sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+
+import zmq
+
+from .. import config
+from ..errors import ProtocolError
+from ..protocol import security
+from ..protocol.framing import decode_header, pack_header
+from ..protocol.messages import MessageType
+from ..protocol.zap import HandshakeWatch
+from ..store import segments, serialize
+from .head import version_mismatch, versions
+from .local_node import LocalNode
+from .startup import SPAWN
+from .worker import routing_id
+
+#: Exit codes of ``futurepool worker``.
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+
+#: Handshakes that fail in a row before a node gives up: the keys differ.
+_AUTH_ATTEMPTS = 3
+
+_TO_WORKERS = frozenset({MessageType.TASKS, MessageType.FREE, MessageType.STOP})
+
+
+class Refused(Exception):
+    """The head will not have this node (wrong key, other versions): stop, exit 1."""
+
+
+class RemoteNode:
+    """The ``futurepool worker`` process: serves one head after another."""
+
+    def __init__(self, connect: str, keys, *, workers: int, once: bool = False,
+                 grace: float | None = None, log=print):
+        self.connect = connect
+        self.keys = keys
+        self.workers = workers
+        self.once = once
+        self.grace = config.SHUTDOWN_TIMEOUT if grace is None else grace
+        self.log = log
+        self.stopping = False
+        self.wakeup_r, self.wakeup_w = os.pipe()
+        os.set_blocking(self.wakeup_w, False)
+
+    def request_stop(self, *_args) -> None:
+        """SIGTERM / Ctrl-C: leave gracefully (the signal's wakeup fd wakes the loop)."""
+        self.stopping = True
+
+    def run(self) -> int:
+        backoff = 0.1
+        while not self.stopping:
+            try:
+                served = self._session()
+            except Refused as exc:
+                self.log(f"futurepool worker: {exc}")
+                return EXIT_REFUSED
+            if self.stopping or (self.once and served):
+                break
+            if served:
+                backoff = 0.1
+            self._sleep(backoff)
+            backoff = min(backoff * 2, config.RECONNECT_MAX_INTERVAL)
+        return EXIT_OK
+
+    def _sleep(self, seconds: float) -> None:
+        poller = zmq.Poller()
+        poller.register(self.wakeup_r, zmq.POLLIN)
+        if poller.poll(seconds * 1000):
+            _drain(self.wakeup_r)
+
+    # -- one head's session ---------------------------------------------------------
+
+    def _session(self) -> bool:
+        """Join the head and serve it; whether a session was served at all."""
+        ctx = zmq.Context(1)
+        sock = ctx.socket(zmq.DEALER)
+        watch = None
+        session = None
+        try:
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(config.RECONNECT_MAX_INTERVAL * 1000))
+            security.make_curve_client(sock, self.keys)
+            watch = HandshakeWatch(sock)
+            sock.connect(self.connect)
+            hello = {"versions": versions(), "host": socket.gethostname(),
+                     "workers": self.workers, "pid": os.getpid()}
+            if "version-skew" in os.environ.get("FUTUREPOOL_TESTING_FAULTS", ""):
+                hello["versions"]["cloudpickle"] += "+skew"  # tests: a mismatched host
+            sock.send_multipart([pack_header(MessageType.JOIN), serialize.dumps_plain(hello)])
+            welcome = self._await_welcome(sock, watch)
+            if welcome is None:
+                return False
+            session = _Session(self, ctx, sock, welcome)
+            session.serve()
+            return True
+        finally:
+            if session is not None:
+                session.close()
+            if watch is not None:
+                watch.close()
+            sock.close(linger=0)
+            ctx.term()
+
+    def _await_welcome(self, sock, watch) -> dict | None:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(watch.socket, zmq.POLLIN)
+        poller.register(self.wakeup_r, zmq.POLLIN)
+        deadline = time.monotonic() + config.JOIN_TIMEOUT
+        while not self.stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if watch.failures:
+                    raise Refused(f"authentication failed with the head at {self.connect}:"
+                                  f" {watch.last_failure}. Check that this host has the"
+                                  " head's key file (futurepool keygen; --key-file).")
+                return None  # nobody there yet: back off, try again
+            for what, _ in poller.poll(min(left, 0.5) * 1000):
+                if what is watch.socket:
+                    watch.handle()
+                    if watch.failures >= _AUTH_ATTEMPTS and not watch.succeeded:
+                        raise Refused(
+                            f"authentication failed with the head at {self.connect}:"
+                            f" {watch.last_failure}. Check that this host has the head's key"
+                            " file (futurepool keygen; --key-file).")
+                elif what == self.wakeup_r:
+                    _drain(self.wakeup_r)
+                else:
+                    frames = sock.recv_multipart()
+                    kind, _count, _ident = decode_header(frames[0])
+                    if kind == MessageType.WELCOME:
+                        return serialize.loads(frames[1])
+                    if kind == MessageType.REFUSED:
+                        raise Refused(f"the head at {self.connect} refused this node: "
+                                      f"{frames[1].decode(errors='replace')}")
+        return None
+
+
+class _Session:
+    """One head's session on this host: its node, its workers, its files."""
+
+    def __init__(self, remote: RemoteNode, ctx, sock, welcome: dict):
+        self.remote = remote
+        self.sock = sock
+        self.welcome = welcome
+        self.run_dir = tempfile.mkdtemp(prefix=f"futurepool-{os.getpid()}-",
+                                        dir=config.TMPDIR if len(config.TMPDIR) < 60 else "/tmp")
+        self.local = ctx.socket(zmq.ROUTER)
+        self.local.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.local.setsockopt(zmq.SNDHWM, 0)
+        self.local.setsockopt(zmq.RCVHWM, 0)
+        self.local.setsockopt(zmq.LINGER, 0)
+        address = f"ipc://{self.run_dir}/owner"
+        self.local.bind(address)
+        self.store = segments.new_settings(
+            config.SHM_DIR, config.SPILL_DIR, config.SHM_PREFIX, config.STORE_CAPACITY,
+            config.STORE_FRACTION, config.STORE_POOL_BYTES,
+            # Values travel inside messages until node-to-node pulls exist.
+            1 << 62, writers=remote.workers)
+        settings = dict(welcome["settings"])
+        settings.update(
+            owner_address=address, run_dir=self.run_dir, store=self.store,
+            driver_pid=os.getpid(), workers=remote.workers,
+            first_worker_id=welcome["first_worker_id"],
+            authkey=os.urandom(32),
+            preparation=self._preparation(welcome.get("preparation"), welcome.get("main")))
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+        self.node = LocalNode(SPAWN)
+        self.node.start(resource_tracker._resource_tracker._fd)
+        self.node.configure(settings)
+        self.last_heard = time.monotonic()
+        self.leave_deadline: float | None = None
+
+    def _preparation(self, data: dict | None, main) -> dict | None:
+        """The driver's preparation data, made true here: the main script written locally."""
+        if data is None:
+            return None
+        data = dict(data)
+        for key in ("dir", "orig_dir", "init_main_from_name", "init_main_from_path"):
+            data.pop(key, None)
+        data["sys_path"] = [p for p in data.get("sys_path", []) if os.path.isdir(p)]
+        if main is not None:
+            name, source = main
+            path = os.path.join(self.run_dir, os.path.basename(name) or "main.py")
+            with open(path, "wb") as file:
+                file.write(source)
+            data["init_main_from_path"] = path
+            data["sys_path"].insert(0, self.run_dir)
+        return data
+
+    def serve(self) -> None:
+        remote, sock, local, node = self.remote, self.sock, self.local, self.node
+        poller = zmq.Poller()
+        for what in (sock, local, node.event_fd, remote.wakeup_r):
+            poller.register(what, zmq.POLLIN)
+        next_heartbeat = 0.0
+        while True:
+            for what, _ in poller.poll(config.HEARTBEAT_INTERVAL * 1000 / 2):
+                if what is sock:
+                    if not self._from_head():
+                        return
+                elif what is local:
+                    self._from_workers()
+                elif what == remote.wakeup_r:
+                    _drain(remote.wakeup_r)
+                elif what == node.event_fd:
+                    if not self._from_node():
+                        return
+            now = time.monotonic()
+            if remote.stopping and self.leave_deadline is None:
+                sock.send_multipart([pack_header(MessageType.LEAVE)])
+                self.leave_deadline = now + remote.grace
+            if self.leave_deadline is not None and now > self.leave_deadline:
+                sock.send_multipart([pack_header(MessageType.BYE)])
+                return
+            if now - self.last_heard > config.NODE_TIMEOUT:
+                remote.log(f"futurepool worker: the head at {remote.connect} was silent for"
+                           f" {now - self.last_heard:.1f} s; dropping its session")
+                return
+            if now >= next_heartbeat:
+                next_heartbeat = now + config.HEARTBEAT_INTERVAL
+                sock.send_multipart([pack_header(MessageType.HEARTBEAT)])
+
+    def _from_head(self) -> bool:
+        sock, local = self.sock, self.local
+        for _ in range(10000):
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+                return True
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            self.last_heard = time.monotonic()
+            try:
+                kind, _count, ident = decode_header(frames[0].bytes)
+            except ProtocolError:
+                continue
+            if kind in _TO_WORKERS:
+                try:
+                    local.send_multipart([routing_id(ident), *frames], zmq.NOBLOCK, copy=False)
+                except zmq.ZMQError:
+                    pass  # that worker is gone: its exit is on its way to the head
+            elif kind == MessageType.BYE:
+                return False
+        return True
+
+    def _from_workers(self) -> None:
+        sock, local = self.sock, self.local
+        for _ in range(10000):
+            if not local.get(zmq.EVENTS) & zmq.POLLIN:
+                return
+            frames = local.recv_multipart(zmq.NOBLOCK, copy=False)
+            sock.send_multipart(frames[1:], copy=False)
+
+    def _from_node(self) -> bool:
+        try:
+            events = self.node.read_events()
+        except ProtocolError:
+            events = []
+        for kind, body in events:
+            self.sock.send_multipart([pack_header(kind), serialize.dumps_plain(body)])
+        if self.node.gone:
+            self.remote.log("futurepool worker: the node process died; dropping the session")
+            return False
+        return True
+
+    def close(self) -> None:
+        """Stop the workers (any still running are killed), remove the session's files."""
+        node = self.node
+        node.stop(signal.SIGKILL if self.leave_deadline is None else signal.SIGTERM)
+        node.close_commands()
+        node.wait(config.SHUTDOWN_TIMEOUT)
+        node.close_events()
+        self.local.close(linger=0)
+        segments.remove_files(self.store.dirs, self.store.session + "-")
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def main(connect: str, key_file: str | None, workers: int, once: bool, grace: float | None,
+         log=print) -> int:
+    """``futurepool worker``: returns the exit code."""
+    try:
+        keys = security.load_keys(key_file)
+    except security.SecurityError as exc:
+        log(f"futurepool worker: {exc}")
+        return EXIT_REFUSED
+    segments.sweep_dead_sessions((config.SHM_DIR, config.SPILL_DIR), config.SHM_PREFIX)
+    node = RemoteNode(connect, keys, workers=workers, once=once, grace=grace, log=log)
+    os.set_blocking(node.wakeup_r, False)
+    signal.set_wakeup_fd(node.wakeup_w)
+    signal.signal(signal.SIGTERM, node.request_stop)
+    signal.signal(signal.SIGINT, node.request_stop)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    return node.run()
+
+
+__all__ = ["main", "RemoteNode", "version_mismatch"]
