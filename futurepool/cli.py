@@ -62,7 +62,22 @@ def main(argv: list[str] | None = None) -> None:
     keygen.add_argument(
         "--force", action="store_true",
         help="replace an existing key file (hosts holding the old key are no longer admitted)")
+    status = commands.add_parser(
+        "status", help="show a head's nodes, workers and tasks",
+        description="Ask a listening head (--connect, or every head on this host) for its"
+                    " nodes (host, address, workers, busy, store use), task counts and age."
+                    " Needs the cluster's key file, as a node does.")
+    status.add_argument("--connect", metavar="tcp://HOST:PORT",
+                        help="the head's address (default: every head on this host)")
+    status.add_argument("--key-file", metavar="PATH",
+                        help="the cluster's key file (env FUTUREPOOL_KEY_FILE)")
+    status.add_argument("--json", action="store_true", help="one JSON object per head")
     args = parser.parse_args(argv)
+    if args.command == "status":
+        from .core import status as _status
+
+        sys.exit(_status.main(args.connect, args.key_file, args.json,
+                              log=lambda line: print(line, file=sys.stderr, flush=True)))
     if args.command == "worker":
         if not args.connect or not args.connect.startswith("tcp://"):
             worker.error("--connect tcp://HOST:PORT is required (or FUTUREPOOL_CONNECT)")

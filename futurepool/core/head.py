@@ -48,7 +48,7 @@ NODE_ID_SHIFT = 32
 
 #: Messages a node relays from its workers; the owner handles them as local ones.
 _WORKER_KINDS = frozenset({MessageType.READY, MessageType.RESULTS, MessageType.INIT_FAILED,
-                           MessageType.START_FAILED})
+                           MessageType.START_FAILED, MessageType.OUTPUT})
 
 
 def versions() -> dict:
@@ -120,6 +120,9 @@ class Head:
             self.auth.close()
             raise
         self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        # futurepool status finds the heads of this host through this file.
+        with open(os.path.join(owner.run_dir, "head"), "w") as file:
+            file.write(self.address)
 
     @property
     def sockets(self) -> list:
@@ -149,9 +152,13 @@ class Head:
         if len(message) < 2:
             raise ProtocolError(f"{len(message)} frames")
         routing_id = message[0].bytes
-        kind, _count, ident = decode_header(message[1].bytes)
+        kind, count, ident = decode_header(message[1].bytes)
         body = message[2].bytes if len(message) > 2 else b""
         node = self.nodes.get(routing_id)
+        if kind == MessageType.STATUS:  # futurepool status, with the cluster's key
+            self._send(routing_id, pack_header(MessageType.STATUS),
+                       serialize.dumps_plain(self.owner.status()))
+            return
         if node is None:
             if kind == MessageType.JOIN:
                 self._join(routing_id, body, message[1].get("Peer-Address") or "?")
@@ -160,7 +167,7 @@ class Head:
         if kind in _WORKER_KINDS:
             if not node.owns(ident):
                 raise ProtocolError(f"{node.describe()} spoke for worker {ident}, not its own")
-            self.owner._worker_message(node, routing_id, kind, ident, body)
+            self.owner._worker_message(node, routing_id, kind, count, ident, body)
         elif kind == MessageType.WORKER_STARTED:
             worker_id, _pid = serialize.loads(body)
             if node.owns(worker_id):  # not in executor._processes: pids are per host
@@ -169,6 +176,7 @@ class Head:
             event = serialize.loads(body)
             if node.owns(event[0]):
                 node.worker_ids.discard(event[0])
+                self.owner.output.flush(node.host, event[0])
                 self.owner._worker_exited(*event, detail=f"It ran on {node.describe()}.")
         elif kind == MessageType.LEAVE:
             node.leaving = True
@@ -250,7 +258,7 @@ def session_for_nodes(owner) -> tuple[dict | None, str]:
     """
     settings = {"initializer": owner.initializer_blob,
                 "max_tasks_per_child": owner.max_tasks_per_child,
-                "process_name": "SpawnProcess"}
+                "process_name": "SpawnProcess", "forward_output": True}
     if owner.inherited_fds:
         return None, ("the pool's initargs hold multiprocessing objects (a Queue, a Pipe) that"
                       " only reach workers on this host")

@@ -72,6 +72,7 @@ from ..store.objects import DriverStore
 from . import startup
 from .head import Head, head_keys
 from .local_node import LocalNode, LocalWorkers
+from .output import OutputPrinter
 from .processes import EXIT_INITIALIZER_FAILED, EXIT_START_FAILED, INITIALIZING, WorkerProcess
 from .scheduler import Scheduler, WorkerSlot
 from .startup import FORK, check_not_importing_main
@@ -147,6 +148,9 @@ class Owner:
         self.listen = listen
         self.key_file = key_file
         self.head: Head | None = None
+        self.output = OutputPrinter()  # what remote workers print
+        self.started_at = time.time()
+        self.completed = 0  # tasks whose worker reported an outcome
         self.listening = threading.Event()  # set once bound (or failed: open_error)
         self.open_error: BaseException | None = None
         self.remote_start: tuple[dict | None, str] | None = None  # (what nodes get, or why not)
@@ -581,10 +585,11 @@ class Owner:
     def _handle(self, frames) -> None:
         if len(frames) < 3:
             raise ProtocolError(f"{len(frames)} frames")
-        kind, _count, ident = decode_header(frames[1])
-        self._worker_message(self.local_workers, frames[0], kind, ident, frames[2])
+        kind, count, ident = decode_header(frames[1])
+        self._worker_message(self.local_workers, frames[0], kind, count, ident, frames[2])
 
-    def _worker_message(self, link, routing_id: bytes, kind, worker_id: int, body) -> None:
+    def _worker_message(self, link, routing_id: bytes, kind, count: int, worker_id: int,
+                        body) -> None:
         """A message from a worker (``worker_id``: its header's ident), through ``link``."""
         if kind == MessageType.RESULTS:
             worker = self.scheduler.workers.get(worker_id)
@@ -601,6 +606,8 @@ class Owner:
             self._initializer_failed(worker_id, serialize.loads_exception(body))
         elif kind == MessageType.START_FAILED:
             self._start_failed(worker_id, None, serialize.loads_exception(body))
+        elif kind == MessageType.OUTPUT and link.remote:
+            self.output.write(link.host, worker_id, count, body)
         else:
             raise ProtocolError(f"unexpected {kind.name} from a worker")
 
@@ -629,6 +636,7 @@ class Owner:
                 continue
             if self.on_demand:  # a worker is free again (the stdlib's idle semaphore)
                 self.idle_workers.release()
+            self.completed += 1
             if status == ResultStatus.OK:
                 self.scheduler.record(task.fn_id, took)
                 self.tasks.pop(task.task_id, None)
@@ -813,6 +821,25 @@ class Owner:
             self._restart_node()
 
     # -- remote nodes (core.head calls these) ---------------------------------
+
+    def status(self) -> dict:
+        """What ``futurepool status`` shows: nodes, slots, tasks, store use (I/O thread)."""
+        def busy(link):
+            return sum(1 for slot in self.scheduler.workers.values()
+                       if slot.link is link and slot.inflight)
+
+        local = {"host": self.local_workers.host, "address": "local", "workers": self.requested,
+                 "busy": busy(self.local_workers),
+                 "store_bytes": segments.bytes_used(self.store.settings)}
+        nodes = [{"host": node.host, "address": node.address, "workers": node.workers,
+                  "busy": busy(node), "store_bytes": 0, "leaving": node.leaving,
+                  "joined_at": node.joined_at}
+                 for node in (self.head.nodes.values() if self.head is not None else ())]
+        running = sum(len(slot.inflight) for slot in self.scheduler.workers.values())
+        return {"address": self.head.address if self.head is not None else None,
+                "pid": os.getpid(), "started_at": self.started_at, "nodes": [local, *nodes],
+                "tasks": {"pending": len(self.tasks) - running, "sent": running,
+                          "done": self.completed}}
 
     def _node_joined(self, node) -> None:
         self._count_workers()

@@ -34,6 +34,7 @@ from ..protocol.messages import MessageType, ResultStatus
 from ..store import serialize
 from ..store.objects import WorkerStore
 from ..store.segments import Location
+from .output import OutputCapture
 from .processes import EXIT_INITIALIZER_FAILED, EXIT_START_FAILED, INITIALIZING, RUNNING_SLOT
 from .startup import importing, prepare_main
 
@@ -74,11 +75,21 @@ class Worker:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.connect(settings["owner_address"])
+        # On a remote host: what the worker prints goes to the driver (core.output).
+        self.capture = OutputCapture(self._send_output) if settings.get("forward_output") \
+            else None
         self.flusher = threading.Thread(target=self._flush_late, name="futurepool-flusher",
                                         daemon=True)
         self.flusher.start()
 
+    def _send_output(self, stream: int, data: bytes) -> None:
+        with self.lock:
+            self.sock.send_multipart([pack_header(MessageType.OUTPUT, stream, self.worker_id),
+                                      data])
+
     def close(self) -> None:
+        if self.capture is not None:
+            self.capture.close()
         self.closing = True
         self.holding.set()
         self.flusher.join()
@@ -199,6 +210,8 @@ class Worker:
         return (task_id, attempt, ResultStatus.OK, payload, took), (args, kwargs, result)
 
     def flush(self) -> None:
+        if self.capture is not None and self.outbox:
+            self.capture.sync()  # what the tasks printed arrives before their results
         with self.lock:
             if self.outbox:
                 self.sock.send_multipart([

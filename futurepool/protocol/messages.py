@@ -28,6 +28,7 @@ RESULTS        worker -> owner            [(task_id, attempt, status, payload,
 INIT_FAILED    worker -> owner            exception bytes (serialize.dumps_exception)
 START_FAILED   worker -> owner            exception bytes: importing the main script
                                           (spawn semantics) failed
+OUTPUT         remote worker -> owner     raw bytes it wrote; count: 1 stdout, 2 stderr
 STOP           owner -> worker            empty
 FREE           owner -> worker            [Location tuple, ...] of pieces it wrote
 NODE_CONFIG    driver -> node (pipe)      dict of start-up settings
@@ -42,6 +43,7 @@ REFUSED        head -> remote node        utf-8 text: why (a version mismatch...
 HEARTBEAT      both ways (tcp)            empty
 LEAVE          remote node -> head        empty: draining, send no more tasks
 BYE            head -> remote node        empty: the session is over
+STATUS         client <-> head (tcp)      request: empty; answer: dict (futurepool status)
 =============  =========================  =====================================
 
 Over TCP, a remote node relays its workers' messages both ways unchanged;
@@ -69,6 +71,7 @@ class MessageType(enum.IntEnum):
     STOP = 5
     FREE = 6
     START_FAILED = 7
+    OUTPUT = 8
     NODE_CONFIG = 10
     WORKER_EXITED = 11
     NODE_STOP = 12
@@ -80,6 +83,7 @@ class MessageType(enum.IntEnum):
     HEARTBEAT = 23
     LEAVE = 24
     BYE = 25
+    STATUS = 26
 
 
 _KNOWN_TYPES = frozenset(int(t) for t in MessageType)

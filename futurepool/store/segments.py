@@ -619,6 +619,17 @@ def remove_files(dirs, stem: str, keep=()) -> None:
             _unlink_quietly(os.path.join(directory, name))
 
 
+def bytes_used(settings: StoreSettings) -> int:
+    """Bytes the session's files take in shared memory and the spill directory."""
+    total = 0
+    for directory, name in _files(settings.dirs, settings.session + "-"):
+        try:
+            total += os.stat(os.path.join(directory, name)).st_blocks * 512
+        except OSError:
+            pass
+    return total
+
+
 def sweep_dead_sessions(dirs, prefix: str) -> None:
     """Remove the segments of sessions whose driver process is gone."""
     marker = prefix + "s"

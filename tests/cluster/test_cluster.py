@@ -237,3 +237,64 @@ def test_a_partitioned_node_is_declared_dead_and_its_task_runs_elsewhere(key_fil
             assert wait_until(lambda: executor._max_workers == 2, TIMEOUT)
             for node in (first, second):
                 stop(node)
+
+
+_PRINTS = """
+import os, subprocess, sys
+import futurepool
+
+def speak(x):
+    print("out", x)
+    print("err", x, file=sys.stderr)
+    os.system(f"echo shell {x}")   # a child process writing to fd 1 directly
+    return x
+
+if __name__ == "__main__":
+    key_file = sys.argv[1]
+    with futurepool.Executor(0, listen="tcp://127.0.0.1:0", key_file=key_file) as ex:
+        node = subprocess.Popen([sys.executable, "-m", "futurepool", "worker", "--connect",
+                                 ex.address, "--key-file", key_file, "--workers", "1",
+                                 "--once"])
+        assert list(ex.map(speak, range(3))) == [0, 1, 2]
+    node.wait(timeout=30)
+"""
+
+
+def test_what_remote_workers_print_reaches_the_driver_prefixed(tmp_path, key_file):
+    script = tmp_path / "prints.py"
+    script.write_text(textwrap.dedent(_PRINTS))
+    proc = subprocess.run([sys.executable, str(script), key_file], capture_output=True,
+                          text=True, timeout=TIMEOUT * 2, env=dict(os.environ, PYTHONPATH=_REPO))
+    assert proc.returncode == 0, proc.stderr
+    host = os.uname().nodename
+    for x in range(3):
+        assert f"[{host}:w0] out {x}\n" in proc.stdout, proc.stdout
+        assert f"[{host}:w0] shell {x}\n" in proc.stdout, proc.stdout
+        assert f"[{host}:w0] err {x}\n" in proc.stderr, proc.stderr
+
+
+def test_status_shows_the_nodes_and_tasks(key_file):
+    with futurepool.Executor(1, listen="tcp://127.0.0.1:0", key_file=key_file) as executor:
+        proc = start_worker(executor.address, key_file, workers=2)
+        try:
+            assert joined(executor, 3)
+            gate = [executor.submit(time.sleep, 1.0) for _ in range(4)]
+            time.sleep(0.3)
+            out = subprocess.run([sys.executable, "-m", "futurepool", "status", "--connect",
+                                  executor.address, "--key-file", key_file, "--json"],
+                                 capture_output=True, text=True, timeout=TIMEOUT,
+                                 env=dict(os.environ, PYTHONPATH=_REPO))
+            assert out.returncode == 0, out.stderr
+            status = json.loads(out.stdout)
+            assert status["address"] == executor.address
+            assert [n["workers"] for n in status["nodes"]] == [1, 2]
+            assert sum(n["busy"] for n in status["nodes"]) == 3
+            assert sum(status["tasks"].values()) == 4, status["tasks"]
+            text = subprocess.run([sys.executable, "-m", "futurepool", "status", "--key-file",
+                                   key_file], capture_output=True, text=True, timeout=TIMEOUT,
+                                  env=dict(os.environ, PYTHONPATH=_REPO))
+            assert text.returncode == 0 and executor.address in text.stdout, text.stderr
+            for future in gate:
+                future.result(timeout=TIMEOUT)
+        finally:
+            stop(proc)

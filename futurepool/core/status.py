@@ -1,0 +1,107 @@
+"""``futurepool status``: ask a head what its cluster is doing, and print it.
+
+A head answers STATUS on its listening port to any peer that passes its
+CURVE handshake, so the client needs the cluster's key file, like a node.
+Heads on this host are found through the ``head`` file each one writes in
+its run directory (the address), so that ``futurepool status`` with no
+address shows them all.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+
+import zmq
+
+from .. import config
+from ..protocol import security
+from ..protocol.framing import decode_header, pack_header
+from ..protocol.messages import MessageType
+from ..store import segments, serialize
+
+#: The file in a listening head's run directory that holds its address.
+HEAD_FILE = "head"
+
+
+def local_heads() -> list[str]:
+    """Addresses of the listening heads of this host whose driver is alive."""
+    base = config.TMPDIR if len(config.TMPDIR) < 60 else "/tmp"
+    found = []
+    for path in sorted(glob.glob(os.path.join(base, "futurepool-*", HEAD_FILE))):
+        pid = os.path.basename(os.path.dirname(path)).split("-")[1]
+        if pid.isdigit() and segments.pid_alive(int(pid)):
+            try:
+                with open(path) as file:
+                    found.append(file.read().strip())
+            except OSError:
+                continue
+    return found
+
+
+def query(address: str, keys, timeout: float = 5.0) -> dict:
+    """The head's status dict; raises TimeoutError if it does not answer in time."""
+    ctx = zmq.Context(1)
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        security.make_curve_client(sock, keys)
+        sock.connect(address)
+        sock.send_multipart([pack_header(MessageType.STATUS)])
+        if not sock.poll(timeout * 1000):
+            raise TimeoutError(f"no answer from {address} within {timeout:g} s (not a"
+                               " futurepool head, or a different key file)")
+        frames = sock.recv_multipart()
+        kind, _count, _ident = decode_header(frames[0])
+        if kind != MessageType.STATUS:
+            raise TimeoutError(f"{address} answered {kind.name}, not STATUS")
+        return serialize.loads(frames[1])
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def render(status: dict) -> str:
+    age = time.time() - status["started_at"]
+    tasks = status["tasks"]
+    lines = [f"head {status['address']} (pid {status['pid']}), up {age:.0f} s;"
+             f" tasks: {tasks['pending']} pending, {tasks['sent']} at workers,"
+             f" {tasks['done']} done",
+             f"  {'host':<20} {'address':<22} {'workers':>7} {'busy':>5} {'store':>10}"]
+    for node in status["nodes"]:
+        state = " (leaving)" if node.get("leaving") else ""
+        lines.append(f"  {node['host']:<20} {node['address']:<22} {node['workers']:>7}"
+                     f" {node['busy']:>5} {_size(node['store_bytes']):>10}{state}")
+    return "\n".join(lines)
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return str(nbytes)
+
+
+def main(connect: str | None, key_file: str | None, as_json: bool, log=print) -> int:
+    try:
+        keys = security.load_keys(key_file)
+    except security.SecurityError as exc:
+        log(f"futurepool status: {exc}")
+        return 1
+    addresses = [connect] if connect else local_heads()
+    if not addresses:
+        log("futurepool status: no listening head on this host (give --connect tcp://HOST:PORT)")
+        return 1
+    code = 0
+    for address in addresses:
+        try:
+            status = query(address, keys)
+        except TimeoutError as exc:
+            log(f"futurepool status: {exc}")
+            code = 1
+            continue
+        print(json.dumps(status) if as_json else render(status), flush=True)
+    return code
