@@ -97,6 +97,18 @@ def close_executor(ex, failed: bool) -> None:
         ex.shutdown(wait=False)
 
 
+def load_ppe(workers):
+    """Implementation loader: ``concurrent.futures.ProcessPoolExecutor``, default context."""
+    import concurrent.futures
+    import multiprocessing
+
+    return (
+        lambda: concurrent.futures.ProcessPoolExecutor(max_workers=workers),
+        "concurrent.futures.ProcessPoolExecutor, default context"
+        f" ({multiprocessing.get_start_method()})",
+    )
+
+
 def load_loky_executor(workers):
     """Implementation loader: a fresh ``loky.ProcessPoolExecutor`` per cell."""
     try:
@@ -135,8 +147,13 @@ class Target:
 
     threshold: float
     on: str = "ratio"
+    #: What the table shows instead of the threshold, e.g. "<=1.3x PPE's time"
+    #: for ``Target(1 / 1.3)`` in a lower-is-better scenario.
+    label: str = ""
 
     def text(self, scenario: Scenario) -> str:
+        if self.label:
+            return self.label
         if self.on == "ratio":
             return f">={self.threshold:g}x"
         sign = ">=" if scenario.higher_is_better else "<="
@@ -170,6 +187,23 @@ class Scenario:
     timeout: float
     target: Target | None = None
     show: tuple = ()  # extras printed next to the value, same unit
+    rows: tuple = ()  # extras with a row of their own (ratios, no target), same unit
+
+    def rows_of(self, results: dict) -> list:
+        """``[(scenario, {impl: Result})]``: this scenario's own row, then one
+        per name in ``rows``, named ``scenario.extra``, made of that extra's
+        samples from the same runs."""
+        out = [(self, results)]
+        for extra in self.rows:
+            row = dataclasses.replace(
+                self, name=f"{self.name}.{extra}", target=None, show=(), rows=(),
+                description=f"{extra}, measured in the same runs as {self.name}",
+            )
+            out.append((row, {
+                impl: Result(samples=r.extras.get(extra, []), error=r.error)
+                for impl, r in results.items()
+            }))
+        return out
 
 
 @dataclasses.dataclass
@@ -250,11 +284,12 @@ class Suite:
         timeout: float,
         target: Target | None = None,
         show: tuple = (),
+        rows: tuple = (),
     ):
         def register(fn):
             doc = " ".join((fn.__doc__ or "").split())
             self.scenarios[name] = Scenario(
-                name, fn, unit, higher_is_better, doc, timeout, target, show
+                name, fn, unit, higher_is_better, doc, timeout, target, show, rows
             )
             return fn
 
@@ -266,6 +301,8 @@ class Suite:
         if args.list:
             for s in self.scenarios.values():
                 print(f"scenario {s.name:12} {s.description}")
+                for row in s.rows:
+                    print(f"  row    {s.name}.{row}: {row}, from the same runs")
             for i in self.impls.values():
                 print(f"impl     {i.name:12} {i.label}")
             return 0
@@ -435,13 +472,15 @@ class Suite:
             if has_target and i is subject:
                 head.append(f"{i.label} target")
         rows, errors = [], []
-        for s in scenarios:
+        table = [(s, res, s is sc) for sc in scenarios for s, res in sc.rows_of(results[sc.name])]
+        for s, res, own in table:
             row = [s.name]
             for i in impls:
-                r = results[s.name][i.name]
+                r = res[i.name]
                 if r.error:
                     row.append("error: " + r.error[:28] + ("..." if len(r.error) > 28 else ""))
-                    errors.append(f"{s.name}/{i.label}: {r.error}")
+                    if own:  # once per scenario, not again for its extra rows
+                        errors.append(f"{s.name}/{i.label}: {r.error}")
                 elif not r.samples:
                     row.append("-")
                 else:
@@ -451,10 +490,10 @@ class Suite:
                             text += f" ({k} {_fmt(statistics.median(r.extras[k]), '')})"
                     row.append(text + (f" +-{r.spread:.0%}" if len(r.samples) > 1 else ""))
             for i in others:
-                ratio = self._ratio(s, results[s.name], i.name)
+                ratio = self._ratio(s, res, i.name)
                 row.append("-" if ratio is None else f"{ratio:.2f}x")
                 if has_target and i is subject:
-                    row.append(_verdict(s, results[s.name][i.name].median, ratio))
+                    row.append(_verdict(s, res[i.name].median, ratio))
             rows.append(row)
         widths = [max(len(r[c]) for r in [head] + rows) for c in range(len(head))]
         line = lambda r: "  ".join(
@@ -496,16 +535,14 @@ class Suite:
             },
             "scenarios": {},
         }
-        for s in scenarios:
-            subj = results[s.name].get(self.subject)
+        for s, res in (row for sc in scenarios for row in sc.rows_of(results[sc.name])):
+            subj = res.get(self.subject)
             out["scenarios"][s.name] = {
                 "description": s.description,
                 "unit": s.unit,
                 "higher_is_better": s.higher_is_better,
                 "target": dataclasses.asdict(s.target) if s.target else None,
-                "target_met": s.target.met(
-                    s, subj.median, self._ratio(s, results[s.name], self.subject)
-                )
+                "target_met": s.target.met(s, subj.median, self._ratio(s, res, self.subject))
                 if s.target and subj
                 else None,
                 "results": {
@@ -515,9 +552,9 @@ class Suite:
                         "samples": r.samples,
                         "extras": {k: statistics.median(v) for k, v in r.extras.items()},
                         "error": r.error,
-                        "ratio_vs_baseline": self._ratio(s, results[s.name], name),
+                        "ratio_vs_baseline": self._ratio(s, res, name),
                     }
-                    for name, r in results[s.name].items()
+                    for name, r in res.items()
                 },
             }
         with open(args.json, "w") as f:

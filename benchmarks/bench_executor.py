@@ -46,15 +46,7 @@ suite.header_extra.append(
 )
 
 
-def _load_ppe(workers):
-    method = multiprocessing.get_start_method()
-    return (
-        lambda: cf.ProcessPoolExecutor(max_workers=workers),
-        f"concurrent.futures.ProcessPoolExecutor, default context ({method})",
-    )
-
-
-suite.implementation("ppe", "PPE", _load_ppe)
+suite.implementation("ppe", "PPE", _harness.load_ppe)
 suite.implementation("loky", "loky", _harness.load_loky_executor)
 suite.implementation("futurepool", "futurepool", _harness.load_futurepool, traits=[FUTURE_ARGS])
 

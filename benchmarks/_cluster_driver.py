@@ -1,0 +1,193 @@
+"""Helper processes of ``bench_cluster.py``: a TCP echo server, and Dask and Ray drivers.
+
+``python _cluster_driver.py echo HOST`` binds a TCP port on HOST, prints it,
+and echoes what the one connection it accepts sends, until that closes.
+
+``python _cluster_driver.py dask tcp://HOST:PORT`` and ``python
+_cluster_driver.py ray HOST:PORT NODE_IP`` connect a client (a
+``distributed.Client``; ``ray.init(address=...)``) to a cluster that
+``bench_cluster.py`` started, print ``{"hello": VERSION}``, then answer one
+JSON command per line of stdin with one JSON line on stdout:
+
+=========================================  ======================================
+command                                    answer
+=========================================  ======================================
+``{"op": "ready", "workers": N}``          once N worker slots joined and ran one
+                                           no-op each, submitted together
+``{"op": "throughput", "n": N}``           ``{"value": tasks/s}``: N no-ops
+                                           submitted, then all results fetched
+``{"op": "latency", "n": N}``              ``{"value": µs, "p90": µs}``: median of N
+                                           sequential submit -> result
+``{"op": "queue"}``                        submits one no-op that no node can run yet
+``{"op": "collect"}``                      ``{"at": time.monotonic()}`` when it is done
+``{"op": "close"}``                        closes the client and exits
+=========================================  ======================================
+
+Every command carries ``"timeout"`` (seconds), which bounds its waits; a
+failure answers ``{"error": "..."}``. ``time.monotonic()`` is the system's
+CLOCK_MONOTONIC, so the benchmark compares it with its own. The script runs
+under whichever interpreter has the system installed (Ray's may be a venv of
+its own) and imports nothing of futurepool; the task is ``_tasks.noop``,
+imported by reference from ``PYTHONPATH`` as in every benchmark here.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import statistics
+import sys
+import time
+
+import _tasks
+
+#: Seconds the echo server waits for its connection, and for each message.
+ECHO_TIMEOUT = 60.0
+#: Seconds between polls of the cluster's worker count.
+POLL_INTERVAL = 0.05
+
+
+def echo(host: str) -> int:
+    with socket.create_server((host, 0)) as server:
+        server.settimeout(ECHO_TIMEOUT)
+        print(json.dumps({"port": server.getsockname()[1]}), flush=True)
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(ECHO_TIMEOUT)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while data := conn.recv(64):
+                conn.sendall(data)
+    return 0
+
+
+def _percentiles(samples: list) -> dict:
+    p90 = statistics.quantiles(samples, n=10, method="inclusive")[-1]
+    return {"value": statistics.median(samples) * 1e6, "p90": p90 * 1e6}
+
+
+class DaskDriver:
+    def __init__(self, address: str, timeout: float):
+        import distributed
+
+        self.distributed = distributed
+        self.client = distributed.Client(address, timeout=timeout, set_as_default=False)
+        self.version = f"distributed {distributed.__version__}"
+        self.queued = None
+
+    def submit(self):
+        # pure=False: identical calls must be separate tasks, not one cached key.
+        return self.client.submit(_tasks.noop, pure=False)
+
+    def ready(self, workers: int, timeout: float) -> None:
+        self.client.wait_for_workers(n_workers=workers, timeout=timeout)
+        self.client.gather([self.submit() for _ in range(workers)])
+
+    def throughput(self, n: int, timeout: float) -> float:
+        t0 = time.perf_counter()
+        futures = [self.submit() for _ in range(n)]
+        self.distributed.wait(futures, timeout=timeout)
+        self.client.gather(futures)
+        return n / (time.perf_counter() - t0)
+
+    def one(self, timeout: float) -> None:
+        self.submit().result(timeout=timeout)
+
+    def queue(self) -> None:
+        self.queued = self.submit()
+
+    def collect(self, timeout: float) -> None:
+        self.queued.result(timeout=timeout)
+
+    def close(self) -> None:
+        self.client.close(timeout=5)
+
+
+class RayDriver:
+    def __init__(self, address: str, node_ip: str):
+        import ray
+
+        self.ray = ray
+        ray.init(address=address, _node_ip_address=node_ip, log_to_driver=False,
+                 configure_logging=False)
+        self.remote = ray.remote(_tasks.noop)
+        self.version = f"ray {ray.__version__}"
+        self.queued = None
+
+    def ready(self, workers: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.ray.cluster_resources().get("CPU", 0) < workers:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {workers} CPUs joined within {timeout:g} s")
+            time.sleep(POLL_INTERVAL)
+        self.ray.get([self.remote.remote() for _ in range(workers)], timeout=timeout)
+
+    def throughput(self, n: int, timeout: float) -> float:
+        t0 = time.perf_counter()
+        refs = [self.remote.remote() for _ in range(n)]
+        self.ray.get(refs, timeout=timeout)
+        return n / (time.perf_counter() - t0)
+
+    def one(self, timeout: float) -> None:
+        self.ray.get(self.remote.remote(), timeout=timeout)
+
+    def queue(self) -> None:
+        self.queued = self.remote.remote()
+
+    def collect(self, timeout: float) -> None:
+        self.ray.get(self.queued, timeout=timeout)
+
+    def close(self) -> None:
+        self.ray.shutdown()
+
+
+def serve(driver) -> int:
+    print(json.dumps({"hello": driver.version}), flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        op, timeout = command["op"], command.get("timeout", 60.0)
+        try:
+            if op == "ready":
+                driver.ready(command["workers"], timeout)
+                answer = {}
+            elif op == "throughput":
+                answer = {"value": driver.throughput(command["n"], timeout)}
+            elif op == "latency":
+                deadline = time.monotonic() + timeout
+                samples = []
+                for _ in range(command["n"]):
+                    t0 = time.perf_counter()
+                    driver.one(max(0.001, deadline - time.monotonic()))
+                    samples.append(time.perf_counter() - t0)
+                answer = _percentiles(samples)
+            elif op == "queue":
+                driver.queue()
+                answer = {}
+            elif op == "collect":
+                driver.collect(timeout)
+                answer = {"at": time.monotonic()}
+            elif op == "close":
+                driver.close()
+                print(json.dumps({}), flush=True)
+                return 0
+            else:
+                answer = {"error": f"unknown op {op!r}"}
+        except Exception as exc:  # reported to the benchmark, which fails the cell
+            answer = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}
+        print(json.dumps(answer), flush=True)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    role = argv[0]
+    if role == "echo":
+        return echo(argv[1])
+    if role == "dask":
+        return serve(DaskDriver(argv[1], float(argv[2]) if len(argv) > 2 else 60.0))
+    if role == "ray":
+        return serve(RayDriver(argv[1], argv[2]))
+    print(f"unknown role {role!r}: echo, dask or ray", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
