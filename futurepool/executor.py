@@ -199,6 +199,8 @@ class Executor(_StdExecutor):
         if owner.open_error is not None:
             error = owner.open_error
             self.shutdown(wait=True)
+            if isinstance(error, security.SecurityError):  # says what to do already
+                raise error
             raise OSError(f"could not listen on {owner.listen} for remote nodes:"
                           f" {type(error).__name__}: {error}") from error
         self.address = owner.head.address

@@ -102,6 +102,7 @@ class Head:
         self.owner = owner
         self.keys = keys
         self.nodes: dict[bytes, RemoteLink] = {}
+        self.dropped = 0  # malformed messages from authenticated peers
         self.next_index = 0
         self.next_heartbeat = 0.0
         self.auth = Authenticator(context, security.admitted_keys(keys))
@@ -145,8 +146,10 @@ class Head:
             message = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             try:
                 self._handle(message)
-            except ProtocolError as exc:
-                LOGGER.warning("dropped a malformed message from a node: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - an authenticated peer's garbage: drop it
+                self.dropped += 1
+                LOGGER.warning("dropped a malformed message from a node: %s: %s",
+                               type(exc).__name__, exc)
 
     def _handle(self, message) -> None:
         if len(message) < 2:
@@ -285,11 +288,21 @@ def session_for_nodes(owner) -> tuple[dict | None, str]:
     return {"settings": settings, "preparation": preparation, "main": main}, ""
 
 
-def head_keys(key_file: str | None = None):
-    """The cluster keys for a listening head; the key file is created if absent."""
+def head_keys(listen: str, key_file: str | None = None):
+    """The cluster keys for a head listening on ``listen``.
+
+    Listening on loopback only, a missing key file is created (a cluster of
+    one machine: nothing to copy). Any other address needs a key made on
+    purpose with ``futurepool keygen`` and copied to the hosts that join.
+    """
     path = security.key_file_path(key_file)
     if not os.path.exists(path):
+        host = listen[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise security.KeyFileError(
+                f"No cluster key file at {path}: listening on {listen} needs one. Create it"
+                f" with `futurepool keygen --key-file {path}` and copy it to every host that"
+                " joins (or set FUTUREPOOL_KEY_FILE).", path=path)
         security.create_key_file(path)
-        LOGGER.warning("created the cluster key file %s (copy it to every host that joins)",
-                       path)
+        LOGGER.warning("created the cluster key file %s", path)
     return security.load_keys(path)

@@ -342,7 +342,7 @@ class Owner:
         self.poller.register(self.wake_fd, zmq.POLLIN)
         self.local_workers = LocalWorkers(self.sock)
         if self.listen:
-            self.head = Head(self, self.ctx, self.listen, head_keys(self.key_file))
+            self.head = Head(self, self.ctx, self.listen, head_keys(self.listen, self.key_file))
             for sock in self.head.sockets:
                 self.poller.register(sock, zmq.POLLIN)
         self._configure_node()

@@ -25,54 +25,7 @@ from futurepool import config
 from futurepool.errors import WorkerCrashedError
 from futurepool.testing import netns, wait_until
 
-#: Seconds a node may take to join, a result to arrive, a process to exit.
-TIMEOUT = 30.0
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def where(x=None, seconds=0.0):
-    """Runs in a worker: which network namespace it is in, and its argument."""
-    time.sleep(seconds)
-    return os.readlink("/proc/self/ns/net"), x
-
-
-MY_NETNS = os.readlink("/proc/self/ns/net")
-
-
-def worker_command(address, key_file, *extra, workers=2):
-    return [sys.executable, "-m", "futurepool", "worker", "--connect", address,
-            "--key-file", str(key_file), "--workers", str(workers), *extra]
-
-
-def start_worker(address, key_file, *extra, workers=2, net=None, member=None, env=None):
-    command = worker_command(address, key_file, *extra, workers=workers)
-    environment = dict(os.environ, PYTHONPATH=_REPO, **(env or {}))
-    kwargs = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
-    if net is not None:
-        return net.popen(member, command, **kwargs)
-    return subprocess.Popen(command, **kwargs)
-
-
-def joined(executor, slots):
-    return wait_until(lambda: executor._max_workers >= slots, TIMEOUT)
-
-
-def stop(proc, sig=signal.SIGTERM):
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    return proc.returncode, out, err
-
-
-@pytest.fixture
-def key_file(tmp_path):
-    from futurepool.protocol import security
-
-    return security.create_key_file(tmp_path / "cluster.key")
+from ._nodes import MY_NETNS, REPO, TIMEOUT, joined, start_worker, stop, where
 
 
 @pytest.fixture
@@ -135,12 +88,12 @@ def test_a_version_mismatch_is_refused_on_both_sides(key_file, caplog):
 def test_bad_usage_is_one_line_and_exit_code_two():
     proc = subprocess.run([sys.executable, "-m", "futurepool", "worker", "--workers", "0",
                            "--connect", "tcp://127.0.0.1:1"], capture_output=True, text=True,
-                          timeout=TIMEOUT, env=dict(os.environ, PYTHONPATH=_REPO))
+                          timeout=TIMEOUT, env=dict(os.environ, PYTHONPATH=REPO))
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "--workers" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "futurepool", "worker"], capture_output=True,
                           text=True, timeout=TIMEOUT,
-                          env={k: v for k, v in dict(os.environ, PYTHONPATH=_REPO).items()
+                          env={k: v for k, v in dict(os.environ, PYTHONPATH=REPO).items()
                                if k != "FUTUREPOOL_CONNECT"})
     assert proc.returncode == 2 and "--connect" in proc.stderr
 
@@ -196,7 +149,7 @@ def test_an_unchanged_script_scales_out_to_two_hosts(tmp_path, key_file):
     with netns.Network(nodes=2, head_in_root=False) as net:
         head = net.popen("head", [sys.executable, str(script), "4"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                         env=dict(os.environ, PYTHONPATH=_REPO, FUTUREPOOL_KEY_FILE=key_file,
+                         env=dict(os.environ, PYTHONPATH=REPO, FUTUREPOOL_KEY_FILE=key_file,
                                   FUTUREPOOL_LISTEN=f"tcp://{net.address('head')}:0"))
         first = head.stdout.readline()
         address = json.loads(first)["address"]
@@ -264,7 +217,7 @@ def test_what_remote_workers_print_reaches_the_driver_prefixed(tmp_path, key_fil
     script = tmp_path / "prints.py"
     script.write_text(textwrap.dedent(_PRINTS))
     proc = subprocess.run([sys.executable, str(script), key_file], capture_output=True,
-                          text=True, timeout=TIMEOUT * 2, env=dict(os.environ, PYTHONPATH=_REPO))
+                          text=True, timeout=TIMEOUT * 2, env=dict(os.environ, PYTHONPATH=REPO))
     assert proc.returncode == 0, proc.stderr
     host = os.uname().nodename
     for x in range(3):
@@ -283,7 +236,7 @@ def test_status_shows_the_nodes_and_tasks(key_file):
             out = subprocess.run([sys.executable, "-m", "futurepool", "status", "--connect",
                                   executor.address, "--key-file", key_file, "--json"],
                                  capture_output=True, text=True, timeout=TIMEOUT,
-                                 env=dict(os.environ, PYTHONPATH=_REPO))
+                                 env=dict(os.environ, PYTHONPATH=REPO))
             assert out.returncode == 0, out.stderr
             status = json.loads(out.stdout)
             assert status["address"] == executor.address
@@ -292,7 +245,7 @@ def test_status_shows_the_nodes_and_tasks(key_file):
             assert sum(status["tasks"].values()) == 4, status["tasks"]
             text = subprocess.run([sys.executable, "-m", "futurepool", "status", "--key-file",
                                    key_file], capture_output=True, text=True, timeout=TIMEOUT,
-                                  env=dict(os.environ, PYTHONPATH=_REPO))
+                                  env=dict(os.environ, PYTHONPATH=REPO))
             assert text.returncode == 0 and executor.address in text.stdout, text.stderr
             for future in gate:
                 future.result(timeout=TIMEOUT)
