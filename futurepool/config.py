@@ -101,6 +101,10 @@ NODE_TIMEOUT: float = _env("NODE_TIMEOUT", 5.0)
 #: remote nodes, as if created with ``listen=``: unchanged programs scale out.
 LISTEN: str = _env("LISTEN", "", str)
 
+#: Workers a listening head runs itself when the program does not say
+#: (``max_workers=None``); -1: one per CPU, 0: a head that runs no task.
+LOCAL_WORKERS: int = _env("LOCAL_WORKERS", -1)
+
 #: Seconds a remote node waits for the head's answer to JOIN before it retries,
 #: and the longest back-off between attempts to reach a head.
 JOIN_TIMEOUT: float = _env("JOIN_TIMEOUT", 10.0)

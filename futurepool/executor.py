@@ -38,6 +38,7 @@ import itertools
 import multiprocessing as mp
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -68,7 +69,14 @@ def _listen_from_environment():
     return config.LISTEN
 
 
-def _default_workers() -> int:
+def _default_workers(listen=None) -> int:
+    """This host's CPUs; for a listening head, ``FUTUREPOOL_LOCAL_WORKERS`` if set."""
+    if listen and config.LOCAL_WORKERS >= 0:
+        return config.LOCAL_WORKERS
+    return _cpus()
+
+
+def _cpus() -> int:
     if hasattr(os, "process_cpu_count"):
         return os.process_cpu_count() or 1
     try:
@@ -142,7 +150,7 @@ class Executor(_StdExecutor):
         elif not isinstance(listen, str) or not listen.startswith("tcp://"):
             raise ValueError(f"listen must be an address like 'tcp://0.0.0.0:7777', got {listen!r}")
         if max_workers is None:
-            max_workers = _default_workers()
+            max_workers = _default_workers(listen)
         elif max_workers <= 0 and not (max_workers == 0 and listen):
             # 0 with listen=: a head that runs no task itself, only remote nodes do.
             raise ValueError("max_workers must be greater than 0")
@@ -203,9 +211,13 @@ class Executor(_StdExecutor):
                 raise error
             raise OSError(f"could not listen on {owner.listen} for remote nodes:"
                           f" {type(error).__name__}: {error}") from error
-        self.address = owner.head.address
+        bound = owner.head.address
+        host, _, port = bound[len("tcp://"):].rpartition(":")
+        # Bound to every interface: other hosts dial this host's name, not 0.0.0.0.
+        self.address = f"tcp://{socket.gethostname()}:{port}" \
+            if host in ("0.0.0.0", "[::]", "*") else bound
         _listening.add(self)
-        print(f"futurepool: listening on {self.address} for remote nodes; add a host with:\n"
+        print(f"futurepool: listening on {bound} for remote nodes; add a host with:\n"
               f"  futurepool worker --connect {self.address} --key-file"
               f" {security.key_file_path(owner.key_file)}", file=sys.stderr, flush=True)
 

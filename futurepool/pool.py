@@ -40,7 +40,7 @@ from concurrent.futures import CancelledError
 from concurrent.futures.process import _RemoteTraceback
 
 from .errors import ResultPicklingError
-from .executor import Executor, _default_workers
+from .executor import Executor, _default_workers, _listen_from_environment
 from .future import Future
 
 __all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult"]
@@ -374,17 +374,22 @@ class Pool:
         context: its start method decides what workers inherit, as in the
             stdlib (fork: the caller's state; spawn/forkserver: the main
             script, imported); kept as ``_ctx``.
+        listen, key_file: as for :class:`~futurepool.Executor`: other hosts
+            join with ``futurepool worker --connect``; ``address`` is where
+            it listens. 0 processes with ``listen``: a head that runs no task.
 
     .. versionadded:: 0.1
     """
 
     def __init__(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None,
-                 context=None):
+                 context=None, *, listen=None, key_file=None):
         self._state = INIT  # __del__ must find it even if __init__ raises
         self._ctx = context or multiprocessing.get_context()
+        if listen is None:
+            listen = _listen_from_environment()
         if processes is None:
-            processes = _default_workers()
-        if processes < 1:
+            processes = _default_workers(listen)
+        if processes < 1 and not (processes == 0 and listen):
             raise ValueError("Number of processes must be at least 1")
         if maxtasksperchild is not None:
             if not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0:
@@ -396,9 +401,12 @@ class Pool:
         self._initializer = initializer
         self._initargs = initargs
         self._executor = Executor(processes, mp_context=self._ctx, initializer=initializer,
-                                  initargs=initargs, max_tasks_per_child=maxtasksperchild)
+                                  initargs=initargs, max_tasks_per_child=maxtasksperchild,
+                                  listen=listen, key_file=key_file)
+        self.address = self._executor.address
         # Every worker starts now, whatever the start method, as the stdlib's do.
-        self._executor._owner.start(all_workers=True)
+        if self._executor._owner.thread is None:
+            self._executor._owner.start(all_workers=True)
         # Like the stdlib's result handler, the callback thread exists from the start.
         self._runner = _CallbackThread()
         self._state = RUN
@@ -418,6 +426,10 @@ class Pool:
 
     def __reduce__(self):
         raise NotImplementedError("pool objects cannot be passed between processes or pickled")
+
+    def _pool_size(self) -> int:
+        """Workers on every host (remote nodes join and leave)."""
+        return max(1, self._executor._max_workers)
 
     @property
     def _pool(self):
@@ -477,7 +489,7 @@ class Pool:
         if not hasattr(iterable, "__len__"):
             iterable = list(iterable)
         if chunksize is None:  # the stdlib's rule: about four chunks per worker
-            chunksize, extra = divmod(len(iterable), self._processes * 4)
+            chunksize, extra = divmod(len(iterable), self._pool_size() * 4)
             if extra:
                 chunksize += 1
         if len(iterable) == 0:
@@ -512,7 +524,7 @@ class Pool:
                 raise TypeError("buffersize must be an integer or None")
             if buffersize < 1:
                 raise ValueError("buffersize must be None or > 0")
-        window = buffersize or max(64, 8 * self._processes)
+        window = buffersize or max(64, 8 * self._pool_size())
         if chunksize == 1:
             return kind(self, func, iterable, window)
         return _chain(kind(self, _ChunkCall(func), _chunks(iterable, chunksize), window))

@@ -134,7 +134,10 @@ class Owner:
         # Which __main__ functions and classes travel by name (fork: fixed when the
         # node is forked; until then everything travels by value).
         self.main_references = main_references
-        self.functions = serialize.FunctionCache(self.dumps)
+        # Helpers call back through weak methods: with no owner <-> helper cycle, a
+        # shut-down executor's owner and thread are freed with the executor, as the
+        # stdlib's are, not at the next cyclic collection.
+        self.functions = serialize.FunctionCache(_weak_method(self.dumps))
         # Workers on demand (spawn semantics, as the stdlib): one more per submit that
         # finds no idle worker. ``requested`` is written by user threads only.
         self.on_demand = workers_on_demand
@@ -157,7 +160,7 @@ class Owner:
         self.store = DriverStore(segments.new_settings(
             config.SHM_DIR, config.SPILL_DIR, config.SHM_PREFIX, config.STORE_CAPACITY,
             config.STORE_FRACTION, config.STORE_POOL_BYTES, config.INLINE_THRESHOLD,
-            writers=max_workers + 1), self.free_piece)
+            writers=max_workers + 1), _weak_method(self.free_piece))
         # Shared with user threads.
         self.commands: collections.deque = collections.deque()
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -652,10 +655,15 @@ class Owner:
                 if isinstance(original, ObjectLostError):
                     self._settle_exception(task, original)
                     continue
+                hint = ""
+                if isinstance(original, ModuleNotFoundError) and worker.link.remote:
+                    hint = (f" The module {original.name!r} must be installed on"
+                            f" {worker.link.host} too: only the main script is shipped.")
                 error = UnpicklingFailedError(
                     f"The arguments of {task.describe()} could not be unpickled in worker"
-                    f" {worker.worker_id}: {type(original).__name__}: {original}. The task"
-                    " did not run; the worker and the pool are fine.", what="arguments")
+                    f" {worker.worker_id} on {worker.link.describe()}:"
+                    f" {type(original).__name__}: {original}. The task did not run; the"
+                    f" worker and the pool are fine.{hint}", what="arguments")
                 error.__cause__ = original
                 self._settle_exception(task, error)
             elif status == ResultStatus.MISSING_FUNCTION:
@@ -1003,6 +1011,17 @@ def sweep_run_dirs(base: str) -> None:
         pid = name[len(_RUN_DIR_PREFIX):].split("-", 1)[0]
         if pid.isdigit() and not segments.pid_alive(int(pid)):
             shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+
+
+def _weak_method(method):
+    """Call ``method`` without keeping its object alive (a no-op once it is gone)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args, **kwargs):
+        bound = ref()
+        return bound(*args, **kwargs) if bound is not None else None
+
+    return call
 
 
 def _close_fds(fds) -> None:

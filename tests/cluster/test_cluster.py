@@ -251,3 +251,15 @@ def test_status_shows_the_nodes_and_tasks(key_file):
                 future.result(timeout=TIMEOUT)
         finally:
             stop(proc)
+
+
+def test_a_pool_listens_too(key_file):
+    """Pool(0, listen=...): a multiprocessing.Pool whose workers are all on other hosts."""
+    with futurepool.Pool(0, listen="tcp://127.0.0.1:0", key_file=key_file) as pool:
+        assert pool.address.startswith("tcp://127.0.0.1:")
+        proc = start_worker(pool.address, key_file, workers=2)
+        try:
+            assert pool.map(abs, range(-50, 0), chunksize=5) == list(range(50, 0, -1))
+            assert sorted(pool.imap_unordered(abs, range(-20, 0))) == list(range(1, 21))
+        finally:
+            stop(proc)

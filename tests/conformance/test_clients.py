@@ -18,6 +18,7 @@ Skipped when Dask (with its array and bag parts) is not installed:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -26,9 +27,10 @@ import textwrap
 
 import pytest
 
-pytest.importorskip("dask")
-pytest.importorskip("dask.array")
-pytest.importorskip("dask.bag")
+# Found, not imported: importing dask.bag imports dask.multiprocessing, which
+# installs tblib's exception pickling in this process for good.
+if any(importlib.util.find_spec(name) is None for name in ("dask", "numpy", "toolz")):
+    pytest.skip("Dask with its array and bag parts is not installed", allow_module_level=True)
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: Seconds the whole script may take (each executor starts its workers once).

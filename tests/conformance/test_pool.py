@@ -931,8 +931,11 @@ STDLIB_313_POOL = {
     "__reduce__": "(self)",
 }
 #: ... with these intended differences, and no other: imap and
-#: imap_unordered take ``buffersize`` (as they will in 3.16, gh-64192).
+#: imap_unordered take ``buffersize`` (as they will in 3.16, gh-64192); the
+#: constructor takes keyword-only ``listen`` and ``key_file`` (the cluster).
 INTENDED_POOL = {
+    "__init__": "(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None,"
+                " context=None, *, listen=None, key_file=None)",
     "imap": "(self, func, iterable, chunksize=1, buffersize=None)",
     "imap_unordered": "(self, func, iterable, chunksize=1, buffersize=None)",
 }
