@@ -145,6 +145,9 @@ class Executor(_StdExecutor):
 
     def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(),
                  *, max_tasks_per_child=None, max_retries=0, listen=None, key_file=None):
+        # An unchanged program told to listen by FUTUREPOOL_LISTEN says where, on stderr;
+        # a program that passed listen= knows (executor.address) and decides what to print.
+        announce = listen is None
         if listen is None:
             listen = _listen_from_environment()
         elif not isinstance(listen, str) or not listen.startswith("tcp://"):
@@ -197,9 +200,9 @@ class Executor(_StdExecutor):
         self._shutdown_thread = False
         self._shutdown_lock = threading.Lock()
         if listen:
-            self._listen()
+            self._listen(announce)
 
-    def _listen(self):
+    def _listen(self, announce: bool):
         """Start now and bind, so that hosts can join before the first submit."""
         owner = self._owner
         owner.start()
@@ -217,9 +220,13 @@ class Executor(_StdExecutor):
         self.address = f"tcp://{socket.gethostname()}:{port}" \
             if host in ("0.0.0.0", "[::]", "*") else bound
         _listening.add(self)
-        print(f"futurepool: listening on {bound} for remote nodes; add a host with:\n"
-              f"  futurepool worker --connect {self.address} --key-file"
-              f" {security.key_file_path(owner.key_file)}", file=sys.stderr, flush=True)
+        message = (f"futurepool: listening on {bound} for remote nodes; add a host with:\n"
+                   f"  futurepool worker --connect {self.address} --key-file"
+                   f" {security.key_file_path(owner.key_file)}")
+        if announce:
+            print(message, file=sys.stderr, flush=True)
+        else:
+            _owner.LOGGER.info(message)
 
     @property
     def _broken(self):

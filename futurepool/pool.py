@@ -385,11 +385,10 @@ class Pool:
                  context=None, *, listen=None, key_file=None):
         self._state = INIT  # __del__ must find it even if __init__ raises
         self._ctx = context or multiprocessing.get_context()
-        if listen is None:
-            listen = _listen_from_environment()
+        listening = listen or _listen_from_environment()  # the Executor resolves it again
         if processes is None:
-            processes = _default_workers(listen)
-        if processes < 1 and not (processes == 0 and listen):
+            processes = _default_workers(listening)
+        if processes < 1 and not (processes == 0 and listening):
             raise ValueError("Number of processes must be at least 1")
         if maxtasksperchild is not None:
             if not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0:
