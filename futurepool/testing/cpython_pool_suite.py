@@ -31,13 +31,22 @@ The pool tests, and how each reaches the pool:
 * ``MiscTestCase.test_large_pool`` (3.13): a script with
   ``multiprocessing.Pool(200)``.
 
-Only the ``processes`` type with the **spawn** start method is bound:
-futurepool never forks the caller, and the ``threads`` and ``manager`` types
-test ``multiprocessing.dummy`` and ``SyncManager.Pool``, not a process pool.
-Not bound: ``TestStdinBadfiledescriptor.test_pool_in_process`` (its Pool is
-made inside a ``multiprocessing.Process`` that imports the test module
-afresh, where no substitution reaches) and the manager's own
-``TestInitializers.test_manager_initializer``.
+The ``processes`` classes are bound once per start method, ``fork``,
+``forkserver`` and ``spawn``, as CPython's ``test_multiprocessing_fork``,
+``_forkserver`` and ``_spawn`` packages do, under CPython's names
+(``WithProcessesTestPool`` ...): futurepool honours the start method as the
+stdlib does (``futurepool.core.startup``), so each runs code paths of its
+own. The names are the same for every start method, so each start method
+gets a module of its own (``tests/stdlib/test_cpython_pool_<method>.py``;
+``main()`` puts the start method in the test ids). ``start_methods=``
+(``--start-method``, ``FUTUREPOOL_CPYTHON_SUITE_START_METHODS=fork,spawn``)
+binds fewer. The ``threads`` and ``manager`` types test
+``multiprocessing.dummy`` and ``SyncManager.Pool``, not a process pool. Not
+bound: the manager's own ``TestInitializers.test_manager_initializer``, and
+``TestStdinBadfiledescriptor.test_pool_in_process``, whose pool is made in a
+``multiprocessing.Process`` (that imports the test module afresh under spawn
+and forkserver, where no substitution reaches) and whose outcome the test
+never checks (it ignores the child's exit code).
 
 What the adapter changes, and nothing else:
 
@@ -47,18 +56,17 @@ What the adapter changes, and nothing else:
   which only those two names differ.
 * Scripts run in a fresh interpreter (``assert_python_ok``) are rewritten to
   import the pool under test, with ``PYTHONPATH`` pointing at it.
-* The start method is ``spawn`` while a bound class runs, as in CPython's
-  ``test_multiprocessing_spawn`` (it matters to the stdlib pool only).
+* The start method is the class's while a bound class runs, as in CPython's
+  ``test_multiprocessing_<method>`` (set for the whole module there).
 * Classmethods that are tasks (``_test_traceback``) are re-bound to the
   CPython class that defines them, so a task referring to one pickles by
   reference to a class that worker processes can import.
-* :data:`SKIPS` are skipped: they read or patch the stdlib pool's private
-  internals (or, in :data:`EXPENSIVE`, cost too much for CI). Those also in
-  :data:`RUN_IF_EXPOSED` run anyway; if one stops on an ``AttributeError``
-  for an attribute named there, it is reported as skipped (the checks before
-  that point have passed) and the pool it was reading is terminated. Those
-  in :data:`RUN_IF_ASSIGNABLE` assign a private attribute instead: they run
-  when the pool their class made (``self.pool``) already has it.
+* :data:`SKIPS` are skipped, each with its reason: a test that injects a mock
+  ``context`` the pool under test never calls, and the intended differences
+  of futurepool (see the README's "Differences from the stdlib").
+* ``test_pool_worker_lifetime`` calls ``pool._repopulate_pool()``, the stdlib
+  pool's step that starts replacements for workers that exited: a pool
+  without one gets a stand-in that returns at once (:data:`STAND_INS`).
 
 Each bound test arms ``faulthandler`` to dump every stack and end the
 process if it runs past ``TEST_TIMEOUT + HARD_TIMEOUT_GRACE`` seconds (see
@@ -67,13 +75,14 @@ process if it runs past ``TEST_TIMEOUT + HARD_TIMEOUT_GRACE`` seconds (see
 bound classes and tests record that in :data:`ENV_CHANGED`, and fail when
 strict (``--strict-env``, ``FUTUREPOOL_CPYTHON_SUITE_STRICT_ENV=1``).
 
-From pytest (``tests/stdlib/test_cpython_pool.py``)::
+From pytest (``tests/stdlib/test_cpython_pool_fork.py`` and its siblings)::
 
-    globals().update(build_test_classes(module=__name__))
+    globals().update(build_test_classes(start_method="fork", module=__name__))
 
 From the command line, under unittest, on Python 3.10 to 3.13::
 
-    python -m futurepool.testing.cpython_pool_suite [--pool module:Class] [-k pattern] [-v]
+    python -m futurepool.testing.cpython_pool_suite [--pool module:Class]
+        [--start-method fork] [-k pattern] [-v]
 
 ``--pool multiprocessing.pool:Pool`` runs the same selection on the stdlib,
 which is how the adapter itself is checked (add ``--no-skips`` to run the
@@ -92,18 +101,19 @@ import multiprocessing.pool
 import os
 import sys
 import time
-import types
 import unittest
 import unittest.mock
 from collections.abc import Callable, Iterable, Mapping
 
 from .cpython_suite import (
     HARD_TIMEOUT_GRACE,
-    STRICT_ENV_ENV,
+    START_METHODS,
     TEST_TIMEOUT,
     CPythonSuiteUnavailable,
+    _Namespace,
     _parse_suite_args,
     _run_suite,
+    _strict_env_default,
     _TestGuard,
     _TimedResult,
     _Watchdog,
@@ -112,11 +122,10 @@ from .cpython_suite import (
 __all__ = [
     "DEFAULT_POOL",
     "ENV_CHANGED",
-    "EXPENSIVE",
     "HARD_TIMEOUT_GRACE",
-    "RUN_IF_ASSIGNABLE",
-    "RUN_IF_EXPOSED",
     "SKIPS",
+    "STAND_INS",
+    "START_METHODS",
     "TEST_TIMEOUT",
     "CPythonPoolSuiteUnavailable",
     "build_test_classes",
@@ -128,11 +137,8 @@ __all__ = [
 DEFAULT_POOL = "futurepool:Pool"
 #: Environment variable that overrides :data:`DEFAULT_POOL`.
 POOL_ENV = "FUTUREPOOL_CPYTHON_POOL_SUITE_POOL"
-#: Environment variable that runs the :data:`EXPENSIVE` tests too.
-EXPENSIVE_ENV = "FUTUREPOOL_CPYTHON_POOL_SUITE_EXPENSIVE"
 
 _MODULE = "test._test_multiprocessing"
-_START_METHOD = "spawn"
 
 # CPython's generated classes, under the names it gives them.
 _POOL = "WithProcessesTestPool"
@@ -152,56 +158,34 @@ _BOUND: dict[str, tuple[str, ...] | None] = {
     _MISC: ("test_large_pool",),
 }
 
-#: ``"Class.test": reason`` for the tests that cannot apply to another
-#: implementation: they read or patch the stdlib pool's private internals.
+#: ``"Class.test": reason`` for the tests that cannot apply to the pool under
+#: test, in every start method: a mock injected where the pool under test
+#: never looks, and the intended differences.
 SKIPS: dict[str, str] = {
-    f"{_POOL}.test_make_pool": (
-        "reads len(pool._pool) to count the workers, after checking that Pool(0) and"
-        " Pool(-1) raise ValueError"
-    ),
-    f"{_POOL}.test_resource_warning": (
-        "sets pool._state = multiprocessing.pool.RUN on a terminated pool so that"
-        " __del__ warns"
-    ),
-    f"{_LIFETIME}.test_pool_worker_lifetime": (
-        "reads pool._pool (the workers' pids and is_alive()) and calls"
-        " pool._repopulate_pool() to see maxtasksperchild replace workers"
-    ),
     f"{_WORKER_ERRORS}.test_unpickleable_result": (
-        "intended difference, not a private attribute: it expects MaybeEncodingError for a"
-        " task returning a lambda, which futurepool ships back (results travel by"
-        " cloudpickle, like code); MaybeEncodingError still comes for what cloudpickle"
-        " cannot pickle (tests/conformance/test_pool.py, a lock)"
+        "intended difference: a task returning a lambda succeeds, because results travel"
+        " by cloudpickle, like code; the test expects MaybeEncodingError, which still comes"
+        " for what cloudpickle cannot pickle (a lock: tests/conformance/test_pool.py)"
     ),
     f"{_NOT_LEAK}.test_release_unused_processes": (
-        "passes context=MagicMock(Process=...) whose fourth start() fails: only a pool"
-        " that starts each worker with context.Process reaches it"
+        "injects a mock context (context=MagicMock(Process=...)) whose fourth Process.start()"
+        " fails; the pool under test starts its workers from its node, never through"
+        " context.Process, so the mock is never called"
     ),
 }
 
-#: The :data:`SKIPS` that run anyway: a test that stops on an
-#: ``AttributeError`` for one of the attributes named is reported as skipped.
-RUN_IF_EXPOSED: dict[str, tuple[str, ...]] = {
-    f"{_POOL}.test_make_pool": ("_pool",),
-    f"{_LIFETIME}.test_pool_worker_lifetime": ("_pool", "_repopulate_pool"),
-}
-
-#: The :data:`SKIPS` that assign a private attribute rather than read it:
-#: they run when the pool their class made (``self.pool``) has every attribute
-#: named, so the assignment means what the test intends.
-RUN_IF_ASSIGNABLE: dict[str, tuple[str, ...]] = {
-    f"{_POOL}.test_resource_warning": ("_state",),
-}
-
-#: ``"Class.test": reason`` for tests skipped unless asked for (``--expensive``
-#: or ``FUTUREPOOL_CPYTHON_POOL_SUITE_EXPENSIVE=1``): correct for any pool,
-#: too heavy for a 2-core CI machine.
-EXPENSIVE: dict[str, str] = {
-    f"{_MISC}.test_large_pool": (
-        "starts Pool(200) in a fresh interpreter, a check of Windows' 63-handle wait"
-        " limit (gh-89240); --expensive or FUTUREPOOL_CPYTHON_POOL_SUITE_EXPENSIVE=1 runs it"
+#: Private methods of the stdlib pool that a test calls and the pool under
+#: test may lack, with the stand-in's behaviour and why it is faithful.
+STAND_INS: dict[str, str] = {
+    "_repopulate_pool": (
+        "returns at once: test_pool_worker_lifetime calls it to start replacements for the"
+        " workers that maxtasksperchild retired, then waits up to 5 s for pool._pool to be"
+        " all alive; futurepool's node starts a replacement as soon as a worker exits"
     ),
 }
+# The tests that construct their pool through ``multiprocessing.Pool`` and
+# need the STAND_INS.
+_NEEDS_STAND_INS = frozenset({f"{_LIFETIME}.test_pool_worker_lifetime"})
 
 #: Ids of the tests and classes that altered the environment, as they run.
 ENV_CHANGED: list[str] = []
@@ -211,8 +195,8 @@ class CPythonPoolSuiteUnavailable(CPythonSuiteUnavailable):
     """This interpreter has no usable ``test._test_multiprocessing``."""
 
 
-def _load_cpython_tests() -> dict[str, object]:
-    """CPython's spawn test classes and module fixture, in a namespace of their own."""
+def _load_cpython_tests(start_method: str = "spawn") -> dict[str, object]:
+    """CPython's test classes and module fixture for a start method, in a namespace."""
     try:
         tests = importlib.import_module(_MODULE)
     except unittest.SkipTest as exc:
@@ -223,11 +207,11 @@ def _load_cpython_tests() -> dict[str, object]:
             f"(Python {sys.version.split()[0]}): {exc}. Debian and Ubuntu ship it "
             "separately (libpython3.X-testsuite); pyenv and python.org builds include it."
         ) from exc
-    # What test_multiprocessing_spawn does, into a namespace of our own: the
+    # What test_multiprocessing_<method> does, into a namespace of our own: the
     # With<Type><Name> classes, the plain TestCases, setUpModule/tearDownModule.
     # (3.10 has no only_type=: the classes it adds for other types go unused.)
     namespace: dict[str, object] = {"__name__": f"{__name__}._cpython"}
-    tests.install_tests_in_module_dict(namespace, _START_METHOD)
+    tests.install_tests_in_module_dict(namespace, start_method)
     missing = [name for name in _BOUND if name not in namespace and name != _MISC]
     if missing:
         raise CPythonPoolSuiteUnavailable(
@@ -260,35 +244,24 @@ def _spec_of(pool: Callable) -> str | None:
         return None
 
 
-def _strict_env_default() -> bool:
-    return os.environ.get(STRICT_ENV_ENV, "") not in ("", "0")
-
-
-def _expensive_default() -> bool:
-    return os.environ.get(EXPENSIVE_ENV, "") not in ("", "0")
-
-
-class _Namespace(types.ModuleType):
-    """A module as the tests see it: ``overrides``, then the real module's attributes."""
-
-    def __init__(self, module: types.ModuleType, overrides: Mapping[str, object]):
-        super().__init__(module.__name__, module.__doc__)
-        self.__dict__.update(overrides)
-        self.__dict__["_cpython_pool_suite_real"] = module
-
-    def __getattr__(self, name: str):
-        return getattr(self.__dict__["_cpython_pool_suite_real"], name)
-
-    def __repr__(self) -> str:
-        return f"<view of {self.__name__} with the pool under test>"
-
-
 def _multiprocessing_view(pool: Callable) -> _Namespace:
     """``multiprocessing`` with ``Pool`` and ``pool.Pool`` replaced by ``pool``."""
     return _Namespace(
         multiprocessing,
         {"Pool": pool, "pool": _Namespace(multiprocessing.pool, {"Pool": pool})},
     )
+
+
+def _with_stand_ins(pool: Callable) -> Callable:
+    """``pool``, given the :data:`STAND_INS` it lacks."""
+    if not isinstance(pool, type) or hasattr(pool, "_repopulate_pool"):
+        return pool
+    return type(pool.__name__, (pool,), {
+        "__module__": __name__,
+        "__qualname__": pool.__qualname__,
+        "__doc__": f"{pool.__qualname__} with a stand-in for _repopulate_pool (STAND_INS).",
+        "_repopulate_pool": lambda self: None,
+    })
 
 
 def _import_roots(module_name: str) -> list[str]:
@@ -357,16 +330,18 @@ class _Adapter(_TestGuard):
     _settle_timeout: float | None = None
     _pool_spec: str | None = None
     _view: _Namespace | None = None
+    _stand_in_view: _Namespace | None = None
+    _start_method = "spawn"
 
     @classmethod
     def setUpClass(cls):
         from test import support
 
-        # CPython's spawn module sets the start method for the whole module;
-        # here each class sets it for as long as it runs.
+        # CPython's test_multiprocessing_<method> sets the start method for the
+        # whole module; here each class sets it for as long as it runs.
         old = multiprocessing.get_start_method(allow_none=True)
-        if old != _START_METHOD:
-            multiprocessing.set_start_method(_START_METHOD, force=True)
+        if old != cls._start_method:
+            multiprocessing.set_start_method(cls._start_method, force=True)
             cls.addClassCleanup(multiprocessing.set_start_method, old, force=True)
         cls._class_env_before = support.environment_altered
         support.environment_altered = False
@@ -404,8 +379,11 @@ class _Adapter(_TestGuard):
 
         self._guard_test()
         cpython = sys.modules[_MODULE]
+        view = self._view
+        if f"{type(self).__name__}.{self._testMethodName}" in _NEEDS_STAND_INS:
+            view = self._stand_in_view
         patches = [
-            unittest.mock.patch.dict(cpython.__dict__, {"multiprocessing": self._view}),
+            unittest.mock.patch.dict(cpython.__dict__, {"multiprocessing": view}),
             unittest.mock.patch.object(
                 script_helper,
                 "assert_python_ok",
@@ -445,51 +423,8 @@ def _wait_for_quiet_children(timeout: float, quiet: float = 1.0) -> None:
             return
 
 
-def _skip(
-    test: Callable, reason: str, reads: tuple[str, ...] = (), assigns: tuple[str, ...] = ()
-) -> Callable:
-    if assigns:
-        @functools.wraps(test)
-        def run_if_assignable(self, *args, **kwargs):
-            pool = getattr(self, "pool", None)
-            missing = [a for a in assigns if pool is None or not hasattr(pool, a)]
-            if missing:
-                raise unittest.SkipTest(f"{reason} (the pool has no {', '.join(missing)})")
-            return test(self, *args, **kwargs)
-
-        run_if_assignable._cpython_pool_suite_when = (
-            f"unless the class's pool has {' and '.join(assigns)}"
-        )
-        return run_if_assignable
-    if not reads:
-        return unittest.skip(reason)(test)
-
-    @functools.wraps(test)
-    def run_if_exposed(self, *args, **kwargs):
-        try:
-            return test(self, *args, **kwargs)
-        except AttributeError as exc:
-            name, pool = getattr(exc, "name", None), getattr(exc, "obj", None)
-            if name not in reads or pool is None:
-                raise
-            _terminate(pool)
-            raise unittest.SkipTest(
-                f"{reason} (the pool has no {name}; the checks before that passed)"
-            ) from None
-
-    run_if_exposed._cpython_pool_suite_when = (
-        f"where it reads {' or '.join(reads)} and the pool has none"
-    )
-    return run_if_exposed
-
-
-def _terminate(pool: object) -> None:
-    """Stop a pool a test can no longer stop because it read a missing attribute."""
-    try:
-        pool.terminate()
-        pool.join()
-    except Exception as exc:  # the skip is reported either way
-        print(f"cpython_pool_suite: could not terminate {pool!r}: {exc!r}", file=sys.__stderr__)
+def _skip(test: Callable, reason: str) -> Callable:
+    return unittest.skip(reason)(test)
 
 
 def _rebound_classmethods(cls: type) -> dict[str, staticmethod]:
@@ -510,11 +445,9 @@ def _rebound_classmethods(cls: type) -> dict[str, staticmethod]:
 def build_test_classes(
     pool: Callable | str | None = None,
     *,
+    start_method: str = "spawn",
     module: str | None = None,
     skips: Mapping[str, str] | None = None,
-    run_if_exposed: Mapping[str, tuple[str, ...]] | None = None,
-    run_if_assignable: Mapping[str, tuple[str, ...]] | None = None,
-    expensive: bool | None = None,
     strict_env: bool | None = None,
     hard_timeout: float | None = TEST_TIMEOUT + HARD_TIMEOUT_GRACE,
     settle_timeout: float | None = None,
@@ -525,15 +458,12 @@ def build_test_classes(
         pool: the pool class (or factory), or ``"module:Class"``. Default: the
             ``FUTUREPOOL_CPYTHON_POOL_SUITE_POOL`` environment variable, else
             :data:`DEFAULT_POOL`.
+        start_method: the start method set while the classes run, one of
+            :data:`START_METHODS` (CPython's ``test_multiprocessing_<method>``).
         module: ``__module__`` of the classes; a pytest module passes its
             ``__name__`` and puts the result in its globals.
         skips: ``"Class.test": reason`` to skip. Default :data:`SKIPS`;
             ``{}`` runs everything, which only the stdlib pool passes.
-        run_if_exposed: the skips that run anyway (default :data:`RUN_IF_EXPOSED`).
-        run_if_assignable: the skips that run when the class's pool has the
-            attributes named (default :data:`RUN_IF_ASSIGNABLE`).
-        expensive: also run the :data:`EXPENSIVE` tests. Default: the
-            ``FUTUREPOOL_CPYTHON_POOL_SUITE_EXPENSIVE`` environment variable.
         strict_env: fail the tests and classes that alter the environment.
             Default: the ``FUTUREPOOL_CPYTHON_SUITE_STRICT_ENV`` environment
             variable.
@@ -549,23 +479,23 @@ def build_test_classes(
 
     Raises:
         CPythonPoolSuiteUnavailable: this interpreter has no usable CPython tests.
+        ValueError: a start method that is not one of :data:`START_METHODS`.
     """
-    cpython = _load_cpython_tests()
+    if start_method not in START_METHODS:
+        raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
+    cpython = _load_cpython_tests(start_method)
     if pool is None:
         pool = os.environ.get(POOL_ENV) or DEFAULT_POOL
     if isinstance(pool, str):
         spec, pool = pool, load_pool(pool)
     else:
         spec = _spec_of(pool)
-    skips = dict(SKIPS if skips is None else skips)
-    if not (_expensive_default() if expensive is None else expensive):
-        skips.update(EXPENSIVE)
-    run_if_exposed = RUN_IF_EXPOSED if run_if_exposed is None else run_if_exposed
-    run_if_assignable = RUN_IF_ASSIGNABLE if run_if_assignable is None else run_if_assignable
+    skips = SKIPS if skips is None else skips
     strict_env = _strict_env_default() if strict_env is None else strict_env
     module = module or __name__
     bound_to = spec.replace(":", ".") if spec else repr(pool)
     view = _multiprocessing_view(pool)
+    stand_in_view = _multiprocessing_view(_with_stand_ins(pool))
 
     classes: dict[str, type] = {}
     for name, tests in _BOUND.items():
@@ -575,9 +505,11 @@ def build_test_classes(
         attrs = {
             "__module__": module,
             "__qualname__": name,
-            "__doc__": f"CPython's {_MODULE} {name} (spawn), bound to {bound_to}.",
+            "__doc__": f"CPython's {_MODULE} {name} ({start_method}), bound to {bound_to}.",
             "Pool": staticmethod(pool),
             "_view": view,
+            "_stand_in_view": stand_in_view,
+            "_start_method": start_method,
             "_pool_spec": spec,
             "_strict_env": strict_env,
             "_hard_timeout": hard_timeout,
@@ -594,11 +526,7 @@ def build_test_classes(
         for key, reason in skips.items():
             cls_name, _, test_name = key.partition(".")
             if cls_name == name and test_name in names and test_name not in attrs:
-                reads = assigns = ()
-                if key not in EXPENSIVE:
-                    reads = tuple(run_if_exposed.get(key, ()))
-                    assigns = tuple(run_if_assignable.get(key, ()))
-                attrs[test_name] = _skip(getattr(cls, test_name), reason, reads, assigns)
+                attrs[test_name] = _skip(getattr(cls, test_name), reason)
         classes[name] = type(name, (_Adapter, cls), attrs)
     return classes
 
@@ -618,48 +546,46 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
         target="--pool",
         default=os.environ.get(POOL_ENV) or DEFAULT_POOL,
         noun="pool",
-        after_skips=[(
-            ("--expensive",),
-            dict(
-                action="store_true", default=_expensive_default(),
-                help="run the EXPENSIVE tests too (Pool(200) ...)",
-            ),
-        )],
     )
 
 
 def _skip_reason(method: Callable) -> str | None:
-    reason = getattr(method, "__unittest_skip_why__", None)
-    return getattr(method, "_cpython_pool_suite_when", reason)
+    return getattr(method, "__unittest_skip_why__", None)
 
 
 def main(argv: Iterable[str] | None = None) -> int:
     """Run the bound tests under unittest; returns the exit status (2: not available)."""
     args = _parse_args(argv)
+    classes: dict[str, type] = {}
     try:
-        classes = build_test_classes(
-            args.pool,
-            module=__name__,
-            skips={} if args.no_skips else None,
-            expensive=args.expensive,
-            strict_env=args.strict_env,
-            hard_timeout=None,  # the watchdog does better
-        )
-        cpython = _load_cpython_tests()
+        for method in args.start_methods:
+            # One "module" per start method, as CPython's test_multiprocessing_<method>:
+            # the ids say which (-k fork selects it).
+            bound = build_test_classes(
+                args.pool,
+                start_method=method,
+                module=f"{__name__}.{method}",
+                skips={} if args.no_skips else None,
+                strict_env=args.strict_env,
+                hard_timeout=None,  # the watchdog does better
+            )
+            classes.update((f"{method}.{name}", cls) for name, cls in bound.items())
+        cpython = _load_cpython_tests(args.start_methods[0])
     except CPythonPoolSuiteUnavailable as exc:
         print(f"cpython_pool_suite: not run: {exc}", file=sys.stderr)
         return 2
     except (ImportError, AttributeError, ValueError) as exc:
         print(f"cpython_pool_suite: cannot load the pool {args.pool!r}: {exc}", file=sys.stderr)
         return 2
-    # CPython's module fixture for test_multiprocessing_spawn: the start
+    # CPython's module fixture for test_multiprocessing_<method>: the start
     # method, a check for dangling processes and threads over the whole run,
     # then multiprocessing's clean-up (resource tracker, forkserver, finalizers).
+    # Each class sets its own start method while it runs.
     return _run_suite(
         args,
         classes,
         name="cpython_pool_suite",
-        source=f"{_MODULE} (processes, {_START_METHOD}), pool {args.pool}",
+        source=f"{_MODULE} (processes; {', '.join(args.start_methods)}), pool {args.pool}",
         skip_reason=_skip_reason,
         result_class=_PoolTimedResult,
         set_up=cpython["setUpModule"],

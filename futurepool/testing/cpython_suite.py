@@ -5,7 +5,7 @@ CPython's test suite for that class is the yardstick. This module does not
 copy those tests: it imports them from the interpreter's installed ``test``
 package (``test.test_concurrent_futures``: a package of modules from 3.12 on,
 one module on 3.10 and 3.11) and subclasses the classes CPython generated for
-the ``spawn`` start method, replacing ``executor_type``.
+its process pools, replacing ``executor_type``.
 
 How CPython binds a test to an executor: each behaviour lives in a plain
 mixin (``ExecutorTest``/``ProcessPoolExecutorTest``, ``ExecutorDeadlockTest``,
@@ -18,20 +18,35 @@ BaseTestCase), ...)`` for each executor mixin: ``ProcessPoolForkMixin``,
 ``executor_type`` and ``ctx``; ``ExecutorMixin.setUp`` creates
 ``executor_type(max_workers=worker_count, mp_context=get_context(),
 **executor_kwargs)`` and ``tearDown`` shuts it down; ``BaseTestCase`` checks
-for threads left running and reaps child processes after every test.
+for threads left running and reaps child processes after each test.
 
-Only the **spawn** classes are bound. futurepool never forks the caller:
-workers get a task's code by value (cloudpickle) or by import whatever
-``mp_context`` says, so the fork and forkserver variants would run the same
-code paths a second and a third time.
+The classes of all three start methods are bound, under the names CPython
+gives them (``ProcessPoolForkProcessPoolExecutorTest``,
+``ProcessPoolForkserverExecutorDeadlockTest``,
+``ProcessPoolSpawnWaitTest`` ...): futurepool honours ``mp_context`` as the
+stdlib does (``futurepool.core.startup``), so each start method runs code
+paths of its own: under ``fork`` workers start all at once and inherit the
+caller's memory, under ``forkserver`` and ``spawn`` they start on demand and
+import the main script. ``start_methods=`` (``--start-method``,
+``FUTUREPOOL_CPYTHON_SUITE_START_METHODS=fork,spawn``) binds fewer.
 
 What the adapter changes, and nothing else:
 
 * ``executor_type`` is the executor under test.
-* :data:`SKIPS` are skipped: they read or patch the stdlib's private
-  internals. Those also in :data:`RUN_IF_EXPOSED` run anyway when the
-  executor object has every attribute named there (``_max_workers``,
-  ``_processes``, ``_broken`` ...).
+* :data:`SKIPS` are skipped, each with its reason: tests that patch the
+  stdlib executor's internals (which the executor under test does not use,
+  so the patch would reach nothing), and the intended differences of
+  futurepool (see the README's "Differences from the stdlib").
+* Three shutdown tests construct ``futures.ProcessPoolExecutor`` themselves
+  (:data:`CONSTRUCTS_STDLIB_EXECUTOR`): while they run, their module's
+  ``futures`` is a view of ``concurrent.futures`` whose
+  ``ProcessPoolExecutor`` is the executor under test, so that they test it
+  rather than the stdlib. Two of them also join the feeder thread of the
+  stdlib's call queue (``executor._call_queue.join_thread()``) after the
+  manager thread and the processes: an executor without a ``_call_queue``
+  (futurepool has no call queue: the thread that is
+  ``_executor_manager_thread`` sends the calls itself) gets a stand-in whose
+  ``join_thread()`` returns at once (:data:`STAND_INS`).
 * Three shutdown tests run a script in a fresh interpreter that does ``from
   concurrent.futures import <executor_type.__name__>``. For any other class
   that imports the wrong executor (or the abstract ``Executor``), so the
@@ -44,10 +59,17 @@ What the adapter changes, and nothing else:
   class that worker processes can import.
 * ``ExecutorDeadlockTest.TIMEOUT`` (300 s on 3.13), how long a task may take
   before the test declares a deadlock, is capped (default 30 s, as on 3.10).
-* ``FailingInitializerResourcesTest.test_spawn`` runs the bound
-  failing-initializer class instead of CPython's, and fails at once, instead
-  of hanging, if another process still holds the resource tracker's pipe.
-  Its forkserver variant is dropped.
+* ``FailingInitializerResourcesTest`` runs the bound failing-initializer
+  classes instead of CPython's, and fails at once, instead of hanging, if
+  another process still holds the resource tracker's pipe.
+* On 3.10 only, ``threading_helper.threading_cleanup`` (which every test's
+  ``tearDown`` calls) is CPython's own check without its leftover loop
+  variable: when the check fails it prints the dangling threads, and the
+  last one printed stayed referenced by the loop, so a stopped thread that
+  a garbage collection would free kept the check retrying, with a full
+  collection each time, for 100 rounds (seconds per test). The check, its
+  warnings and ``environment_altered`` are unchanged; 3.11 replaced it with
+  a count of running threads.
 
 Each bound test arms ``faulthandler`` to dump every stack and end the
 process if it runs past ``TEST_TIMEOUT + HARD_TIMEOUT_GRACE`` seconds. A
@@ -67,10 +89,12 @@ From pytest (``tests/stdlib/test_cpython_concurrent_futures.py``)::
 
 From the command line, under unittest, on Python 3.10 to 3.13::
 
-    python -m futurepool.testing.cpython_suite [--executor module:Class] [-k pattern] [-v]
+    python -m futurepool.testing.cpython_suite [--executor module:Class]
+        [--start-method fork] [-k pattern] [-v]
 
 ``--executor concurrent.futures:ProcessPoolExecutor`` runs the same selection
-on the stdlib, which is how the adapter itself is checked.
+on the stdlib, which is how the adapter itself is checked (add
+``--no-skips`` to run the skipped tests too).
 """
 
 from __future__ import annotations
@@ -94,12 +118,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 __all__ = [
+    "CONSTRUCTS_STDLIB_EXECUTOR",
     "DEADLOCK_TIMEOUT",
     "DEFAULT_EXECUTOR",
     "HARD_TIMEOUT_GRACE",
     "ENV_CHANGED",
-    "RUN_IF_EXPOSED",
     "SKIPS",
+    "STAND_INS",
+    "START_METHODS",
     "TEST_TIMEOUT",
     "CPythonSuiteUnavailable",
     "build_test_classes",
@@ -124,73 +150,74 @@ TEST_TIMEOUT = float(os.environ.get(TIMEOUT_ENV) or 180.0)
 #: by then (pytest-timeout's signal method can miss a deadlock) ends the
 #: process.
 HARD_TIMEOUT_GRACE = 60.0
+#: The start methods whose classes CPython generates, in its order.
+START_METHODS = ("fork", "forkserver", "spawn")
+#: Environment variable naming the start methods to bind (``fork,spawn``).
+START_METHODS_ENV = "FUTUREPOOL_CPYTHON_SUITE_START_METHODS"
 
 _PACKAGE = "test.test_concurrent_futures"
 
-# CPython's generated spawn classes, under the names it gives them.
-_POOL = "ProcessPoolSpawnProcessPoolExecutorTest"
-_DEADLOCK = "ProcessPoolSpawnExecutorDeadlockTest"
-_SHUTDOWN = "ProcessPoolSpawnProcessPoolShutdownTest"
-_FAILING_INIT = "ProcessPoolSpawnFailingInitializerTest"
-# A plain TestCase (3.12+) that runs _FAILING_INIT, then checks that the
-# multiprocessing resource tracker exits cleanly (gh-104090).
+# A plain TestCase (3.12+) that runs the failing-initializer class of a start
+# method, then checks that the resource tracker exits cleanly (gh-104090).
 _RESOURCES = "FailingInitializerResourcesTest"
 
-_COUNTS_WORKERS = "reads executor._max_workers and executor._processes to count started workers"
-_STDLIB_CLASS = (
-    "also constructs concurrent.futures.ProcessPoolExecutor itself, "
-    "so it never runs the bound executor"
-)
 
-#: ``"Class.test": reason`` for the tests that cannot apply to another
-#: implementation. Only tests that read or patch the stdlib's private
-#: internals belong here.
+def _variant(method: str) -> str:
+    """``"forkserver"`` -> ``"ProcessPoolForkserver"``: how CPython's class names start."""
+    return f"ProcessPool{method.capitalize()}"
+
+
+def _in_every_variant(cls: str, test: str, reason: str) -> dict[str, str]:
+    return {f"{_variant(m)}{cls}.{test}": reason for m in START_METHODS}
+
+
+#: ``"Class.test": reason`` for the tests that cannot apply to the executor
+#: under test: the ones that patch the stdlib executor's internals, and the
+#: intended differences. A name that this Python's suite does not have is
+#: ignored (``test_python_finalization_error`` is new in 3.12, for instance).
 SKIPS: dict[str, str] = {
-    f"{_POOL}.test_killed_child": (
-        "reads executor._processes (pid -> multiprocessing.Process) to terminate a worker"
-        " (and then expects the whole pool to be broken)"
+    **_in_every_variant("ProcessPoolExecutorTest", "test_python_finalization_error", (
+        "patches threading._start_joinable_thread so that the stdlib executor's second"
+        " thread start (its call queue's feeder thread) fails, gh-109047; the executor under"
+        " test starts no such thread, so the patch reaches nothing it checks"
+    )),
+    **_in_every_variant(
+        "ExecutorDeadlockTest", "test_gh105829_should_not_deadlock_if_wakeup_pipe_full", (
+            "patches concurrent.futures.process._ExecutorManagerThread.run and"
+            " _ThreadWakeup to fill the stdlib's wakeup pipe, gh-105829; the executor under"
+            " test uses neither"
+        )),
+    **_in_every_variant("ProcessPoolExecutorTest", "test_killed_child", (
+        "intended difference: a worker that dies fails only the task it was running"
+        " (WorkerCrashedError, a BrokenProcessPool) and is replaced; the test expects the"
+        " whole pool to break, every later submit() included"
+    )),
+    f"{_variant('fork')}ProcessPoolExecutorTest.test_max_tasks_per_child": (
+        "intended difference: max_tasks_per_child is accepted with the fork start method"
+        " (workers are forked from futurepool's node, which runs no user code); the test"
+        " expects ValueError"
     ),
-    f"{_POOL}.test_saturation": _COUNTS_WORKERS,
-    f"{_POOL}.test_idle_process_reuse_one": _COUNTS_WORKERS,
-    f"{_POOL}.test_idle_process_reuse_multiple": _COUNTS_WORKERS,
-    f"{_POOL}.test_max_tasks_per_child": "reads executor._processes to count live workers",
-    f"{_POOL}.test_max_tasks_per_child_defaults_to_spawn_context": (
-        "reads executor._mp_context to check the default start method"
-    ),
-    f"{_POOL}.test_python_finalization_error": (
-        "patches threading._start_joinable_thread to fail the stdlib's second thread"
-        " start (the call queue's feeder thread)"
-    ),
-    f"{_DEADLOCK}.test_shutdown_deadlock_pickle": (
-        "reads executor._executor_manager_thread to join it"
-    ),
-    f"{_DEADLOCK}.test_gh105829_should_not_deadlock_if_wakeup_pipe_full": (
-        "patches concurrent.futures.process._ExecutorManagerThread.run and _ThreadWakeup"
-    ),
-    f"{_SHUTDOWN}.test_processes_terminate": "reads executor._processes to count and join workers",
-    f"{_SHUTDOWN}.test_context_manager_shutdown": f"reads executor._processes; {_STDLIB_CLASS}",
-    f"{_SHUTDOWN}.test_del_shutdown": (
-        f"reads executor._executor_manager_thread, _processes and _call_queue; {_STDLIB_CLASS}"
-    ),
-    f"{_SHUTDOWN}.test_shutdown_no_wait": (
-        f"reads executor._executor_manager_thread, _processes and _call_queue; {_STDLIB_CLASS}"
-    ),
-    f"{_FAILING_INIT}.test_initializer": "polls executor._broken until the pool is marked broken",
 }
 
-#: The :data:`SKIPS` lifted when the executor object that ``setUp`` made has
-#: every attribute named: the test needs nothing else of the stdlib's.
-#: (``test_killed_child`` is not here: after one worker dies it expects every
-#: later ``submit`` to fail, which futurepool deliberately does not do.)
-RUN_IF_EXPOSED: dict[str, tuple[str, ...]] = {
-    f"{_POOL}.test_saturation": ("_max_workers", "_processes"),
-    f"{_POOL}.test_idle_process_reuse_one": ("_max_workers", "_processes"),
-    f"{_POOL}.test_idle_process_reuse_multiple": ("_max_workers", "_processes"),
-    f"{_POOL}.test_max_tasks_per_child": ("_processes",),
-    f"{_POOL}.test_max_tasks_per_child_defaults_to_spawn_context": ("_mp_context",),
-    f"{_DEADLOCK}.test_shutdown_deadlock_pickle": ("_executor_manager_thread",),
-    f"{_SHUTDOWN}.test_processes_terminate": ("_processes",),
-    f"{_FAILING_INIT}.test_initializer": ("_broken",),
+#: The tests that construct ``concurrent.futures.ProcessPoolExecutor``
+#: themselves instead of ``executor_type``: their module's ``futures`` is a
+#: view in which ``ProcessPoolExecutor`` is the executor under test.
+CONSTRUCTS_STDLIB_EXECUTOR: frozenset[str] = frozenset({
+    f"{_variant(m)}ProcessPoolShutdownTest.{test}"
+    for m in START_METHODS
+    for test in ("test_context_manager_shutdown", "test_del_shutdown", "test_shutdown_no_wait")
+})
+
+#: Private attributes of the stdlib executor that a test calls and the
+#: executor under test may lack, with the stand-in's behaviour and why it is
+#: faithful. Only the executors of :data:`CONSTRUCTS_STDLIB_EXECUTOR` get it.
+STAND_INS: dict[str, str] = {
+    "_call_queue": (
+        "an object whose join_thread() returns at once: test_del_shutdown and"
+        " test_shutdown_no_wait join the stdlib's call-queue feeder thread after the manager"
+        " thread and the worker processes; futurepool sends calls from the thread it exposes"
+        " as _executor_manager_thread, which those tests join first"
+    ),
 }
 
 #: Ids of the tests that altered the environment, appended as tests run.
@@ -206,7 +233,7 @@ class _Layout:
     """Where this interpreter keeps the tests, whichever version it is."""
 
     modules: tuple[types.ModuleType, ...]
-    spawn_mixin: type
+    mixins: dict[str, type]  # start method -> CPython's ProcessPool<Method>Mixin
     setup_module: Callable[[], None]
 
 
@@ -237,7 +264,8 @@ def _load_layout() -> _Layout:
         util = package
         modules = [package]
         setup_module = package.setUpModule
-    return _Layout(tuple(modules), util.ProcessPoolSpawnMixin, setup_module)
+    mixins = {method: getattr(util, f"{_variant(method)}Mixin") for method in START_METHODS}
+    return _Layout(tuple(modules), mixins, setup_module)
 
 
 def load_executor(spec: str) -> type:
@@ -268,7 +296,10 @@ class _TestGuard:
 
     def _guard_test(self):
         from test import support
+        from test.support import threading_helper
 
+        if sys.version_info < (3, 11):
+            self._patch_attr(threading_helper, "threading_cleanup", _threading_cleanup_310)
         if self._hard_timeout:
             # The last resort against a hang no signal can interrupt: dump
             # every stack and exit (pytest-xdist then reports the crashed test).
@@ -276,6 +307,11 @@ class _TestGuard:
             self.addCleanup(faulthandler.cancel_dump_traceback_later)
         self._env_before = support.environment_altered
         support.environment_altered = False
+
+    def _patch_attr(self, obj, name: str, value) -> None:
+        original = getattr(obj, name)
+        setattr(obj, name, value)
+        self.addCleanup(setattr, obj, name, original)
 
     def tearDown(self):
         from test import support
@@ -294,19 +330,93 @@ class _TestGuard:
                 )
 
 
+def _threading_cleanup_310(*original_values):
+    """CPython 3.10's ``threading_helper.threading_cleanup``, minus one reference.
+
+    Word for word but for ``del thread``: 3.10 kept the last dangling thread
+    it printed in the loop variable, so that thread could never be freed
+    while the check waited for it (see the module docstring).
+    """
+    import _thread
+
+    from test import support
+
+    for count in range(100):
+        values = _thread._count(), threading._dangling
+        if values == original_values:
+            break
+
+        if not count:
+            # Display a warning at the first iteration
+            support.environment_altered = True
+            dangling_threads = values[1]
+            support.print_warning(f"threading_cleanup() failed to cleanup "
+                                  f"{values[0] - original_values[0]} threads "
+                                  f"(count: {values[0]}, "
+                                  f"dangling: {len(dangling_threads)})")
+            for thread in dangling_threads:
+                support.print_warning(f"Dangling thread: {thread!r}")
+                del thread  # the one change
+
+            # Don't hold references to threads
+            dangling_threads = None
+        values = None
+
+        time.sleep(0.01)
+        support.gc_collect()
+
+
+class _Namespace(types.ModuleType):
+    """A module as the tests see it: ``overrides``, then the real module's attributes."""
+
+    def __init__(self, module: types.ModuleType, overrides: Mapping[str, object]):
+        super().__init__(module.__name__, module.__doc__)
+        self.__dict__.update(overrides)
+        self.__dict__["_cpython_suite_real"] = module
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["_cpython_suite_real"], name)
+
+    def __repr__(self) -> str:
+        return f"<view of {self.__name__} with the class under test>"
+
+
+class _NoCallQueue:
+    """The stand-in for ``executor._call_queue`` (see :data:`STAND_INS`)."""
+
+    def join_thread(self) -> None:
+        return None
+
+
+def _as_stdlib_executor(executor: type) -> type:
+    """``executor``, given the :data:`STAND_INS` it lacks, for the tests that build their own."""
+    if hasattr(executor, "_call_queue"):
+        return executor
+    return type(executor.__name__, (executor,), {
+        "__module__": __name__,
+        "__qualname__": executor.__qualname__,
+        "__doc__": f"{executor.__qualname__} with a stand-in for _call_queue (STAND_INS).",
+        "_call_queue": property(lambda self: _NoCallQueue()),
+    })
+
+
 class _Adapter(_TestGuard):
     """Mixed in first into each concurrent.futures test class."""
 
     def setUp(self):
         self._guard_test()
         self._patch_subprocess_scripts()
+        self._patch_stdlib_constructor()
         super().setUp()
+
+    def _test_globals(self) -> dict:
+        test = inspect.unwrap(getattr(type(self), self._testMethodName))
+        return getattr(test, "__globals__", {})
 
     def _patch_subprocess_scripts(self):
         # The shutdown tests call ``assert_python_ok`` from their module's
         # globals: swap in one that imports the executor under test.
-        test = inspect.unwrap(getattr(type(self), self._testMethodName))
-        namespace = getattr(test, "__globals__", {})
+        namespace = self._test_globals()
         original = namespace.get("assert_python_ok")
         if original is None or getattr(original, "_cpython_suite_wrapper", False):
             return
@@ -315,17 +425,23 @@ class _Adapter(_TestGuard):
             namespace["assert_python_ok"] = wrapper
             self.addCleanup(namespace.__setitem__, "assert_python_ok", original)
 
-    def _fail_on_deadlock(self, executor):
-        # CPython's version first terminates ``executor._processes``: keep it
-        # when the executor has that; otherwise dump the stacks and leave the
-        # executor without waiting for it.
-        if hasattr(executor, "_processes"):
-            return super()._fail_on_deadlock(executor)
-        faulthandler.dump_traceback(file=sys.__stderr__)
-        try:
-            executor.shutdown(wait=False, cancel_futures=True)
-        finally:
-            self.fail(f"executor deadlock: no result within {self.TIMEOUT} s (stacks on stderr)")
+    def _patch_stdlib_constructor(self):
+        # Only for the tests listed: others compare ``executor_type`` with
+        # ``futures.ProcessPoolExecutor`` to skip the stdlib (test_hang_gh83386).
+        if f"{type(self).__name__}.{self._testMethodName}" not in CONSTRUCTS_STDLIB_EXECUTOR:
+            return
+        executor = self.executor_type
+        if executor is concurrent.futures.ProcessPoolExecutor:
+            return
+        namespace = self._test_globals()
+        if namespace.get("futures") is not concurrent.futures:
+            raise AssertionError(
+                f"cpython_suite: {self.id()} no longer finds concurrent.futures as 'futures';"
+                " update _patch_stdlib_constructor before trusting this test")
+        view = _Namespace(concurrent.futures,
+                          {"ProcessPoolExecutor": _as_stdlib_executor(executor)})
+        namespace["futures"] = view
+        self.addCleanup(namespace.__setitem__, "futures", concurrent.futures)
 
 
 def _import_roots(executor: type) -> list[str]:
@@ -371,19 +487,8 @@ def _script_runner(original: Callable, executor: type) -> Callable:
     return run
 
 
-def _skip(test: Callable, reason: str, needs: tuple[str, ...]) -> Callable:
-    if not needs:
-        return unittest.skip(reason)(test)
-
-    @functools.wraps(test)
-    def run_if_exposed(self, *args, **kwargs):
-        missing = [attr for attr in needs if not hasattr(self.executor, attr)]
-        if missing:
-            raise unittest.SkipTest(f"{reason} (the executor has no {', '.join(missing)})")
-        return test(self, *args, **kwargs)
-
-    run_if_exposed._cpython_suite_needs = needs
-    return run_if_exposed
+def _skip(test: Callable, reason: str) -> Callable:
+    return unittest.skip(reason)(test)
 
 
 def _rebound_classmethods(cls: type, test_modules: set[str]) -> dict[str, staticmethod]:
@@ -398,12 +503,17 @@ def _rebound_classmethods(cls: type, test_modules: set[str]) -> dict[str, static
     return found
 
 
+def _start_methods_default() -> tuple[str, ...]:
+    names = os.environ.get(START_METHODS_ENV, "")
+    return tuple(n.strip() for n in names.split(",") if n.strip()) or START_METHODS
+
+
 def build_test_classes(
     executor: type | str | None = None,
     *,
     module: str | None = None,
     skips: Mapping[str, str] | None = None,
-    run_if_exposed: Mapping[str, tuple[str, ...]] | None = None,
+    start_methods: Iterable[str] | None = None,
     deadlock_timeout: float | None = DEADLOCK_TIMEOUT,
     strict_env: bool | None = None,
     hard_timeout: float | None = TEST_TIMEOUT + HARD_TIMEOUT_GRACE,
@@ -418,8 +528,9 @@ def build_test_classes(
             ``__name__`` and puts the result in its globals.
         skips: ``"Class.test": reason`` to skip. Default :data:`SKIPS`;
             ``{}`` runs everything, which only the stdlib class passes.
-        run_if_exposed: the skips lifted when the executor object has the
-            attributes named (default :data:`RUN_IF_EXPOSED`).
+        start_methods: bind the classes of these start methods only. Default:
+            the ``FUTUREPOOL_CPYTHON_SUITE_START_METHODS`` environment variable
+            (comma-separated), else all of :data:`START_METHODS`.
         deadlock_timeout: cap in seconds on ``ExecutorDeadlockTest.TIMEOUT``;
             ``None`` keeps CPython's value.
         strict_env: fail the tests that alter the environment. Default: the
@@ -429,31 +540,37 @@ def build_test_classes(
             ``None`` for no limit.
 
     Returns:
-        ``{name: class}``, with CPython's names for its spawn classes
-        (``ProcessPoolSpawnProcessPoolExecutorTest`` ...).
+        ``{name: class}``, with CPython's names
+        (``ProcessPoolForkProcessPoolExecutorTest``,
+        ``ProcessPoolSpawnWaitTest`` ...).
 
     Raises:
         CPythonSuiteUnavailable: this interpreter has no usable CPython tests.
+        ValueError: a start method that is not one of :data:`START_METHODS`.
     """
+    methods = _start_methods_default() if start_methods is None else tuple(start_methods)
+    unknown = [m for m in methods if m not in START_METHODS]
+    if unknown:
+        raise ValueError(f"start_methods must be among {START_METHODS}, got {unknown!r}")
     layout = _load_layout()
     if executor is None:
         executor = os.environ.get(EXECUTOR_ENV) or DEFAULT_EXECUTOR
     if isinstance(executor, str):
         executor = load_executor(executor)
     skips = SKIPS if skips is None else skips
-    run_if_exposed = RUN_IF_EXPOSED if run_if_exposed is None else run_if_exposed
     strict_env = _strict_env_default() if strict_env is None else strict_env
     module = module or __name__
     test_modules = {m.__name__ for m in layout.modules}
     test_modules |= {_PACKAGE, f"{_PACKAGE}.util", f"{_PACKAGE}.executor"}
     bound_to = f"{executor.__module__}.{executor.__qualname__}"
+    mixins = tuple(layout.mixins[m] for m in START_METHODS if m in methods)
 
     classes: dict[str, type] = {}
     for cpython_module in layout.modules:
         for name, cls in sorted(vars(cpython_module).items()):
             if not (isinstance(cls, type) and issubclass(cls, unittest.TestCase)):
                 continue
-            if not issubclass(cls, layout.spawn_mixin) or name in classes:
+            if not issubclass(cls, mixins) or name in classes:
                 continue
             attrs = {
                 "__module__": module,
@@ -470,14 +587,14 @@ def build_test_classes(
             for key, reason in skips.items():
                 cls_name, _, test_name = key.partition(".")
                 if cls_name == name and callable(getattr(cls, test_name, None)):
-                    needs = tuple(run_if_exposed.get(key, ()))
-                    attrs[test_name] = _skip(getattr(cls, test_name), reason, needs)
+                    attrs[test_name] = _skip(getattr(cls, test_name), reason)
             classes[name] = type(name, (_Adapter, cls), attrs)
 
     for cpython_module in layout.modules:
         resources = vars(cpython_module).get(_RESOURCES)
-        if resources is not None and _FAILING_INIT in classes:
-            classes[_RESOURCES] = _bind_resources_test(resources, classes[_FAILING_INIT], module)
+        if resources is not None:
+            classes[_RESOURCES] = _bind_resources_test(resources, classes, module)
+            break
     return classes
 
 
@@ -517,36 +634,54 @@ def _readlink(path: str) -> str | None:
         return None
 
 
-def _bind_resources_test(cls: type, failing_init: type, module: str) -> type:
-    def test_spawn(self):
-        from multiprocessing import resource_tracker
+def _bind_resources_test(cls: type, classes: Mapping[str, type], module: str) -> type:
+    """CPython's gh-104090 check, run on the bound failing-initializer classes.
 
-        tracker = resource_tracker._resource_tracker
-        stop = tracker._stop
+    ``test_<method>`` runs ``ProcessPool<Method>FailingInitializerTest``;
+    the test of a start method that is not bound is dropped.
+    """
 
-        def stop_unless_held(*args, **kwargs):
-            holders = _tracker_pipe_holders()
-            if holders:
-                raise AssertionError(
-                    "the resource tracker cannot exit, other processes still hold its "
-                    "pipe (CPython's check would wait for them forever): " + "; ".join(holders)
-                )
-            return stop(*args, **kwargs)
+    def bind(method: str, failing_init: type, cpython_test: Callable) -> Callable:
+        @functools.wraps(cpython_test)
+        def test(self):
+            from multiprocessing import resource_tracker
 
-        with unittest.mock.patch.object(tracker, "_stop", stop_unless_held):
-            self._test(failing_init)
+            tracker = resource_tracker._resource_tracker
+            stop = tracker._stop
 
-    attrs = {
-        "__module__": module,
-        "__qualname__": cls.__name__,
-        "executor_type": inspect.getattr_static(failing_init, "executor_type"),
-        "_strict_env": failing_init._strict_env,
-        "_hard_timeout": failing_init._hard_timeout,
-        "test_spawn": test_spawn,
-    }
+            def stop_unless_held(*args, **kwargs):
+                holders = _tracker_pipe_holders()
+                if holders:
+                    raise AssertionError(
+                        "the resource tracker cannot exit, other processes still hold its "
+                        "pipe (CPython's check would wait for them forever): "
+                        + "; ".join(holders)
+                    )
+                return stop(*args, **kwargs)
+
+            with unittest.mock.patch.object(tracker, "_stop", stop_unless_held):
+                self._test(failing_init)
+
+        return test
+
+    some_class = None
+    attrs: dict[str, object] = {"__module__": module, "__qualname__": cls.__name__}
     for attr in dir(cls):
-        if attr.startswith("test") and attr != "test_spawn":
-            attrs[attr] = None  # the forkserver variant: not bound (see the module doc)
+        if not attr.startswith("test"):
+            continue
+        method = attr[len("test_"):]
+        failing_init = classes.get(f"{_variant(method)}FailingInitializerTest")
+        if failing_init is None:
+            attrs[attr] = None  # its start method is not bound
+            continue
+        some_class = failing_init
+        attrs[attr] = bind(method, failing_init, getattr(cls, attr))
+    if some_class is not None:
+        attrs.update({
+            "executor_type": inspect.getattr_static(some_class, "executor_type"),
+            "_strict_env": some_class._strict_env,
+            "_hard_timeout": some_class._hard_timeout,
+        })
     return type(cls.__name__, (_Adapter, cls), attrs)
 
 
@@ -686,6 +821,11 @@ def _parse_suite_args(
         "--no-skips", action="store_true",
         help=f"run the SKIPS tests too (only the stdlib {noun} can pass them)",
     )
+    parser.add_argument(
+        "--start-method", dest="start_methods", action="append", choices=START_METHODS,
+        help="bind the classes of this start method only (repeatable; default: "
+             f"${START_METHODS_ENV}, else all of {', '.join(START_METHODS)})",
+    )
     for flags, options in after_skips:
         parser.add_argument(*flags, **options)
     parser.add_argument(
@@ -701,7 +841,9 @@ def _parse_suite_args(
     parser.add_argument(
         "--durations", type=int, default=10, metavar="N", help="show the N slowest tests",
     )
-    return parser.parse_args(None if argv is None else list(argv))
+    args = parser.parse_args(None if argv is None else list(argv))
+    args.start_methods = tuple(args.start_methods or _start_methods_default())
+    return args
 
 
 def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
@@ -794,9 +936,6 @@ def _run_suite(
 
 
 def _skip_reason(method: Callable) -> str | None:
-    needs = getattr(method, "_cpython_suite_needs", ())
-    if needs:
-        return f"unless the executor has {', '.join(needs)}"
     return getattr(method, "__unittest_skip_why__", None)
 
 
@@ -809,6 +948,7 @@ def main(argv: list[str] | None = None) -> int:
             args.executor,
             module=__name__,
             skips={} if args.no_skips else None,
+            start_methods=args.start_methods,
             deadlock_timeout=args.deadlock_timeout or None,
             strict_env=args.strict_env,
             hard_timeout=None,  # the watchdog does better
@@ -822,7 +962,7 @@ def main(argv: list[str] | None = None) -> int:
         args,
         classes,
         name="cpython_suite",
-        source=f"{_PACKAGE} (spawn variants), executor {args.executor}",
+        source=f"{_PACKAGE} ({', '.join(args.start_methods)}), executor {args.executor}",
         skip_reason=_skip_reason,
         result_class=_TimedResult,
         set_up=layout.setup_module,
