@@ -39,7 +39,7 @@ from ..protocol.framing import decode_header, pack_header
 from ..protocol.messages import MessageType
 from ..protocol.zap import Authenticator
 from ..store import serialize
-from . import startup
+from . import startup, status
 
 LOGGER = logging.getLogger("futurepool")
 
@@ -160,7 +160,7 @@ class Head:
         node = self.nodes.get(routing_id)
         if kind == MessageType.STATUS:  # futurepool status, with the cluster's key
             self._send(routing_id, pack_header(MessageType.STATUS),
-                       serialize.dumps_plain(self.owner.status()))
+                       serialize.dumps_plain(status.snapshot(self.owner)))
             return
         if node is None:
             if kind == MessageType.JOIN:

@@ -43,10 +43,7 @@ import itertools
 import logging
 import multiprocessing
 import os
-import pickle
 import shutil
-import signal
-import sys
 import tempfile
 import threading
 import time
@@ -70,7 +67,9 @@ from ..protocol.messages import MessageType, ResultStatus
 from ..store import segments, serialize
 from ..store.objects import DriverStore
 from . import startup
+from .calls import Task, culprit, pickling_error
 from .head import Head, head_keys
+from .lifetime import RUN_DIR_PREFIX, close_fds, live_owners, sweep_run_dirs, weak_method
 from .local_node import LocalNode, LocalWorkers
 from .output import OutputPrinter
 from .processes import EXIT_INITIALIZER_FAILED, EXIT_START_FAILED, INITIALIZING, WorkerProcess
@@ -79,36 +78,10 @@ from .startup import FORK, check_not_importing_main
 
 LOGGER = logging.getLogger("futurepool")
 
-_task_ids = itertools.count(1)
 _HOST = os.uname().nodename
 #: Worker names by start method, as the stdlib's process classes name them.
 _PROCESS_NAMES = {"fork": "ForkProcess", "spawn": "SpawnProcess",
                   "forkserver": "ForkServerProcess"}
-
-
-class Task:
-    """One submitted call, as the owner tracks it until its future settles."""
-
-    __slots__ = ("task_id", "future", "fn_id", "fn_bytes", "fn_name", "args", "deps",
-                 "waiting", "attempt", "retries_left", "deaths", "started", "estimate")
-
-    def __init__(self, future, fn_id, fn_bytes, fn_name, args, deps, retries):
-        self.task_id = next(_task_ids)
-        self.future = future
-        self.fn_id = fn_id
-        self.fn_bytes = fn_bytes
-        self.fn_name = fn_name
-        self.args = args
-        self.deps = deps  # {object_id: Future} the arguments refer to
-        self.waiting = len(deps)
-        self.attempt = 1
-        self.retries_left = retries
-        self.deaths = 0
-        self.started = False
-        self.estimate = 0.0  # seconds the scheduler expected when it sent it
-
-    def describe(self) -> str:
-        return f"task {self.task_id} ({self.fn_name})"
 
 
 class Owner:
@@ -137,7 +110,7 @@ class Owner:
         # Helpers call back through weak methods: with no owner <-> helper cycle, a
         # shut-down executor's owner and thread are freed with the executor, as the
         # stdlib's are, not at the next cyclic collection.
-        self.functions = serialize.FunctionCache(_weak_method(self.dumps))
+        self.functions = serialize.FunctionCache(weak_method(self.dumps))
         # Workers on demand (spawn semantics, as the stdlib): one more per submit that
         # finds no idle worker. ``requested`` is written by user threads only.
         self.on_demand = workers_on_demand
@@ -160,13 +133,13 @@ class Owner:
         self.store = DriverStore(segments.new_settings(
             config.SHM_DIR, config.SPILL_DIR, config.SHM_PREFIX, config.STORE_CAPACITY,
             config.STORE_FRACTION, config.STORE_POOL_BYTES, config.INLINE_THRESHOLD,
-            writers=max_workers + 1), _weak_method(self.free_piece))
+            writers=max_workers + 1), weak_method(self.free_piece))
         # Shared with user threads.
         self.commands: collections.deque = collections.deque()
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # Closes our descriptors exactly once: at the end of the I/O thread, or
         # when an executor that never started is shut down or collected.
-        self.release_fds = weakref.finalize(self, _close_fds, [self.wake_fd, *inherited_fds])
+        self.release_fds = weakref.finalize(self, close_fds, [self.wake_fd, *inherited_fds])
         self.sleeping = False
         self.broken: BaseException | None = None
         self.thread: threading.Thread | None = None
@@ -214,7 +187,7 @@ class Owner:
         base = config.TMPDIR if len(config.TMPDIR) < 60 else "/tmp"  # sockaddr_un: 108 bytes
         sweep_run_dirs(base)
         segments.sweep_dead_sessions(self.store.settings.dirs, config.SHM_PREFIX)
-        self.run_dir = tempfile.mkdtemp(prefix=f"{_RUN_DIR_PREFIX}{os.getpid()}-", dir=base)
+        self.run_dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-", dir=base)
         self.address = f"ipc://{self.run_dir}/owner"
         settings = {
             "authkey": bytes(multiprocessing.current_process().authkey),
@@ -240,7 +213,7 @@ class Owner:
         self.node.start(resource_tracker._resource_tracker._fd)
         self.thread = threading.Thread(target=self._run, name="futurepool-owner", daemon=False)
         self.thread.start()
-        _live_owners.add(self)
+        live_owners.add(self)
 
     def dumps(self, obj, buffer_callback=None) -> bytes:
         """Pickle user data for this executor's workers (``__main__`` by name where they can)."""
@@ -274,14 +247,14 @@ class Owner:
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: BLE001
-            raise _pickling_error(  # noqa: B904 - its cause is set, or it is the original
+            raise pickling_error(  # noqa: B904 - its cause is set, or it is the original
                 f"Could not pickle the function {serialize.describe_callable(fn)}", exc)
         try:
             data, deps = serialize.dumps_arguments(args, kwargs, self.store, self.dumps)
         except (KeyboardInterrupt, ObjectStoreFullError):
             raise
         except BaseException as exc:  # noqa: BLE001 - sys.exit() in a __reduce__ too
-            raise _pickling_error(_culprit(fn, args, kwargs), exc)  # noqa: B904 - as above
+            raise pickling_error(culprit(fn, args, kwargs), exc)  # noqa: B904 - as above
         task = Task(future, fn_id, fn_bytes, serialize.describe_callable(fn), data, deps,
                     self.max_retries)
         future._description = task.describe()
@@ -329,7 +302,7 @@ class Owner:
             self._break(exc)
         finally:
             self._close()
-            _live_owners.discard(self)
+            live_owners.discard(self)
 
     def _open(self) -> None:
         self.ctx = zmq.Context(1)
@@ -830,25 +803,6 @@ class Owner:
 
     # -- remote nodes (core.head calls these) ---------------------------------
 
-    def status(self) -> dict:
-        """What ``futurepool status`` shows: nodes, slots, tasks, store use (I/O thread)."""
-        def busy(link):
-            return sum(1 for slot in self.scheduler.workers.values()
-                       if slot.link is link and slot.inflight)
-
-        local = {"host": self.local_workers.host, "address": "local", "workers": self.requested,
-                 "busy": busy(self.local_workers),
-                 "store_bytes": segments.bytes_used(self.store.settings)}
-        nodes = [{"host": node.host, "address": node.address, "workers": node.workers,
-                  "busy": busy(node), "store_bytes": 0, "leaving": node.leaving,
-                  "joined_at": node.joined_at}
-                 for node in (self.head.nodes.values() if self.head is not None else ())]
-        running = sum(len(slot.inflight) for slot in self.scheduler.workers.values())
-        return {"address": self.head.address if self.head is not None else None,
-                "pid": os.getpid(), "started_at": self.started_at, "nodes": [local, *nodes],
-                "tasks": {"pending": len(self.tasks) - running, "sent": running,
-                          "done": self.completed}}
-
     def _node_joined(self, node) -> None:
         self._count_workers()
 
@@ -989,128 +943,3 @@ class Owner:
             if not task.future.done():
                 self._settle_exception(task, CancelledError("the executor was shut down"))
         self.tasks.clear()
-
-
-_RUN_DIR_PREFIX = "futurepool-"
-
-
-def sweep_run_dirs(base: str) -> None:
-    """Remove run directories whose driver is gone.
-
-    The driver removes its own, and its node does when the driver dies; this
-    catches the rest (driver and node killed together, or the node killed
-    before it learnt the directory). Names carry the driver's pid.
-    """
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return
-    for name in names:
-        if not name.startswith(_RUN_DIR_PREFIX):
-            continue
-        pid = name[len(_RUN_DIR_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not segments.pid_alive(int(pid)):
-            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
-
-
-def _weak_method(method):
-    """Call ``method`` without keeping its object alive (a no-op once it is gone)."""
-    ref = weakref.WeakMethod(method)
-
-    def call(*args, **kwargs):
-        bound = ref()
-        return bound(*args, **kwargs) if bound is not None else None
-
-    return call
-
-
-def _close_fds(fds) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def _pickling_error(what: str, exc: BaseException) -> BaseException:
-    """The error for a call that does not pickle, naming the culprit.
-
-    As in the stdlib, the pickler's own exception is what the future raises
-    (a TypeError for a lock, a PicklingError, whatever a ``__reduce__``
-    raised); ``what`` is added as a note. A ``SystemExit`` or similar from a
-    ``__reduce__`` becomes a PicklingError, so that it cannot end the caller.
-    """
-    if not isinstance(exc, Exception):
-        error = pickle.PicklingError(f"{what}: {type(exc).__name__}: {exc}")
-        error.__cause__ = exc
-        return error
-    if hasattr(exc, "add_note"):
-        exc.add_note(what)
-    else:  # Python 3.10: the attribute is there for whoever looks
-        exc.__notes__ = [*getattr(exc, "__notes__", ()), what]
-    return exc
-
-
-def _culprit(fn, args, kwargs) -> str:
-    """Name the first argument that does not pickle, for the error message."""
-    name = serialize.describe_callable(fn)
-    for index, value in enumerate(args):
-        try:
-            serialize.dumps_arguments((value,), {})
-        except BaseException:  # noqa: BLE001
-            return f"Could not pickle argument {index} ({type(value).__name__}) of {name}()"
-    for key, value in kwargs.items():
-        try:
-            serialize.dumps_arguments((value,), {})
-        except BaseException:  # noqa: BLE001
-            return f"Could not pickle keyword argument {key!r} ({type(value).__name__}) of {name}()"
-    return f"Could not pickle the arguments of {name}()"
-
-
-# --- interpreter exit --------------------------------------------------------
-
-_live_owners: weakref.WeakSet = weakref.WeakSet()
-_interpreter_exiting = False
-
-
-def interpreter_exiting() -> bool:
-    return _interpreter_exiting
-
-
-def _python_exit() -> None:
-    """As the stdlib does: at exit, finish outstanding work, then stop.
-
-    Except after an unhandled Ctrl-C: then queued work is cancelled and the
-    workers are stopped at once, instead of draining the queue
-    (cpython#125886).
-    """
-    global _interpreter_exiting
-    _interpreter_exiting = True
-    interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
-    owners = list(_live_owners)
-    for owner in owners:
-        if interrupted:
-            owner.request_terminate(signal.SIGTERM)
-        else:
-            owner.request_shutdown()
-    for owner in owners:
-        owner.join()
-
-
-# Runs before the interpreter joins non-daemon threads, like the stdlib's
-# executors (threading._register_atexit exists since 3.9).
-threading._register_atexit(_python_exit)
-
-
-def _forget_owners_after_fork() -> None:
-    """In a process forked from this one, the executors' copies must stay inert.
-
-    Their threads and nodes belong to the parent: a copy must never wake the
-    parent's I/O thread (the eventfd is shared) nor pretend to run tasks.
-    """
-    for owner in list(_live_owners):
-        owner.sleeping = False
-    _live_owners.clear()
-
-
-os.register_at_fork(after_in_child=_forget_owners_after_fork)

@@ -1,5 +1,8 @@
 """``futurepool status``: ask a head what its cluster is doing, and print it.
 
+:func:`snapshot` is the head's side (its owner's state, read on the owner's
+I/O thread); the rest is the command's.
+
 A head answers STATUS on its listening port to any peer that passes its
 CURVE handshake, so the client needs the cluster's key file, like a node.
 Heads on this host are found through the ``head`` file each one writes in
@@ -24,6 +27,26 @@ from ..store import segments, serialize
 
 #: The file in a listening head's run directory that holds its address.
 HEAD_FILE = "head"
+
+
+def snapshot(owner) -> dict:
+    """What a head answers STATUS with: nodes, slots, tasks, store use (owner's I/O thread)."""
+    def busy(link):
+        return sum(1 for slot in owner.scheduler.workers.values()
+                   if slot.link is link and slot.inflight)
+
+    local = {"host": owner.local_workers.host, "address": "local", "workers": owner.requested,
+             "busy": busy(owner.local_workers),
+             "store_bytes": segments.bytes_used(owner.store.settings)}
+    nodes = [{"host": node.host, "address": node.address, "workers": node.workers,
+              "busy": busy(node), "store_bytes": 0, "leaving": node.leaving,
+              "joined_at": node.joined_at}
+             for node in (owner.head.nodes.values() if owner.head is not None else ())]
+    running = sum(len(slot.inflight) for slot in owner.scheduler.workers.values())
+    return {"address": owner.head.address if owner.head is not None else None,
+            "pid": os.getpid(), "started_at": owner.started_at, "nodes": [local, *nodes],
+            "tasks": {"pending": len(owner.tasks) - running, "sent": running,
+                      "done": owner.completed}}
 
 
 def local_heads() -> list[str]:
