@@ -27,19 +27,19 @@ Every command carries ``"timeout"`` (seconds), which bounds its waits; a
 failure answers ``{"error": "..."}``. ``time.monotonic()`` is the system's
 CLOCK_MONOTONIC, so the benchmark compares it with its own. The script runs
 under whichever interpreter has the system installed (Ray's may be a venv of
-its own) and imports nothing of futurepool; the task is ``_tasks.noop``,
-imported by reference from ``PYTHONPATH`` as in every benchmark here.
+its own) and imports nothing of futurepool; ``_tasks`` (the task is
+``_tasks.noop``, by reference) and ``_harness`` come from ``PYTHONPATH``.
 """
 
 from __future__ import annotations
 
 import json
 import socket
-import statistics
 import sys
 import time
 
 import _tasks
+from _harness import latency_stats
 
 #: Seconds the echo server waits for its connection, and for each message.
 ECHO_TIMEOUT = 60.0
@@ -60,17 +60,12 @@ def echo(host: str) -> int:
     return 0
 
 
-def _percentiles(samples: list) -> dict:
-    p90 = statistics.quantiles(samples, n=10, method="inclusive")[-1]
-    return {"value": statistics.median(samples) * 1e6, "p90": p90 * 1e6}
-
-
 class DaskDriver:
     def __init__(self, address: str, timeout: float):
         import distributed
 
         self.distributed = distributed
-        self.client = distributed.Client(address, timeout=timeout, set_as_default=False)
+        self.client = distributed.Client(address, timeout=timeout)
         self.version = f"distributed {distributed.__version__}"
         self.queued = None
 
@@ -158,7 +153,8 @@ def serve(driver) -> int:
                     t0 = time.perf_counter()
                     driver.one(max(0.001, deadline - time.monotonic()))
                     samples.append(time.perf_counter() - t0)
-                answer = _percentiles(samples)
+                value, extras = latency_stats(samples)
+                answer = {"value": value, **extras}
             elif op == "queue":
                 driver.queue()
                 answer = {}

@@ -97,6 +97,42 @@ def close_executor(ex, failed: bool) -> None:
         ex.shutdown(wait=False)
 
 
+def submit_all(ex, fn, n: int, cell) -> float:
+    """Submit ``n`` calls of ``fn``, then wait for all of them; tasks per second.
+
+    Raises TimeoutError if some are not done within ``cell.left()``, or the
+    first task's exception."""
+    import concurrent.futures
+
+    t0 = time.perf_counter()
+    futures = [ex.submit(fn) for _ in range(n)]
+    _, not_done = concurrent.futures.wait(futures, timeout=cell.left())
+    elapsed = time.perf_counter() - t0
+    if not_done:
+        raise TimeoutError(f"{len(not_done)} of {n} tasks not done within the timeout")
+    for f in futures:
+        if f.exception(timeout=0) is not None:
+            raise f.exception()
+    return n / elapsed
+
+
+def round_trips(ex, fn, n: int, cell) -> tuple[float, dict]:
+    """``n`` sequential ``ex.submit(fn).result()``, each timed: :func:`latency_stats`."""
+    samples = []
+    clock = time.perf_counter
+    for _ in range(n):
+        t0 = clock()
+        ex.submit(fn).result(timeout=cell.left())
+        samples.append(clock() - t0)
+    return latency_stats(samples)
+
+
+def latency_stats(samples: list) -> tuple[float, dict]:
+    """Seconds -> (median µs, {"p90": µs}): a latency scenario's return value."""
+    p90 = statistics.quantiles(samples, n=10, method="inclusive")[-1]
+    return statistics.median(samples) * 1e6, {"p90": p90 * 1e6}
+
+
 def load_ppe(workers):
     """Implementation loader: ``concurrent.futures.ProcessPoolExecutor``, default context."""
     import concurrent.futures

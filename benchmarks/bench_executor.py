@@ -11,9 +11,7 @@ See benchmarks/README.md for what each scenario measures.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import multiprocessing
-import statistics
 import sys
 import time
 
@@ -57,16 +55,7 @@ def throughput(cell):
     (1,000 with --quick); tasks per second, submit of the first to the last done."""
     n = cell.size(10_000, 1_000)
     ex = cell.make(warm=True)
-    t0 = time.perf_counter()
-    futures = [ex.submit(_tasks.noop) for _ in range(n)]
-    done, not_done = cf.wait(futures, timeout=cell.left())
-    elapsed = time.perf_counter() - t0
-    if not_done:
-        raise TimeoutError(f"{len(not_done)} of {n} tasks not done within the timeout")
-    for f in futures:
-        if f.exception(timeout=0) is not None:
-            raise f.exception()
-    return n / elapsed
+    return _harness.submit_all(ex, _tasks.noop, n, cell)
 
 
 @suite.scenario(
@@ -77,14 +66,7 @@ def latency(cell):
     median round trip in microseconds, p90 alongside."""
     n = cell.size(2_000, 200)
     ex = cell.make(warm=True)
-    samples = []
-    clock = time.perf_counter
-    for _ in range(n):
-        t0 = clock()
-        ex.submit(_tasks.noop).result(timeout=cell.left())
-        samples.append(clock() - t0)
-    p90 = statistics.quantiles(samples, n=10, method="inclusive")[-1]
-    return statistics.median(samples) * 1e6, {"p90": p90 * 1e6}
+    return _harness.round_trips(ex, _tasks.noop, n, cell)
 
 
 @suite.scenario(
