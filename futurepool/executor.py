@@ -46,8 +46,8 @@ import weakref
 from concurrent.futures import Executor as _StdExecutor
 
 from . import config
+from .core import lifetime, startup
 from .core import owner as _owner
-from .core import startup
 from .errors import ObjectStoreFullError
 from .future import Future
 from .protocol import security
@@ -330,7 +330,7 @@ class Executor(_StdExecutor):
             raise self._owner._broken_error()
         if self._shutdown_thread:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        if _owner.interpreter_exiting():
+        if lifetime.interpreter_exiting():
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
     def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
