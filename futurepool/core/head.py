@@ -25,6 +25,7 @@ before any application frame is read.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import sys
 import time
@@ -261,7 +262,8 @@ def session_for_nodes(owner) -> tuple[dict | None, str]:
     """
     settings = {"initializer": owner.initializer_blob,
                 "max_tasks_per_child": owner.max_tasks_per_child,
-                "process_name": "SpawnProcess", "forward_output": True}
+                "process_name": "SpawnProcess", "forward_output": True,
+                "authkey": bytes(multiprocessing.current_process().authkey)}
     if owner.inherited_fds:
         return None, ("the pool's initargs hold multiprocessing objects (a Queue, a Pipe) that"
                       " only reach workers on this host")

@@ -106,8 +106,9 @@ class OutputCapture:
 class OutputPrinter:
     """On the driver: writes workers' output, a line at a time, with its origin."""
 
-    def __init__(self):
+    def __init__(self, prefix: bool = True):
         self.partial: dict[tuple[int, int], bytes] = {}
+        self.prefix = prefix  # False: lines as the worker wrote them, as a local pool's
 
     def write(self, origin: str, worker_id: int, stream: int, data: bytes) -> None:
         key = (worker_id, stream)
@@ -117,19 +118,19 @@ class OutputPrinter:
             self.partial[key] = lines[-1]
         complete = lines[:-1]
         if complete:
-            self._print(origin, worker_id, stream, complete)
+            self._print(origin if self.prefix else None, worker_id, stream, complete)
 
     def flush(self, origin: str, worker_id: int) -> None:
         """A worker is gone: what it printed without a final newline."""
         for stream in (STDOUT, STDERR):
             rest = self.partial.pop((worker_id, stream), None)
             if rest:
-                self._print(origin, worker_id, stream, [rest])
+                self._print(origin if self.prefix else None, worker_id, stream, [rest])
 
     @staticmethod
-    def _print(origin: str, worker_id: int, stream: int, lines) -> None:
+    def _print(origin: str | None, worker_id: int, stream: int, lines) -> None:
         out = sys.stdout if stream == STDOUT else sys.stderr
-        prefix = f"[{origin}:w{worker_id & 0xFFFFFFFF}] "
+        prefix = f"[{origin}:w{worker_id & 0xFFFFFFFF}] " if origin is not None else ""
         text = "".join(prefix + line.decode(errors="replace") + "\n" for line in lines)
         try:
             out.write(text)

@@ -447,7 +447,8 @@ class Owner:
         """
         self._dispatch()
         busy = sum(len(w.inflight) for w in self.scheduler.workers.values())
-        free = max(0, self.max_workers - busy) if commit_head else 0
+        slots = self.max_workers + (self.head.slots if self.head is not None else 0)
+        free = max(0, slots - busy) if commit_head else 0
         for task in itertools.islice(self.ready, free):
             if not task.started and task.future.set_running_or_notify_cancel():
                 task.started = True

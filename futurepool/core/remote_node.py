@@ -196,7 +196,9 @@ class _Session:
             owner_address=address, run_dir=self.run_dir, store=self.store,
             driver_pid=os.getpid(), workers=remote.workers,
             first_worker_id=welcome["first_worker_id"],
-            authkey=os.urandom(32),
+            # The driver's multiprocessing key, as spawned children get it: Manager
+            # proxies in a task's arguments authenticate with it.
+            authkey=welcome["settings"]["authkey"],
             preparation=self._preparation(welcome.get("preparation"), welcome.get("main")))
         from multiprocessing import resource_tracker
 

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 
 from .. import config
 from ..executor import Executor, _cpus
@@ -61,10 +62,13 @@ class RemoteExecutor(Executor):
         super().__init__(0, mp_context, initializer, initargs,
                          max_tasks_per_child=max_tasks_per_child, max_retries=max_retries,
                          listen="tcp://127.0.0.1:0", key_file=key_file)
+        self._owner.output.prefix = False  # one machine: print as a local pool does
         self._node = subprocess.Popen(
             [sys.executable, "-m", "futurepool", "worker", "--connect", self.address,
              "--key-file", key_file, "--workers", str(workers), "--once"],
             stdin=subprocess.DEVNULL, start_new_session=True)
+        # Dropped without shutdown (the owner then says BYE): the node is still reaped.
+        weakref.finalize(self, _reap_in_background, self._node)
         deadline = time.monotonic() + JOIN_TIMEOUT
         while self._max_workers < workers:
             if self._node.poll() is not None or time.monotonic() > deadline:
@@ -79,11 +83,21 @@ class RemoteExecutor(Executor):
         if wait:
             self._end_node()
         else:  # the node leaves when the head says BYE; reap it in the background
-            threading.Thread(target=self._end_node, daemon=True).start()
+            _reap_in_background(self._node)
 
     def _end_node(self) -> None:
-        try:
-            self._node.wait(config.SHUTDOWN_TIMEOUT + config.NODE_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self._node.kill()
-            self._node.wait()
+        _reap(self._node)
+
+
+def _reap(node: subprocess.Popen) -> None:
+    try:
+        node.wait(config.SHUTDOWN_TIMEOUT + config.NODE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        node.kill()
+        node.wait()
+
+
+def _reap_in_background(node: subprocess.Popen) -> None:
+    if node.poll() is None:
+        threading.Thread(target=_reap, args=(node,), name="futurepool-reap-node",
+                         daemon=True).start()
