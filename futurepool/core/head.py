@@ -5,10 +5,11 @@
     owner I/O thread                                 remote host
     ────────────────────────────────────────         ─────────────────────────────────
     Head ── ROUTER tcp://HOST:PORT (CURVE server) ◄── DEALER (CURVE client) ── futurepool
-     │       ZAP: only the cluster's node key          worker (core.remote_node): relays
-     │       JOIN / WELCOME / HEARTBEAT / LEAVE        its workers' messages unchanged
-     └─ one RemoteLink per node: how the owner         (header ident = worker id)
-        sends to that node's workers
+     │       ZAP: only the cluster's node key          worker (core.remote_node): control
+     │       JOIN / WELCOME / HEARTBEAT / LEAVE        only, and its node's worker events
+     │                                           ◄── DEALER per worker (CURVE client, node
+     └─ one RemoteLink per node: how the owner         key), routing id w<worker id>:
+        sends to that node's workers                   TASKS / RESULTS, no hop between
 
 Everything here runs on the owner's I/O thread, which polls :attr:`Head.sockets`
 and calls :meth:`Head.handle` and, every loop, :meth:`Head.tick`. The owner
@@ -47,7 +48,7 @@ LOGGER = logging.getLogger("futurepool")
 #: Worker ids of remote node ``n`` start at ``(n + 1) << NODE_ID_SHIFT`` (local ones below).
 NODE_ID_SHIFT = 32
 
-#: Messages a node relays from its workers; the owner handles them as local ones.
+#: Messages from remote workers (their own connections); the owner handles them as local ones.
 _WORKER_KINDS = frozenset({MessageType.READY, MessageType.RESULTS, MessageType.INIT_FAILED,
                            MessageType.START_FAILED, MessageType.OUTPUT})
 
@@ -89,8 +90,8 @@ class RemoteLink:
         return worker_id >> NODE_ID_SHIFT == self.index + 1
 
     def send(self, worker, header: bytes, body: bytes = b"") -> None:
-        """Raises ``zmq.ZMQError`` if the node's connection is gone."""
-        self.head.sock.send_multipart([self.routing_id, header, body], zmq.NOBLOCK)
+        """Straight to the worker's own connection; ``zmq.ZMQError`` if it is gone."""
+        self.head.sock.send_multipart([worker.routing_id, header, body], zmq.NOBLOCK)
 
     def describe(self) -> str:
         return f"node {self.index} ({self.host}, {self.address})"
@@ -102,7 +103,8 @@ class Head:
     def __init__(self, owner, context: zmq.Context, listen: str, keys):
         self.owner = owner
         self.keys = keys
-        self.nodes: dict[bytes, RemoteLink] = {}
+        self.nodes: dict[bytes, RemoteLink] = {}   # by the node's control connection
+        self.by_index: dict[int, RemoteLink] = {}  # by node index (its workers' ids)
         self.dropped = 0  # malformed messages from authenticated peers
         self.next_index = 0
         self.next_heartbeat = 0.0
@@ -159,6 +161,12 @@ class Head:
         kind, count, ident = decode_header(message[1].bytes)
         body = message[2].bytes if len(message) > 2 else b""
         node = self.nodes.get(routing_id)
+        if node is None and kind in _WORKER_KINDS:  # a remote worker's own connection
+            node = self.by_index.get((ident >> NODE_ID_SHIFT) - 1)
+            if node is None or routing_id != b"w%d" % ident:
+                return  # a worker of a node we lost (fenced), or not a worker at all
+            self.owner._worker_message(node, routing_id, kind, count, ident, body)
+            return
         if kind == MessageType.STATUS:  # futurepool status, with the cluster's key
             self._send(routing_id, pack_header(MessageType.STATUS),
                        serialize.dumps_plain(status.snapshot(self.owner)))
@@ -168,11 +176,7 @@ class Head:
                 self._join(routing_id, body, message[1].get("Peer-Address") or "?")
             return  # a node we declared dead, or that never joined: ignore it
         node.last_heard = time.monotonic()
-        if kind in _WORKER_KINDS:
-            if not node.owns(ident):
-                raise ProtocolError(f"{node.describe()} spoke for worker {ident}, not its own")
-            self.owner._worker_message(node, routing_id, kind, count, ident, body)
-        elif kind == MessageType.WORKER_STARTED:
+        if kind == MessageType.WORKER_STARTED:
             worker_id, _pid = serialize.loads(body)
             if node.owns(worker_id):  # not in executor._processes: pids are per host
                 node.worker_ids.add(worker_id)
@@ -206,6 +210,7 @@ class Head:
         node = RemoteLink(self, routing_id, self.next_index, host, address, workers, pid)
         self.next_index += 1
         self.nodes[routing_id] = node
+        self.by_index[node.index] = node
         welcome = dict(self.owner.remote_start[0], first_worker_id=node.first_worker_id)
         self._send(routing_id, pack_header(MessageType.WELCOME, 0, node.index),
                    serialize.dumps_plain(welcome))
@@ -242,6 +247,7 @@ class Head:
     def _lost(self, node: RemoteLink, why: str) -> None:
         if self.nodes.pop(node.routing_id, None) is None:
             return
+        self.by_index.pop(node.index, None)
         LOGGER.warning("lost %s: %s", node.describe(), why)
         self.owner._node_lost(node, why)
 
@@ -250,6 +256,7 @@ class Head:
         for node in list(self.nodes.values()):
             self._send(node.routing_id, pack_header(MessageType.BYE))
         self.nodes.clear()
+        self.by_index.clear()
         self.sock.close(linger=500)
         self.auth.close()
 

@@ -29,6 +29,7 @@ import traceback
 import zmq
 
 from ..errors import ObjectStoreFullError, ResultPicklingError
+from ..protocol import security
 from ..protocol.framing import decode_header, pack_header
 from ..protocol.messages import MessageType, ResultStatus
 from ..store import serialize
@@ -74,6 +75,9 @@ class Worker:
         self.sock.setsockopt(zmq.ROUTING_ID, routing_id(worker_id))
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
+        keys = settings.get("cluster_keys")
+        if keys is not None:  # a remote host's worker dials the head itself, with the node key
+            security.make_curve_client(self.sock, security.ClusterKeys(*keys))
         self.sock.connect(settings["owner_address"])
         # On a remote host: what the worker prints goes to the driver (core.output).
         self.capture = OutputCapture(self._send_output) if settings.get("forward_output") \
