@@ -274,14 +274,15 @@ class Executor(_StdExecutor):
         """
         owner = self._owner
         self._refuse_forked_copy()
-        with self._shutdown_lock:
-            self._check_open()
-            # Workers first (the fork of the node must see the caller's state as it is
-            # now, and no thread of ours yet), then pickling, as in the stdlib.
-            if owner.thread is None:
-                owner.start()
-            if owner.on_demand:
-                owner.adjust_workers()
+        if owner.thread is None or owner.on_demand:
+            with self._shutdown_lock:
+                self._check_open()
+                # Workers first (the fork of the node must see the caller's state as it
+                # is now, and no thread of ours yet), then pickling, as in the stdlib.
+                if owner.thread is None:
+                    owner.start()
+                if owner.on_demand:
+                    owner.adjust_workers()
         future = Future()
         try:
             task = owner.make_task(future, fn, args, kwargs)
