@@ -84,7 +84,6 @@ class RemoteLink:
         self.last_heard = time.monotonic()
         self.joined_at = time.time()
         self.leaving = False
-        self.worker_ids: set[int] = set()
 
     def owns(self, worker_id: int) -> bool:
         return worker_id >> NODE_ID_SHIFT == self.index + 1
@@ -176,14 +175,11 @@ class Head:
                 self._join(routing_id, body, message[1].get("Peer-Address") or "?")
             return  # a node we declared dead, or that never joined: ignore it
         node.last_heard = time.monotonic()
-        if kind == MessageType.WORKER_STARTED:
-            worker_id, _pid = serialize.loads(body)
-            if node.owns(worker_id):  # not in executor._processes: pids are per host
-                node.worker_ids.add(worker_id)
-        elif kind == MessageType.WORKER_EXITED:
+        # WORKER_STARTED needs nothing: READY makes the slot, and another host's pids
+        # stay out of executor._processes.
+        if kind == MessageType.WORKER_EXITED:
             event = serialize.loads(body)
             if node.owns(event[0]):
-                node.worker_ids.discard(event[0])
                 self.owner.output.flush(node.host, event[0])
                 self.owner._worker_exited(*event, detail=f"It ran on {node.describe()}.")
         elif kind == MessageType.LEAVE:

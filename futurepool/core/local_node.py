@@ -22,6 +22,7 @@ import sys
 import time
 import traceback
 
+from ..errors import ProtocolError
 from ..protocol.framing import PipeReader, write_pipe_message
 from ..protocol.messages import MessageType
 from ..store import serialize
@@ -143,11 +144,11 @@ class LocalNode:
     # -- events and the end -------------------------------------------------------
 
     def read_events(self) -> list[tuple[MessageType, tuple]]:
-        """What the node reported; check :attr:`gone` afterwards."""
-        out = []
-        for kind, _ident, body in self.events.read():
-            out.append((kind, serialize.loads(body)))
-        return out
+        """What the node reported; check :attr:`gone` afterwards (also set on a corrupt pipe)."""
+        try:
+            return [(kind, serialize.loads(body)) for kind, _ident, body in self.events.read()]
+        except ProtocolError:  # the reader marked itself closed: the node counts as gone
+            return []
 
     @property
     def gone(self) -> bool:

@@ -679,11 +679,7 @@ class Owner:
     # -- the node and dead workers -------------------------------------------
 
     def _read_node_events(self) -> None:
-        try:
-            events = self.node.read_events()
-        except ProtocolError:
-            events = []
-        for kind, body in events:
+        for kind, body in self.node.read_events():
             if kind == MessageType.WORKER_STARTED:
                 self._worker_started(*body)
             elif kind == MessageType.WORKER_EXITED:
@@ -906,12 +902,9 @@ class Owner:
         node.wait(config.SHUTDOWN_TIMEOUT + 1)
         # The node reported every exit before it left: let the process handles know.
         if not node.gone:
-            try:
-                for kind, body in node.read_events():
-                    if kind == MessageType.WORKER_EXITED:
-                        self._process_gone(*body[1:4])
-            except ProtocolError:
-                pass
+            for kind, body in node.read_events():
+                if kind == MessageType.WORKER_EXITED:
+                    self._process_gone(*body[1:4])
         for pid in list(self.processes):
             self._process_gone(pid, None, None)
 

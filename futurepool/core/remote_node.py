@@ -43,7 +43,7 @@ from ..protocol.framing import decode_header, pack_header
 from ..protocol.messages import MessageType
 from ..protocol.zap import HandshakeWatch
 from ..store import segments, serialize
-from .head import version_mismatch, versions
+from .head import versions
 from .local_node import LocalNode
 from .startup import SPAWN
 
@@ -123,7 +123,7 @@ class RemoteNode:
             welcome = self._await_welcome(sock, watch)
             if welcome is None:
                 return False
-            session = _Session(self, ctx, sock, welcome)
+            session = _Session(self, sock, welcome)
             session.serve()
             return True
         finally:
@@ -172,7 +172,7 @@ class RemoteNode:
 class _Session:
     """One head's session on this host: its node, its workers, its files."""
 
-    def __init__(self, remote: RemoteNode, ctx, sock, welcome: dict):
+    def __init__(self, remote: RemoteNode, sock, welcome: dict):
         self.remote = remote
         self.sock = sock
         self.welcome = welcome
@@ -269,11 +269,7 @@ class _Session:
         return True
 
     def _from_node(self) -> bool:
-        try:
-            events = self.node.read_events()
-        except ProtocolError:
-            events = []
-        for kind, body in events:
+        for kind, body in self.node.read_events():
             self.sock.send_multipart([pack_header(kind), serialize.dumps_plain(body)])
         if self.node.gone:
             self.remote.log("futurepool worker: the node process died; dropping the session")
@@ -317,4 +313,4 @@ def main(connect: str, key_file: str | None, workers: int, once: bool, grace: fl
     return node.run()
 
 
-__all__ = ["main", "RemoteNode", "version_mismatch"]
+__all__ = ["main", "RemoteNode"]
