@@ -21,6 +21,7 @@ from .errors import (  # noqa: E402
 from .executor import Executor, ProcessPoolExecutor  # noqa: E402
 from .future import Future  # noqa: E402
 from .pool import Pool  # noqa: E402
+from .progress import as_completed  # noqa: E402
 
 __all__ = [
     "Executor",
@@ -35,4 +36,5 @@ __all__ = [
     "ResultPicklingError",
     "UnpicklingFailedError",
     "WorkerCrashedError",
+    "as_completed",
 ]

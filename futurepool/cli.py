@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     status = commands.add_parser(
         "status", help="show a head's nodes, workers and tasks",
         description="Ask a listening head (--connect, or every head on this host) for its"
-                    " nodes (host, address, workers, busy, store use), task counts and age."
+                    " nodes (host, address, workers, busy, store use), task counts, tasks done"
+                    " per second (since the previous status, or since the head started) and"
+                    " age."
                     " Needs the cluster's key file, as a node does.")
     status.add_argument("--connect", metavar="tcp://HOST:PORT",
                         help="the head's address (default: every head on this host)")

@@ -56,6 +56,10 @@ SHUTDOWN_TIMEOUT: float = _env("SHUTDOWN_TIMEOUT", 5.0)
 #: Seconds the driver waits for its node to start before giving up.
 START_TIMEOUT: float = _env("START_TIMEOUT", 60.0)
 
+#: Without tqdm, ``progress=True`` prints a line on a terminal's stderr at
+#: most this often (``futurepool.progress``), and one at the end.
+PROGRESS_INTERVAL: float = _env("PROGRESS_INTERVAL", 1.0)
+
 # --- the object store (store/segments.py) -------------------------------------
 
 #: Values (and pickle-5 buffers) at least this many bytes are stored in shared

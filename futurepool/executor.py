@@ -25,6 +25,7 @@ types):
   behaviour): how many times a task whose worker died is re-run.
 * ``map`` accepts ``buffersize``, and ``terminate_workers``/``kill_workers``
   exist (as in Python 3.14), on every version.
+* ``map`` takes a keyword-only ``progress`` (:mod:`futurepool.progress`).
 * Leaving a ``with`` block by ``KeyboardInterrupt`` (or exiting the
   interpreter on an unhandled one) cancels pending futures and stops the
   workers instead of waiting for them (cpython#125886).
@@ -46,6 +47,7 @@ import weakref
 from concurrent.futures import Executor as _StdExecutor
 
 from . import config
+from . import progress as _progress
 from .core import lifetime, startup
 from .core import owner as _owner
 from .errors import ObjectStoreFullError
@@ -299,6 +301,14 @@ class Executor(_StdExecutor):
             owner.post(("task", task))
         return future
 
+    def _start(self):
+        """Start the owner (and fork its node) now rather than at the first submit."""
+        self._refuse_forked_copy()
+        with self._shutdown_lock:
+            self._check_open()
+            if self._owner.thread is None:
+                self._owner.start()
+
     def put(self, value):
         """Store ``value`` once; return a done Future to pass to many tasks.
 
@@ -334,7 +344,7 @@ class Executor(_StdExecutor):
         if lifetime.interpreter_exiting():
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
-    def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
+    def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None, progress=None):
         """Like ``map(fn, *iterables)``, run in the pool; results in input order.
 
         Args:
@@ -343,10 +353,16 @@ class Executor(_StdExecutor):
                 worker call).
             buffersize: at most this many tasks are submitted ahead of the
                 consumer (Python 3.14 semantics); None submits all at once.
+            progress: keyword-only, a futurepool extension: True for a
+                progress bar of the results as they are handed out (tqdm if
+                installed, else a line on a terminal's stderr), a string for
+                one with that description, or a tqdm-like class; see
+                :mod:`futurepool.progress`. Default None: nothing.
 
         Raises:
             TimeoutError: when ``__next__`` is called and the result is not
                 ready before the deadline.
+            TypeError: ``progress`` is none of the values above.
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
@@ -356,19 +372,33 @@ class Executor(_StdExecutor):
             if buffersize < 1:
                 raise ValueError("buffersize must be None or > 0")
         end_time = None if timeout is None else timeout + time.monotonic()
+        shown = None
+        if progress is not None and _progress.wanted(progress):
+            # The node forks before the display exists: tqdm starts a thread with
+            # its first bar, and no thread of ours may be alive at that fork.
+            self._start()
+            shown = _progress.display(progress, _progress.total_of(iterables),
+                                      _progress.describe(fn))
         if chunksize > 1:
             calls = ((columns,) for columns in _chunks(iterables, chunksize))
             call = functools.partial(_process_chunk, fn)
         else:
             calls = zip(*iterables)
             call = fn
-        if buffersize is None:
-            fs = collections.deque(self.submit(call, *args) for args in calls)
-            calls = None
-        else:
-            fs = collections.deque(self.submit(call, *args)
-                                   for args in itertools.islice(calls, buffersize))
+        try:
+            if buffersize is None:
+                fs = collections.deque(self.submit(call, *args) for args in calls)
+                calls = None
+            else:
+                fs = collections.deque(self.submit(call, *args)
+                                       for args in itertools.islice(calls, buffersize))
+        except BaseException:
+            if shown is not None:
+                shown.close()
+            raise
         results = _result_iterator(fs, end_time, calls, call, weakref.ref(self))
+        if shown is not None:
+            results = _progress.Counted(results, shown, len if chunksize > 1 else None)
         if chunksize > 1:
             return _flatten(results)
         return results

@@ -22,6 +22,8 @@ Intended differences from the stdlib (exception types kept):
   the pool size), so infinite iterables work in bounded memory.
 * After ``terminate()``, pending results fail with ``CancelledError`` (or
   ``WorkerCrashedError`` if running) instead of never completing.
+* ``map``, ``imap`` and ``imap_unordered`` take a keyword-only ``progress``
+  (:mod:`futurepool.progress`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import weakref
 from concurrent.futures import CancelledError
 from concurrent.futures.process import _RemoteTraceback
 
+from . import progress as _progress
 from .errors import ResultPicklingError
 from .executor import Executor, _default_workers, _listen_from_environment
 from .future import Future
@@ -464,9 +467,30 @@ class Pool:
         runner = self._runner
         return ApplyResult(future, callback, error_callback, runner)
 
-    def map(self, func, iterable, chunksize=None):
-        """``list(map(func, iterable))`` in the pool, in chunks."""
-        return self._map_async(func, iterable, _map_chunk, chunksize).get()
+    def map(self, func, iterable, chunksize=None, *, progress=None):
+        """``list(map(func, iterable))`` in the pool, in chunks.
+
+        Args:
+            progress: keyword-only, a futurepool extension: True for a
+                progress bar of the items as their chunks complete (tqdm if
+                installed, else a line on a terminal's stderr), a string for
+                one with that description, or a tqdm-like class; see
+                :mod:`futurepool.progress`. Default None: nothing.
+        """
+        if progress is None:
+            return self._map_async(func, iterable, _map_chunk, chunksize).get()
+        self._check_running()
+        if not hasattr(iterable, "__len__"):
+            iterable = list(iterable)
+        shown = _progress.display(progress, len(iterable), _progress.describe(func))
+        if shown is None:
+            return self._map_async(func, iterable, _map_chunk, chunksize).get()
+        try:
+            result = self._map_async(func, iterable, _map_chunk, chunksize)
+            _progress.wait_counting(result._futures, shown)
+        finally:
+            shown.close()
+        return result.get()
 
     def starmap(self, func, iterable, chunksize=None):
         """Like :meth:`map` with ``func(*args)`` for each ``args`` in ``iterable``."""
@@ -498,35 +522,55 @@ class Pool:
         runner = self._runner
         return MapResult(self._executor, futures, callback, error_callback, runner)
 
-    def imap(self, func, iterable, chunksize=1, buffersize=None):
+    def imap(self, func, iterable, chunksize=1, buffersize=None, *, progress=None):
         """Like :meth:`map`, lazily: results in order as an iterator.
 
         Args:
             buffersize: tasks (chunks) submitted ahead of the consumer; the
                 input is read no further than that.
+            progress: keyword-only, a futurepool extension: a progress bar of
+                the results as the iterator hands them out; values as for
+                :meth:`map`. The total is known when ``iterable`` has a length.
         """
         self._check_running()
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
-        return self._imap(IMapIterator, func, iterable, chunksize, buffersize)
+        return self._imap(IMapIterator, func, iterable, chunksize, buffersize, progress)
 
-    def imap_unordered(self, func, iterable, chunksize=1, buffersize=None):
+    def imap_unordered(self, func, iterable, chunksize=1, buffersize=None, *, progress=None):
         """Like :meth:`imap`, results in completion order."""
         self._check_running()
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
-        return self._imap(IMapUnorderedIterator, func, iterable, chunksize, buffersize)
+        return self._imap(IMapUnorderedIterator, func, iterable, chunksize, buffersize,
+                          progress)
 
-    def _imap(self, kind, func, iterable, chunksize, buffersize):
+    def _imap(self, kind, func, iterable, chunksize, buffersize, progress):
         if buffersize is not None:
             if not isinstance(buffersize, int):
                 raise TypeError("buffersize must be an integer or None")
             if buffersize < 1:
                 raise ValueError("buffersize must be None or > 0")
         window = buffersize or max(64, 8 * self._pool_size())
+        if progress is not None:
+            shown = _progress.display(progress, _progress.total_of((iterable,)),
+                                      _progress.describe(func))
+            if shown is not None:
+                return self._imap_shown(kind, func, iterable, chunksize, window, shown)
         if chunksize == 1:
             return kind(self, func, iterable, window)
         return _chain(kind(self, _ChunkCall(func), _chunks(iterable, chunksize), window))
+
+    def _imap_shown(self, kind, func, iterable, chunksize, window, shown):
+        """:meth:`_imap` with each result counted on ``shown`` (a chunk by its length)."""
+        try:
+            if chunksize == 1:
+                return _progress.Counted(kind(self, func, iterable, window), shown)
+            results = kind(self, _ChunkCall(func), _chunks(iterable, chunksize), window)
+        except BaseException:
+            shown.close()
+            raise
+        return _chain(_progress.Counted(results, shown, len))
 
     # -- lifecycle ------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """The public surface is pinned: adding or removing a name is a decision, made here."""
 
 import concurrent.futures
+import inspect
 from concurrent.futures.process import BrokenProcessPool
 
 import futurepool
@@ -19,6 +20,7 @@ PUBLIC_NAMES = sorted(
         "Pool",
         "ObjectStoreFullError",
         "ObjectLostError",
+        "as_completed",
     ]
 )
 
@@ -47,6 +49,12 @@ def test_future_is_a_stdlib_future():
 
 def test_worker_crash_is_a_broken_process_pool():
     assert issubclass(futurepool.WorkerCrashedError, BrokenProcessPool)
+
+
+def test_as_completed_is_the_stdlib_one_plus_progress():
+    ours = str(inspect.signature(futurepool.as_completed))
+    assert ours == str(inspect.signature(concurrent.futures.as_completed))[:-1] + \
+        ", *, progress=None)"
 
 
 def test_errors_share_one_root():

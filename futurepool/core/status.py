@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import time
+import weakref
 
 import zmq
 
@@ -27,6 +28,14 @@ from ..store import segments, serialize
 
 #: The file in a listening head's run directory that holds its address.
 HEAD_FILE = "head"
+
+#: A rate is measured over at least this many seconds (save the first, since start).
+RATE_MIN_WINDOW = 1.0
+
+#: Per owner, the marks :func:`rate` measures from: ``(base, pending)``, each a
+#: ``(time.monotonic(), owner.completed)``. An entry is read and written only on
+#: its owner's I/O thread; weak, so that it goes with the owner.
+_rate_marks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def snapshot(owner) -> dict:
@@ -46,7 +55,32 @@ def snapshot(owner) -> dict:
     return {"address": owner.head.address if owner.head is not None else None,
             "pid": os.getpid(), "started_at": owner.started_at, "nodes": [local, *nodes],
             "tasks": {"pending": len(owner.tasks) - running, "sent": running,
-                      "done": owner.completed}}
+                      "done": owner.completed},
+            "rate": rate(owner)}
+
+
+def rate(owner, now: float | None = None) -> dict:
+    """Tasks done per second since the previous STATUS (since start, for the first).
+
+    The owner counts finished tasks (``completed``) but keeps no history, so
+    the rate is measured between questions: ``watch futurepool status`` shows
+    the current rate, a single call the average since the head started. Two
+    marks per owner: ``base``, where the rate is measured from, and
+    ``pending``, the first question since; ``pending`` becomes the base once
+    it is RATE_MIN_WINDOW old, so that questions in quick succession never
+    give a rate over a few milliseconds.
+    """
+    now = time.monotonic() if now is None else now
+    marks = _rate_marks.get(owner)
+    if marks is None:
+        marks = ((now - max(0.0, time.time() - owner.started_at), 0), None)
+    base, pending = marks
+    if pending is not None and now - pending[0] >= RATE_MIN_WINDOW:
+        base, pending = pending, None
+    _rate_marks[owner] = (base, pending or (now, owner.completed))
+    window = now - base[0]
+    per_second = (owner.completed - base[1]) / window if window > 0 else 0.0
+    return {"per_second": round(per_second, 3), "window": round(window, 3)}
 
 
 def local_heads() -> list[str]:
@@ -89,9 +123,12 @@ def query(address: str, keys, timeout: float = 5.0) -> dict:
 def render(status: dict) -> str:
     age = time.time() - status["started_at"]
     tasks = status["tasks"]
+    rate = status.get("rate")  # absent from the answers of heads before it
+    throughput = f", {rate['per_second']:.1f} tasks/s over the last {rate['window']:.1f} s" \
+        if rate else ""
     lines = [f"head {status['address']} (pid {status['pid']}), up {age:.0f} s;"
              f" tasks: {tasks['pending']} pending, {tasks['sent']} at workers,"
-             f" {tasks['done']} done",
+             f" {tasks['done']} done{throughput}",
              f"  {'host':<20} {'address':<22} {'workers':>7} {'busy':>5} {'store':>10}"]
     for node in status["nodes"]:
         state = " (leaving)" if node.get("leaving") else ""
