@@ -7,6 +7,8 @@
       event pipe ◄── WORKER_STARTED, _EXITED ───────   ├─ os.fork() ─► worker 0 ─┐
                                                        ├─ os.fork() ─► worker 1 ─┤ zmq ipc
       owner ROUTER ◄──────────── READY / RESULTS ──────────────────────────────────┘ to owner
+                                                       └─ adopted ◄── what a dead worker left
+                                                          (SIGTERM, SIGKILL after ORPHAN_GRACE)
 
 Who owns what: the node owns nothing but its children. It has no threads and
 no zmq context, which is what makes ``os.fork()`` safe and cheap here (about
@@ -16,6 +18,26 @@ the node. How the node itself starts decides what workers inherit
 (``core.startup``): under fork semantics it is forked from the driver, so
 workers see the driver's memory; under spawn semantics it is a fresh
 interpreter, and each worker imports the main script.
+
+Who owns the processes a task starts (Linux): the worker that ran the task,
+for as long as that worker lives, and nobody after it. The node and every
+worker are child subreapers (``processes.set_child_subreaper``), so the
+kernel keeps the books: a process orphaned below a live worker (a double
+fork, ``cmd &`` in a shell, a dead intermediate) is re-parented to that
+worker and stays out of our way; when a worker dies, for any reason, all it
+still had below it is re-parented to the node. Hence a child of the node that
+is not in ``Node.workers`` was left by a dead worker, and the node ends it:
+SIGTERM when it first sees it, SIGKILL ``ORPHAN_GRACE`` seconds later, and
+the same for that process's own children as they come up in turn. Process
+groups, sessions and environment variables are not consulted: tasks change
+them (``start_new_session=True``, ``setsid``, ``env=``). When the node stops
+(shutdown, the driver's death, SIGTERM), it leaves only once it has no child
+at all, so nothing a task started outlives the executor. The price: a
+process orphaned below a live worker that then exits stays a zombie of that
+worker until the worker exits (the worker cannot tell such adopted children
+from its own, and reaping its own would steal their exit status from
+``subprocess`` and ``multiprocessing``); ``max_tasks_per_child`` bounds that.
+If the node itself is SIGKILLed, what dead workers left goes to init.
 
 Liveness, both ways, without heartbeat traffic:
 * the driver holds the write end of the command pipe: end of file on it
@@ -27,6 +49,7 @@ Liveness, both ways, without heartbeat traffic:
 from __future__ import annotations
 
 import gc
+import math
 import mmap
 import multiprocessing
 import multiprocessing.util
@@ -48,12 +71,24 @@ from .processes import (
     NODE_PROCESS_NAME,
     RUNNING_SLOT,
     WORKER_PROCESS_NAME,
+    child_pids,
     describe_status,
+    set_child_subreaper,
     set_parent_death_signal,
     set_process_name,
 )
 from .startup import become_worker_process
 from .worker import run_worker
+
+#: Seconds a process left by a dead worker has between SIGTERM and SIGKILL.
+#: SIGTERM first because that is when such processes clean up: a nested
+#: executor's node removes its shared-memory segments and run directory, and
+#: a stdlib pool's workers die of it at once, after which the multiprocessing
+#: resource tracker (which ignores SIGTERM) sees end of file and unlinks what
+#: they leaked. A SIGKILL would skip both. One second is enough for that and
+#: short enough that the leftovers of recycled workers do not pile up and
+#: shutdown stays prompt; a process without a handler costs nothing extra.
+ORPHAN_GRACE = 1.0
 
 
 class Node:
@@ -72,6 +107,11 @@ class Node:
         self.no_respawn = False  # an initializer failed: the pool is broken
         self.quick_deaths = 0
         self.respawn_at: float | None = None
+        # Children that are not workers: what dead workers left (see "who owns
+        # the processes a task starts"); pid -> monotonic time SIGKILL is due.
+        self.orphans: dict[int, float] = {}
+        self.adopts_orphans = False  # serve() sets it when we are a child subreaper
+        self.orphan_grace = ORPHAN_GRACE  # 0 once a stop is overdue: SIGKILL on sight
         # The reader that read NODE_CONFIG: a NODE_STOP may already be in its buffer.
         self.cmd = cmd
         self.wakeup_r, self.wakeup_w = os.pipe()
@@ -107,6 +147,9 @@ class Node:
         set_parent_death_signal()
         if os.getppid() != node_pid:  # the node died before prctl took effect
             os._exit(1)
+        # What a task orphans while this worker lives stays below it, so the node
+        # never takes it for the leftovers of a dead worker (module docstring).
+        set_child_subreaper()
         signal.set_wakeup_fd(-1)
         for fd in (self.cmd_fd, self.event_fd, self.wakeup_r, self.wakeup_w):
             os.close(fd)
@@ -122,16 +165,18 @@ class Node:
         become_worker_process(f"{self.settings['process_name']}-{worker_id + 1}",
                               self.settings["driver_pid"])
 
-    def reap(self) -> None:
+    def reap(self) -> bool:
+        """Wait for every child that has exited; whether we still have a child."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                return False
             if pid == 0:
-                return
+                return True
             worker_id, started, slot = self.workers.pop(pid, (None, 0.0, None))
-            if worker_id is None:
+            if worker_id is None:  # left by a dead worker: no report, no respawn
+                self.orphans.pop(pid, None)
                 continue
             task_id, attempt = RUNNING_SLOT.unpack_from(slot)
             slot.close()
@@ -150,6 +195,32 @@ class Node:
             if self.quick_deaths > 3:
                 delay = min(1.0, 0.05 * 2 ** self.quick_deaths)
                 self.respawn_at = max(self.respawn_at or 0.0, time.monotonic() + delay)
+
+    def end_orphans(self) -> None:
+        """Signal the children that are not workers: SIGTERM at first sight, SIGKILL when due.
+
+        Each of them is our child and not yet reaped (only :meth:`reap`
+        reaps, in this thread), so its pid cannot have been reused: signalling
+        it by pid is safe. Its children come up to us as it dies and are
+        handled on a later pass.
+        """
+        if not self.adopts_orphans:
+            return
+        now = time.monotonic()
+        for pid in child_pids() - self.workers.keys():
+            due = self.orphans.get(pid)
+            if due is None:
+                self.orphans[pid] = now + self.orphan_grace
+                sig = signal.SIGTERM if self.orphan_grace > 0 else signal.SIGKILL
+            elif due <= now:
+                self.orphans[pid] = math.inf  # once is enough
+                sig = signal.SIGKILL
+            else:
+                continue
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:  # cannot happen to an unreaped child; harmless
+                pass
 
     def top_up(self) -> None:
         """Start workers until there are as many as configured (unless backing off)."""
@@ -189,8 +260,10 @@ class Node:
         while True:
             timeout = config.HEARTBEAT_INTERVAL
             if self.respawn_at is not None:
-                timeout = max(0.0, min(timeout, self.respawn_at - time.monotonic()))
-            for fd, _ in poller.poll(timeout * 1000):
+                timeout = min(timeout, self.respawn_at - time.monotonic())
+            if self.orphans:  # wake for the next SIGKILL that falls due
+                timeout = min(timeout, min(self.orphans.values()) - time.monotonic())
+            for fd, _ in poller.poll(max(0.0, timeout) * 1000):
                 if fd == self.wakeup_r:
                     os.read(self.wakeup_r, 4096)
                 elif not self.stopping:
@@ -198,12 +271,18 @@ class Node:
             if self.stopping and deadline is None:
                 poller.unregister(self.cmd_fd)
                 deadline = time.monotonic() + config.SHUTDOWN_TIMEOUT
-            self.reap()
+            # A worker's leftovers are re-parented to us before its exit can be
+            # reaped: the pass that reaps a worker also sees what it left.
+            children_left = self.reap()
+            self.end_orphans()
             if self.stopping:
-                if not self.workers:
+                # Not before the last child is gone: the workers, and what they left.
+                if not children_left:
                     return 0
                 if time.monotonic() > deadline:
                     self.stop_workers(signal.SIGKILL)
+                    self.orphan_grace = 0.0
+                    self.orphans = dict.fromkeys(self.orphans, 0.0)  # due now
                     deadline = time.monotonic() + config.SHUTDOWN_TIMEOUT
             else:
                 self.top_up()
@@ -257,6 +336,8 @@ def serve(cmd_fd: int, event_fd: int, inherited=None) -> int:
     settings = _read_settings(cmd)
     multiprocessing.current_process().authkey = settings["authkey"]
     node = Node(settings, cmd, event_fd, inherited)
+    # Before the first worker: from now on what workers leave comes to us, not init.
+    node.adopts_orphans = set_child_subreaper()
     os.set_blocking(node.wakeup_w, False)
     signal.set_wakeup_fd(node.wakeup_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)

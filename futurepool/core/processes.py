@@ -25,6 +25,7 @@ RUNNING_SLOT = struct.Struct("<QI")
 INITIALIZING = (1 << 64) - 1
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 _libc = None
 
 
@@ -35,14 +36,15 @@ NODE_PROCESS_NAME = "futurepool-node"
 WORKER_PROCESS_NAME = "futurepool-wrk"
 
 
-def _prctl(option: int, arg) -> None:
+def _prctl(option: int, arg) -> int:
+    """``prctl(2)``: 0 on success, -1 on failure or off Linux."""
     global _libc
     if not sys.platform.startswith("linux"):
-        return
+        return -1
     if _libc is None:
         # The process's own symbols (libc is loaded): find_library would run ldconfig.
         _libc = ctypes.CDLL(None, use_errno=True)
-    _libc.prctl(option, arg, 0, 0, 0)
+    return _libc.prctl(option, arg, 0, 0, 0)
 
 
 def set_process_name(name: str) -> None:
@@ -57,6 +59,49 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
     thread" caveat of PR_SET_PDEATHSIG does not bite). Elsewhere a no-op.
     """
     _prctl(_PR_SET_PDEATHSIG, int(sig))
+
+
+def set_child_subreaper() -> bool:
+    """Make this process the reaper of orphans below it; whether that took effect.
+
+    A process whose parent dies is re-parented to its nearest living
+    ancestor marked so (else to init): with the mark, what our children
+    leave behind when they die stays below us, where we can wait for it and
+    kill it. Not inherited across ``fork``, kept across ``exec``. Linux 3.4
+    and later (PR_SET_CHILD_SUBREAPER); elsewhere a no-op that returns False.
+    """
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1) == 0
+
+
+def child_pids() -> set[int]:
+    """Pids of this process's children, exited but unreaped ones included (Linux).
+
+    One small file per thread of ours (``/proc/self/task/*/children``), which
+    is cheap enough to read on every pass of a supervision loop; where the
+    kernel lacks it (CONFIG_PROC_CHILDREN unset), psutil scans ``/proc``.
+    The kernel may skip a child that exits while the file is read; callers
+    read it again on their next pass.
+    """
+    pids: set[int] = set()
+    try:
+        tids = os.listdir("/proc/self/task")
+    except FileNotFoundError:
+        tids = None
+    for tid in tids or ():
+        try:
+            with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                pids.update(int(pid) for pid in f.read().split())
+        except FileNotFoundError:
+            if os.path.isdir(f"/proc/self/task/{tid}"):
+                tids = None  # the thread is there, the file is not: no such file here
+                break
+            # else the thread ended meanwhile; its children moved to another thread
+            # of ours, and the caller's next pass sees them there
+    if tids is None:
+        import psutil  # only here: it costs milliseconds to import
+
+        return {proc.pid for proc in psutil.Process().children()}
+    return pids
 
 
 def describe_status(status: int) -> tuple[int | None, str | None]:
