@@ -101,6 +101,11 @@ REFUSAL_LOG_INTERVAL: float = _env("REFUSAL_LOG_INTERVAL", 60.0)
 #: Both sides send a heartbeat every HEARTBEAT_INTERVAL.
 NODE_TIMEOUT: float = _env("NODE_TIMEOUT", 5.0)
 
+#: Over TCP, a message not acknowledged this long after it was sent goes
+#: again (then after twice as long...; ``protocol.channel``). TCP itself does
+#: not lose data: this is for what a broken, re-dialled connection drops.
+RESEND_AFTER: float = _env("RESEND_AFTER", 1.0)
+
 #: An executor created while this is set (``tcp://HOST:PORT``) listens there for
 #: remote nodes, as if created with ``listen=``: unchanged programs scale out.
 LISTEN: str = _env("LISTEN", "", str)

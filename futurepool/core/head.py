@@ -36,12 +36,14 @@ import zmq
 
 from .. import __version__, config
 from ..errors import ProtocolError
-from ..protocol import security
+from ..protocol import faults, security
+from ..protocol.channel import Channel
 from ..protocol.framing import decode_header, pack_header
 from ..protocol.messages import MessageType
 from ..protocol.zap import Authenticator
 from ..store import serialize
 from . import startup, status
+from .worker import routing_id as worker_routing_id
 
 LOGGER = logging.getLogger("futurepool")
 
@@ -50,7 +52,7 @@ NODE_ID_SHIFT = 32
 
 #: Messages from remote workers (their own connections); the owner handles them as local ones.
 _WORKER_KINDS = frozenset({MessageType.READY, MessageType.RESULTS, MessageType.INIT_FAILED,
-                           MessageType.START_FAILED, MessageType.OUTPUT})
+                           MessageType.START_FAILED, MessageType.OUTPUT, MessageType.ACK})
 
 
 def versions() -> dict:
@@ -84,13 +86,27 @@ class RemoteLink:
         self.last_heard = time.monotonic()
         self.joined_at = time.time()
         self.leaving = False
+        self.welcome: tuple[bytes, bytes] | None = None  # sent again if JOIN comes again
+        # Exactly-once over TCP (protocol.channel): the node's control messages, and
+        # each of its workers' TASKS/RESULTS streams, by worker id.
+        self.control = Channel(config.RESEND_AFTER)
+        self.channels: dict[int, Channel] = {}
 
     def owns(self, worker_id: int) -> bool:
         return worker_id >> NODE_ID_SHIFT == self.index + 1
 
-    def send(self, worker, header: bytes, body: bytes = b"") -> None:
-        """Straight to the worker's own connection; ``zmq.ZMQError`` if it is gone."""
-        self.head.sock.send_multipart([worker.routing_id, header, body], zmq.NOBLOCK)
+    def channel(self, worker_id: int) -> Channel:
+        channel = self.channels.get(worker_id)
+        if channel is None:
+            channel = self.channels[worker_id] = Channel(config.RESEND_AFTER)
+        return channel
+
+    def send(self, worker, kind: MessageType, count: int, body: bytes = b"") -> None:
+        """Straight to the worker's own connection, numbered and kept until acknowledged;
+        ``zmq.ZMQError`` if it is gone."""
+        header = self.channel(worker.worker_id).stamp(kind, count, worker.worker_id, body,
+                                                      time.monotonic())
+        self.head.transmit(worker.routing_id, kind, header, body)
 
     def describe(self) -> str:
         return f"node {self.index} ({self.host}, {self.address})"
@@ -107,10 +123,16 @@ class Head:
         self.dropped = 0  # malformed messages from authenticated peers
         self.next_index = 0
         self.next_heartbeat = 0.0
+        # Names this run: worker routing ids carry it, so workers of an earlier head on
+        # this address are never taken for this session's (FAULTS 35).
+        self.session = os.urandom(6).hex()
+        self.faults = faults.plan()
         self.auth = Authenticator(context, security.admitted_keys(keys))
         self.sock = context.socket(zmq.ROUTER)
         try:
             self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            # A peer that re-dials after its connection broke takes its identity back.
+            self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
             self.sock.setsockopt(zmq.LINGER, 0)
             self.sock.setsockopt(zmq.SNDHWM, 0)
             self.sock.setsockopt(zmq.RCVHWM, 0)
@@ -157,29 +179,46 @@ class Head:
         if len(message) < 2:
             raise ProtocolError(f"{len(message)} frames")
         routing_id = message[0].bytes
-        kind, count, ident = decode_header(message[1].bytes)
+        kind, count, ident, seq, ack = decode_header(message[1].bytes)
         body = message[2].bytes if len(message) > 2 else b""
         node = self.nodes.get(routing_id)
         if node is None and kind in _WORKER_KINDS:  # a remote worker's own connection
             node = self.by_index.get((ident >> NODE_ID_SHIFT) - 1)
-            if node is None or routing_id != b"w%d" % ident:
+            if node is None or routing_id != worker_routing_id(ident, self.session):
                 return  # a worker of a node we lost (fenced), or not a worker at all
-            self.owner._worker_message(node, routing_id, kind, count, ident, body)
+            channel = node.channel(ident)
+            for what, flags, data in channel.receive(seq, ack, (kind, count, body)):
+                if what != MessageType.ACK:
+                    self.owner._worker_message(node, routing_id, what, flags, ident, data)
             return
         if kind == MessageType.STATUS:  # futurepool status, with the cluster's key
-            self._send(routing_id, pack_header(MessageType.STATUS),
+            self._send(routing_id, MessageType.STATUS,
                        serialize.dumps_plain(status.snapshot(self.owner)))
             return
         if node is None:
             if kind == MessageType.JOIN:
                 self._join(routing_id, body, message[1].get("Peer-Address") or "?")
-            return  # a node we declared dead, or that never joined: ignore it
+            elif kind != MessageType.BYE:
+                # A node we declared dead (it was cut off, or frozen): its session is
+                # over; it should hear so now, not at its own deadline (FAULTS 31).
+                self._send(routing_id, MessageType.BYE)
+            return
         node.last_heard = time.monotonic()
+        if kind == MessageType.JOIN:  # our WELCOME was lost: the same again
+            if node.welcome is not None:
+                self._send(routing_id, MessageType.WELCOME, node.welcome[1],
+                           header=node.welcome[0])
+            return
+        for what, data in node.control.receive(seq, ack, (kind, body)):
+            self._from_node(node, what, data)
+
+    def _from_node(self, node: RemoteLink, kind: MessageType, body: bytes) -> None:
         # WORKER_STARTED needs nothing: READY makes the slot, and another host's pids
         # stay out of executor._processes.
         if kind == MessageType.WORKER_EXITED:
             event = serialize.loads(body)
             if node.owns(event[0]):
+                node.channels.pop(event[0], None)
                 self.owner.output.flush(node.host, event[0])
                 self.owner._worker_exited(*event, detail=f"It ran on {node.describe()}.")
         elif kind == MessageType.LEAVE:
@@ -201,23 +240,46 @@ class Head:
         refusal = f"versions differ ({mismatch})" if mismatch else self.owner.remote_start[1]
         if refusal:
             LOGGER.warning("refused node %s (%s): %s", host, address, refusal)
-            self._send(routing_id, pack_header(MessageType.REFUSED), refusal.encode())
+            self._send(routing_id, MessageType.REFUSED, refusal.encode())
             return
         node = RemoteLink(self, routing_id, self.next_index, host, address, workers, pid)
         self.next_index += 1
         self.nodes[routing_id] = node
         self.by_index[node.index] = node
         welcome = dict(self.owner.remote_start[0], first_worker_id=node.first_worker_id)
-        self._send(routing_id, pack_header(MessageType.WELCOME, 0, node.index),
-                   serialize.dumps_plain(welcome))
+        welcome["settings"] = dict(welcome["settings"], session=self.session)
+        node.welcome = (pack_header(MessageType.WELCOME, 0, node.index),
+                        serialize.dumps_plain(welcome))
+        self._send(routing_id, MessageType.WELCOME, node.welcome[1], header=node.welcome[0])
         LOGGER.info("%s joined with %d workers", node.describe(), workers)
         self.owner._node_joined(node)
 
     # -- output ------------------------------------------------------------------
 
-    def _send(self, routing_id: bytes, header: bytes, body: bytes = b"") -> bool:
+    def transmit(self, routing_id: bytes, kind: MessageType, header: bytes, body) -> None:
+        """Send one message; ``zmq.ZMQError`` if the peer is gone (ROUTER_MANDATORY).
+
+        Under ``FUTUREPOOL_TESTING_FAULTS`` it may be lost or held back instead.
+        """
+        plan = self.faults
+        if plan is not None:
+            if plan.drop(kind):
+                return
+            if plan.delay(kind):
+                def late():
+                    try:
+                        self.sock.send_multipart([routing_id, header, body], zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
+                self.owner._add_timer(plan.delay(kind), late)
+                return
+        self.sock.send_multipart([routing_id, header, body], zmq.NOBLOCK)
+
+    def _send(self, routing_id: bytes, kind: MessageType, body: bytes = b"",
+              header: bytes | None = None) -> bool:
+        """A message outside the numbered streams (a reply, a heartbeat, BYE)."""
         try:
-            self.sock.send_multipart([routing_id, header, body], zmq.NOBLOCK)
+            self.transmit(routing_id, kind, header or pack_header(kind), body)
             return True
         except zmq.ZMQError:  # ROUTER_MANDATORY: the peer is gone
             return False
@@ -232,12 +294,30 @@ class Head:
             if now - node.last_heard > config.NODE_TIMEOUT:
                 self._lost(node, f"it was silent for {now - node.last_heard:.1f} s (its host"
                                  " died, froze or is cut off)")
-            else:
-                self._send(node.routing_id, pack_header(MessageType.HEARTBEAT))
+                continue
+            self._send(node.routing_id, MessageType.HEARTBEAT,
+                       header=node.control.plain(MessageType.HEARTBEAT))
+            self._resend(node, now)
+
+    def _resend(self, node: RemoteLink, now: float) -> None:
+        """What its workers have not acknowledged in time goes again; acks they wait for."""
+        for worker_id, channel in node.channels.items():
+            if not channel.unacked and not channel.ack_pending:
+                continue
+            routing_id = worker_routing_id(worker_id, self.session)
+            try:
+                for header, body in channel.due(now):
+                    self.sock.send_multipart([routing_id, header, body], zmq.NOBLOCK)
+                if channel.ack_pending:
+                    self.sock.send_multipart(
+                        [routing_id, channel.plain(MessageType.ACK, 0, worker_id), b""],
+                        zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # not connected now: its node's WORKER_EXITED, or a deadline, will tell
 
     def release(self, node: RemoteLink) -> None:
         """A leaving node has nothing left to run: end its session (it exits)."""
-        self._send(node.routing_id, pack_header(MessageType.BYE))
+        self._send(node.routing_id, MessageType.BYE)
         self._lost(node, "it left")
 
     def _lost(self, node: RemoteLink, why: str) -> None:
@@ -250,7 +330,7 @@ class Head:
     def close(self) -> None:
         """Tell every node the session is over; close the socket, then the authenticator."""
         for node in list(self.nodes.values()):
-            self._send(node.routing_id, pack_header(MessageType.BYE))
+            self._send(node.routing_id, MessageType.BYE)
         self.nodes.clear()
         self.by_index.clear()
         self.sock.close(linger=500)

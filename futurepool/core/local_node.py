@@ -23,7 +23,7 @@ import time
 import traceback
 
 from ..errors import ProtocolError
-from ..protocol.framing import PipeReader, write_pipe_message
+from ..protocol.framing import PipeReader, pack_header, write_pipe_message
 from ..protocol.messages import MessageType
 from ..store import serialize
 from . import node as _node
@@ -183,9 +183,10 @@ class LocalWorkers:
     def __init__(self, sock):
         self.sock = sock
 
-    def send(self, worker, header: bytes, body: bytes = b"") -> None:
+    def send(self, worker, kind: MessageType, count: int, body: bytes = b"") -> None:
         """Raises ``zmq.ZMQError`` if the worker is gone (ROUTER_MANDATORY)."""
-        self.sock.send_multipart([worker.routing_id, header, body])
+        self.sock.send_multipart([worker.routing_id, pack_header(kind, count, worker.worker_id),
+                                  body])
 
     def describe(self) -> str:
         return f"this host ({self.host})"

@@ -473,7 +473,7 @@ class Owner:
         frees, self.frees = self.frees, {}
         for slot, locations in frees.items():
             try:
-                slot.link.send(slot, pack_header(MessageType.FREE, len(locations), slot.worker_id),
+                slot.link.send(slot, MessageType.FREE, len(locations),
                                serialize.dumps_plain(locations))
             except zmq.ZMQError:  # it just left
                 for location in locations:
@@ -530,8 +530,7 @@ class Owner:
                 (task.task_id, task.attempt, task.fn_id, fn_bytes, args, deps))
         for worker, items in batches.items():
             try:
-                worker.link.send(worker, pack_header(MessageType.TASKS, len(items),
-                                                     worker.worker_id),
+                worker.link.send(worker, MessageType.TASKS, len(items),
                                  serialize.dumps_plain(items))
             except zmq.ZMQError:  # the worker is gone; its node will tell us how
                 worker.alive = False
@@ -562,7 +561,7 @@ class Owner:
     def _handle(self, frames) -> None:
         if len(frames) < 3:
             raise ProtocolError(f"{len(frames)} frames")
-        kind, count, ident = decode_header(frames[1])
+        kind, count, ident, _seq, _ack = decode_header(frames[1])
         self._worker_message(self.local_workers, frames[0], kind, count, ident, frames[2])
 
     def _worker_message(self, link, routing_id: bytes, kind, count: int, worker_id: int,

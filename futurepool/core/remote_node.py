@@ -38,7 +38,8 @@ import zmq
 
 from .. import config
 from ..errors import ProtocolError
-from ..protocol import security
+from ..protocol import faults, security
+from ..protocol.channel import Channel
 from ..protocol.framing import decode_header, pack_header
 from ..protocol.messages import MessageType
 from ..protocol.zap import HandshakeWatch
@@ -112,15 +113,18 @@ class RemoteNode:
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(config.RECONNECT_MAX_INTERVAL * 1000))
+            # Our own identity, so that a connection that breaks and is dialled again
+            # stays this session's (the head hands the identity over).
+            sock.setsockopt(zmq.ROUTING_ID, b"n" + os.urandom(8).hex().encode())
             security.make_curve_client(sock, self.keys)
             watch = HandshakeWatch(sock)
             sock.connect(self.connect)
             hello = {"versions": versions(), "host": socket.gethostname(),
                      "workers": self.workers, "pid": os.getpid()}
-            if "version-skew" in os.environ.get("FUTUREPOOL_TESTING_FAULTS", ""):
+            if faults.flag("version-skew"):
                 hello["versions"]["cloudpickle"] += "+skew"  # tests: a mismatched host
-            sock.send_multipart([pack_header(MessageType.JOIN), serialize.dumps_plain(hello)])
-            welcome = self._await_welcome(sock, watch)
+            join = [pack_header(MessageType.JOIN), serialize.dumps_plain(hello)]
+            welcome = self._await_welcome(sock, watch, join)
             if welcome is None:
                 return False
             session = _Session(self, sock, welcome)
@@ -134,21 +138,30 @@ class RemoteNode:
             sock.close(linger=0)
             ctx.term()
 
-    def _await_welcome(self, sock, watch) -> dict | None:
+    def _await_welcome(self, sock, watch, join: list) -> dict | None:
+        """Send JOIN (again every RESEND_AFTER: it or the answer may be lost) until the
+        head answers."""
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(watch.socket, zmq.POLLIN)
         poller.register(self.wakeup_r, zmq.POLLIN)
+        plan = faults.plan()
         deadline = time.monotonic() + config.JOIN_TIMEOUT
+        next_join = 0.0
         while not self.stopping:
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            if now >= next_join:
+                next_join = now + config.RESEND_AFTER
+                if plan is None or not plan.drop(MessageType.JOIN):
+                    sock.send_multipart(join)
+            left = deadline - now
             if left <= 0:
                 if watch.failures:
                     raise Refused(f"authentication failed with the head at {self.connect}:"
                                   f" {watch.last_failure}. Check that this host has the"
                                   " head's key file (futurepool keygen; --key-file).")
                 return None  # nobody there yet: back off, try again
-            for what, _ in poller.poll(min(left, 0.5) * 1000):
+            for what, _ in poller.poll(min(left, next_join - now, 0.5) * 1000):
                 if what is watch.socket:
                     watch.handle()
                     if watch.failures >= _AUTH_ATTEMPTS and not watch.succeeded:
@@ -160,7 +173,7 @@ class RemoteNode:
                     _drain(self.wakeup_r)
                 else:
                     frames = sock.recv_multipart()
-                    kind, _count, _ident = decode_header(frames[0])
+                    kind = decode_header(frames[0]).kind
                     if kind == MessageType.WELCOME:
                         return serialize.loads(frames[1])
                     if kind == MessageType.REFUSED:
@@ -203,6 +216,10 @@ class _Session:
         self.node.configure(settings)
         self.last_heard = time.monotonic()
         self.leave_deadline: float | None = None
+        # Exactly-once over TCP: what this node tells the head is numbered and kept
+        # until acknowledged (protocol.channel).
+        self.channel = Channel(config.RESEND_AFTER)
+        self.faults = faults.plan()
 
     def _preparation(self, data: dict | None, main) -> dict | None:
         """The driver's preparation data, made true here: the main script written locally."""
@@ -239,10 +256,10 @@ class _Session:
                         return
             now = time.monotonic()
             if remote.stopping and self.leave_deadline is None:
-                sock.send_multipart([pack_header(MessageType.LEAVE)])
+                self._send(MessageType.LEAVE)
                 self.leave_deadline = now + remote.grace
             if self.leave_deadline is not None and now > self.leave_deadline:
-                sock.send_multipart([pack_header(MessageType.BYE)])
+                self._send(MessageType.BYE)
                 return
             if now - self.last_heard > config.NODE_TIMEOUT:
                 remote.log(f"futurepool worker: the head at {remote.connect} was silent for"
@@ -250,7 +267,18 @@ class _Session:
                 return
             if now >= next_heartbeat:
                 next_heartbeat = now + config.HEARTBEAT_INTERVAL
-                sock.send_multipart([pack_header(MessageType.HEARTBEAT)])
+                sock.send_multipart([self.channel.plain(MessageType.HEARTBEAT)])
+                for frames in self.channel.due(now):
+                    sock.send_multipart(frames)
+
+    def _send(self, kind: MessageType, body: bytes = b"") -> None:
+        header = self.channel.stamp(kind, 0, 0, body, time.monotonic())
+        plan = self.faults
+        if plan is not None:
+            if plan.drop(kind):
+                return  # tests: as if a broken connection lost it; the channel resends it
+            time.sleep(plan.delay(kind))
+        self.sock.send_multipart([header, body])
 
     def _from_head(self) -> bool:
         """Heartbeats and BYE: the only things the head sends this process."""
@@ -261,16 +289,17 @@ class _Session:
             frames = sock.recv_multipart(zmq.NOBLOCK)
             self.last_heard = time.monotonic()
             try:
-                kind, _count, _ident = decode_header(frames[0])
+                header = decode_header(frames[0])
             except ProtocolError:
                 continue
-            if kind == MessageType.BYE:
-                return False
+            for kind in self.channel.receive(header.seq, header.ack, header.kind):
+                if kind == MessageType.BYE:
+                    return False
         return True
 
     def _from_node(self) -> bool:
         for kind, body in self.node.read_events():
-            self.sock.send_multipart([pack_header(kind), serialize.dumps_plain(body)])
+            self._send(kind, serialize.dumps_plain(body))
         if self.node.gone:
             self.remote.log("futurepool worker: the node process died; dropping the session")
             return False

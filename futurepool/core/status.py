@@ -111,7 +111,7 @@ def query(address: str, keys, timeout: float = 5.0) -> dict:
             raise TimeoutError(f"no answer from {address} within {timeout:g} s (not a"
                                " futurepool head, or a different key file)")
         frames = sock.recv_multipart()
-        kind, _count, _ident = decode_header(frames[0])
+        kind = decode_header(frames[0]).kind
         if kind != MessageType.STATUS:
             raise TimeoutError(f"{address} answered {kind.name}, not STATUS")
         return serialize.loads(frames[1])

@@ -28,8 +28,10 @@ import traceback
 
 import zmq
 
-from ..errors import ObjectStoreFullError, ResultPicklingError
-from ..protocol import security
+from .. import config
+from ..errors import ObjectStoreFullError, ProtocolError, ResultPicklingError
+from ..protocol import faults, security
+from ..protocol.channel import Channel
 from ..protocol.framing import decode_header, pack_header
 from ..protocol.messages import MessageType, ResultStatus
 from ..store import serialize
@@ -49,8 +51,10 @@ _FUNCTION_CACHE_SIZE = 512
 _IDLE_CHECK_MS = 200
 
 
-def routing_id(worker_id: int) -> bytes:
-    return b"w%d" % worker_id
+def routing_id(worker_id: int, session: str = "") -> bytes:
+    """A worker's identity on its owner's socket; over TCP it names the head's session
+    too, so a worker of an earlier session is never taken for one of this session."""
+    return b"w%d.%s" % (worker_id, session.encode()) if session else b"w%d" % worker_id
 
 
 class Worker:
@@ -72,12 +76,18 @@ class Worker:
         self.store = WorkerStore(settings["store"], worker_id)
         self.ctx = zmq.Context(1)
         self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.ROUTING_ID, routing_id(worker_id))
+        self.sock.setsockopt(zmq.ROUTING_ID, routing_id(worker_id, settings.get("session", "")))
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         keys = settings.get("cluster_keys")
+        # Over TCP, messages are numbered and kept until acknowledged (protocol.channel).
+        self.channel: Channel | None = None
+        self.faults = None
+        self.next_resend = 0.0
         if keys is not None:  # a remote host's worker dials the head itself, with the node key
             security.make_curve_client(self.sock, security.ClusterKeys(*keys))
+            self.channel = Channel(config.RESEND_AFTER)
+            self.faults = faults.plan()
         self.sock.connect(settings["owner_address"])
         # On a remote host: what the worker prints goes to the driver (core.output).
         self.capture = OutputCapture(self._send_output) if settings.get("forward_output") \
@@ -88,8 +98,61 @@ class Worker:
 
     def _send_output(self, stream: int, data: bytes) -> None:
         with self.lock:
-            self.sock.send_multipart([pack_header(MessageType.OUTPUT, stream, self.worker_id),
-                                      data])
+            self._send_locked(MessageType.OUTPUT, stream, data)
+
+    # -- the wire (callers hold self.lock) -------------------------------------------
+
+    def _send_locked(self, kind: MessageType, count: int, body: bytes) -> None:
+        channel = self.channel
+        if channel is None:
+            self.sock.send_multipart([pack_header(kind, count, self.worker_id), body])
+            return
+        header = channel.stamp(kind, count, self.worker_id, body, time.monotonic())
+        plan = self.faults
+        if plan is not None:
+            if plan.drop(kind):
+                return  # tests: as if a broken connection lost it; the channel resends it
+            if plan.delay(kind):
+                time.sleep(plan.delay(kind))
+        self.sock.send_multipart([header, body])
+
+    def _resend_locked(self, now: float) -> None:
+        """Over TCP: send again what the owner has not acknowledged in time."""
+        if now < self.next_resend:
+            return
+        self.next_resend = now + config.HEARTBEAT_INTERVAL
+        for header, body in self.channel.due(now):
+            self.sock.send_multipart([header, body])
+
+    def _send_ack_locked(self) -> None:
+        self.sock.send_multipart([self.channel.plain(MessageType.ACK, 0, self.worker_id), b""])
+
+    def _receive(self):
+        """The next message from the owner (blocking). Over TCP, overdue messages are
+        sent again meanwhile."""
+        sock, lock, channel = self.sock, self.lock, self.channel
+        if channel is None:
+            with lock:  # the outbox is empty: the flusher has nothing to send
+                return sock.recv_multipart()
+        while True:
+            with lock:
+                wait = config.HEARTBEAT_INTERVAL
+                if channel.unacked:  # wake when the oldest is due, not a tick later
+                    wait = min(wait, max(0.01, next(iter(channel.unacked.values()))[4]
+                                         - time.monotonic()))
+                    self.next_resend = 0.0
+                if sock.poll(wait * 1000):
+                    return sock.recv_multipart()
+                self._resend_locked(time.monotonic())
+
+    def _settle_channel(self) -> None:
+        """Before exiting: wait (bounded) until the owner has what this worker sent."""
+        deadline = time.monotonic() + 4 * config.RESEND_AFTER
+        while self.channel.unacked and time.monotonic() < deadline:
+            if self.sock.poll(config.HEARTBEAT_INTERVAL * 1000):
+                header = decode_header(self.sock.recv_multipart()[0])
+                self.channel.receive(header.seq, header.ack, None)
+            self._resend_locked(time.monotonic())
 
     def close(self) -> None:
         if self.capture is not None:
@@ -97,6 +160,11 @@ class Worker:
         self.closing = True
         self.holding.set()
         self.flusher.join()
+        if self.channel is not None:
+            try:
+                self._settle_channel()
+            except (zmq.ZMQError, ProtocolError):
+                pass  # the head is gone, or sent garbage: nothing more to deliver
         # Linger so the last results reach the owner before the process exits.
         self.sock.close(linger=5000)
         self.ctx.term()
@@ -134,8 +202,7 @@ class Worker:
 
     def _send_failure(self, kind: MessageType, exc: BaseException) -> None:
         with self.lock:
-            self.sock.send_multipart([
-                pack_header(kind, 0, self.worker_id), serialize.dumps_exception(exc)])
+            self._send_locked(kind, 0, serialize.dumps_exception(exc))
 
     def initialize(self, inherited) -> bool:
         """Run the pool's initializer: from memory (fork semantics) or unpickled (spawn)."""
@@ -218,11 +285,11 @@ class Worker:
             self.capture.sync()  # what the tasks printed arrives before their results
         with self.lock:
             if self.outbox:
-                self.sock.send_multipart([
-                    pack_header(MessageType.RESULTS, len(self.outbox), self.worker_id),
-                    serialize.dumps_plain(self.outbox),
-                ])
+                self._send_locked(MessageType.RESULTS, len(self.outbox),
+                                  serialize.dumps_plain(self.outbox))
                 self.outbox = []
+            if self.channel is not None and self.channel.unacked:
+                self._resend_locked(time.monotonic())
 
     def should_hold(self) -> bool:
         """Whether computed results may wait for the next queued task."""
@@ -235,11 +302,10 @@ class Worker:
     def serve(self) -> None:
         tasks_left = self.settings.get("max_tasks_per_child") or 0
         sock, lock = self.sock, self.lock
+        channel = self.channel
         with lock:
-            sock.send_multipart([
-                pack_header(MessageType.READY, 0, self.worker_id),
-                serialize.dumps_plain((self.worker_id, os.getpid(), tasks_left)),
-            ])
+            self._send_locked(MessageType.READY, 0,
+                              serialize.dumps_plain((self.worker_id, os.getpid(), tasks_left)))
         while True:
             if not self.queue:
                 self.flush()
@@ -253,8 +319,7 @@ class Worker:
                             if sock.poll(_IDLE_CHECK_MS):
                                 break
                         reader.release_idle()
-                with lock:  # the outbox is empty: the flusher has nothing to send
-                    frames = sock.recv_multipart()
+                frames = self._receive()
                 if not self._accept(frames):
                     return
             while self.queue:
@@ -269,6 +334,10 @@ class Worker:
                         self.flush()
                         return
                 item = self.queue.popleft()
+                if channel is not None and channel.ack_pending and not self.outbox \
+                        and self.run_time.get(item[2], 1.0) >= _QUICK_SECONDS:
+                    with lock:  # no result will carry the ack soon: the owner would resend
+                        self._send_ack_locked()
                 outcome, keep = self.run_task(item)
                 with lock:
                     if not self.outbox:
@@ -295,7 +364,14 @@ class Worker:
 
     def _accept(self, frames) -> bool:
         """Queue a message's tasks; False when the owner says STOP."""
-        kind, _count, _ident = decode_header(frames[0])
+        header = decode_header(frames[0])
+        if self.channel is None:
+            return self._take(header.kind, frames)
+        with self.lock:  # over TCP: in order, once (a duplicate or an early one: nothing)
+            messages = self.channel.receive(header.seq, header.ack, (header.kind, frames))
+        return all([self._take(kind, frames) for kind, frames in messages])
+
+    def _take(self, kind: MessageType, frames) -> bool:
         if kind == MessageType.STOP:
             return False
         if kind == MessageType.TASKS:
@@ -321,7 +397,10 @@ def run_worker(worker_id: int, settings: dict, slot, inherited=None) -> int:
     memory (the initializer and its arguments), or None.
     """
     # A segfault in a task then leaves the Python traceback in the worker's stderr.
-    faulthandler.enable()
+    try:
+        faulthandler.enable()
+    except (ValueError, OSError, AttributeError):  # sys.stderr without a file descriptor:
+        faulthandler.enable(file=2)  # a StringIO (pytest's capsys, notebooks): fd 2 then
     worker = Worker(worker_id, settings, slot)
     try:
         if not worker.prepare():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import NamedTuple
 
 from ..errors import ProtocolError
 from .messages import (
@@ -29,22 +30,31 @@ _LENGTH = struct.Struct("<I")
 _HEADER_SIZE = HEADER.size
 
 
-def pack_header(kind: MessageType, count: int = 0, ident: int = 0) -> bytes:
-    return HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, count, ident)
+class Header(NamedTuple):
+    kind: MessageType
+    count: int
+    ident: int
+    seq: int
+    ack: int
 
 
-def decode_header(frame) -> tuple[MessageType, int, int]:
-    """Validate a header frame; return ``(type, count, ident)``."""
+def pack_header(kind: MessageType, count: int = 0, ident: int = 0, seq: int = 0,
+                ack: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, count, ident, seq, ack)
+
+
+def decode_header(frame) -> Header:
+    """Validate a header frame; return its fields."""
     if len(frame) != _HEADER_SIZE:
         raise ProtocolError(f"header of {len(frame)} bytes, expected {_HEADER_SIZE}")
-    magic, version, kind, count, ident = HEADER.unpack(frame)
+    magic, version, kind, count, ident, seq, ack = HEADER.unpack(frame)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {magic!r}")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version}, this side speaks {PROTOCOL_VERSION}")
     if kind not in _KNOWN_TYPES:
         raise ProtocolError(f"unknown message type {kind}")
-    return MessageType(kind), count, ident
+    return Header(MessageType(kind), count, ident, seq, ack)
 
 
 # --- pipes -------------------------------------------------------------------
@@ -103,7 +113,7 @@ class PipeReader:
                 raise ProtocolError(f"pipe frame of {length} bytes")
             if len(buf) < 4 + length:
                 break
-            kind, _count, ident = decode_header(bytes(buf[4:4 + _HEADER_SIZE]))
+            kind, _count, ident, _seq, _ack = decode_header(bytes(buf[4:4 + _HEADER_SIZE]))
             messages.append((kind, ident, bytes(buf[4 + _HEADER_SIZE:4 + length])))
             del buf[:4 + length]
         return messages

@@ -8,6 +8,14 @@ fixed ``struct`` layout, validated before anything else is read::
     type           1 byte   (MessageType)
     count          4 bytes  (items in a batch, or a flag word)
     ident          8 bytes  (task id, worker id, ... depending on the type)
+    seq            4 bytes  (over TCP: this message's number on its link, 0: none)
+    ack            4 bytes  (over TCP: every message of the peer up to this one arrived)
+
+``seq`` and ``ack`` make a lossy link exactly-once (``protocol.channel``):
+between the head and a remote node or worker, messages that must arrive
+are numbered, kept until acknowledged, sent again when overdue, and
+dropped as duplicates when they arrive twice. On one host (ipc sockets
+and pipes, which do not lose messages) both are 0.
 
 Bodies are bytes that only ``core`` decodes (with ``store.serialize``): the
 wire layer never unpickles. Batches keep the per-message cost off the hot
@@ -44,6 +52,8 @@ HEARTBEAT      both ways (tcp)            empty
 LEAVE          remote node -> head        empty: draining, send no more tasks
 BYE            head -> remote node        empty: the session is over
 STATUS         client <-> head (tcp)      request: empty; answer: dict (futurepool status)
+ACK            both ways (tcp)            empty: carries only ``ack`` (nothing to send
+                                          it along with)
 =============  =========================  =====================================
 
 Over TCP, a remote node relays its workers' messages both ways unchanged;
@@ -55,9 +65,9 @@ from __future__ import annotations
 import enum
 import struct
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = b"fp"
-HEADER = struct.Struct("<2sBBIQ")
+HEADER = struct.Struct("<2sBBIQII")
 
 #: Upper bound of one pipe frame, a guard against a corrupt length prefix.
 MAX_PIPE_FRAME = 1 << 30
@@ -84,6 +94,7 @@ class MessageType(enum.IntEnum):
     LEAVE = 24
     BYE = 25
     STATUS = 26
+    ACK = 27
 
 
 _KNOWN_TYPES = frozenset(int(t) for t in MessageType)
