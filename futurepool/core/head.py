@@ -43,7 +43,6 @@ from ..protocol.messages import MessageType
 from ..protocol.zap import Authenticator
 from ..store import serialize
 from . import startup, status
-from .worker import routing_id as worker_routing_id
 
 LOGGER = logging.getLogger("futurepool")
 
@@ -74,7 +73,7 @@ class RemoteLink:
     remote = True
 
     def __init__(self, head: Head, routing_id: bytes, index: int, host: str, address: str,
-                 workers: int, pid: int):
+                 workers: int, pid: int, token: bytes):
         self.head = head
         self.routing_id = routing_id
         self.index = index
@@ -86,7 +85,9 @@ class RemoteLink:
         self.last_heard = time.monotonic()
         self.joined_at = time.time()
         self.leaving = False
+        self.token = token  # the node's name for its session: it says it after a re-dial
         self.welcome: tuple[bytes, bytes] | None = None  # sent again if JOIN comes again
+        self.routes: dict[int, bytes] = {}  # worker id -> routing id of its connection
         # Exactly-once over TCP (protocol.channel): the node's control messages, and
         # each of its workers' TASKS/RESULTS streams, by worker id.
         self.control = Channel(config.RESEND_AFTER)
@@ -102,11 +103,18 @@ class RemoteLink:
         return channel
 
     def send(self, worker, kind: MessageType, count: int, body: bytes = b"") -> None:
-        """Straight to the worker's own connection, numbered and kept until acknowledged;
-        ``zmq.ZMQError`` if it is gone."""
+        """Straight to the worker's own connection, numbered and kept until acknowledged.
+
+        Never raises: a worker that is not connected right now (its connection broke
+        and is being dialled again) gets the message when it is resent; whether the
+        worker is gone is for its node to say, or for the node's deadline.
+        """
         header = self.channel(worker.worker_id).stamp(kind, count, worker.worker_id, body,
                                                       time.monotonic())
-        self.head.transmit(worker.routing_id, kind, header, body)
+        try:
+            self.head.transmit(worker.routing_id, kind, header, body)
+        except zmq.ZMQError:
+            pass
 
     def describe(self) -> str:
         return f"node {self.index} ({self.host}, {self.address})"
@@ -125,7 +133,12 @@ class Head:
         self.next_heartbeat = 0.0
         # Names this run: worker routing ids carry it, so workers of an earlier head on
         # this address are never taken for this session's (FAULTS 35).
-        self.session = os.urandom(6).hex()
+        self.session = os.urandom(16).hex().encode()
+        # Every connection gets a routing id of its own (an identity reused across
+        # re-dials is handed over unreliably by libzmq: zeromq/libzmq#2892). A peer
+        # says who it is after each handshake: a worker the session, a node its token.
+        self.routes: dict[bytes, int] = {}  # routing id -> remote worker id
+        self.by_token: dict[bytes, RemoteLink] = {}
         self.faults = faults.plan()
         self.auth = Authenticator(context, security.admitted_keys(keys))
         self.sock = context.socket(zmq.ROUTER)
@@ -182,10 +195,17 @@ class Head:
         kind, count, ident, seq, ack = decode_header(message[1].bytes)
         body = message[2].bytes if len(message) > 2 else b""
         node = self.nodes.get(routing_id)
+        if node is None and kind in (MessageType.ACK, MessageType.HEARTBEAT) \
+                and body in self.by_token:  # a node's control connection, dialled again
+            node = self._rebind(self.by_token[body], routing_id)
         if node is None and kind in _WORKER_KINDS:  # a remote worker's own connection
             node = self.by_index.get((ident >> NODE_ID_SHIFT) - 1)
-            if node is None or routing_id != worker_routing_id(ident, self.session):
+            if node is None:
                 return  # a worker of a node we lost (fenced), or not a worker at all
+            if self.routes.get(routing_id) != ident:
+                if kind != MessageType.ACK or body != self.session:
+                    return  # not introduced (yet): it sends again when we do not ack
+                self._route(node, ident, routing_id)
             channel = node.channel(ident)
             for what, flags, data in channel.receive(seq, ack, (kind, count, body)):
                 if what != MessageType.ACK:
@@ -198,9 +218,10 @@ class Head:
         if node is None:
             if kind == MessageType.JOIN:
                 self._join(routing_id, body, message[1].get("Peer-Address") or "?")
-            elif kind != MessageType.BYE:
+            elif kind == MessageType.HEARTBEAT:
                 # A node we declared dead (it was cut off, or frozen): its session is
                 # over; it should hear so now, not at its own deadline (FAULTS 31).
+                # (A live node's heartbeat names it: it is known by then.)
                 self._send(routing_id, MessageType.BYE)
             return
         node.last_heard = time.monotonic()
@@ -212,6 +233,33 @@ class Head:
         for what, data in node.control.receive(seq, ack, (kind, body)):
             self._from_node(node, what, data)
 
+    def _route(self, node: RemoteLink, worker_id: int, routing_id: bytes) -> None:
+        """A worker of ``node`` introduced itself on a (new) connection: send there now."""
+        old = node.routes.get(worker_id)
+        if old == routing_id:
+            return  # the same connection, introduced again
+        if old is not None:
+            self.routes.pop(old, None)
+        node.routes[worker_id] = routing_id
+        self.routes[routing_id] = worker_id
+        slot = self.owner.scheduler.workers.get(worker_id)
+        if slot is not None and slot.link is node:
+            slot.routing_id = routing_id
+        if old is not None:  # a re-dial: what the old connection held may be lost
+            try:
+                for header, body in node.channel(worker_id).rewind(time.monotonic()):
+                    self.sock.send_multipart([routing_id, header, body], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def _rebind(self, node: RemoteLink, routing_id: bytes) -> RemoteLink:
+        """A node's control connection was dialled again: it has a new routing id."""
+        if self.nodes.get(node.routing_id) is node:
+            del self.nodes[node.routing_id]
+        node.routing_id = routing_id
+        self.nodes[routing_id] = node
+        return node
+
     def _from_node(self, node: RemoteLink, kind: MessageType, body: bytes) -> None:
         # WORKER_STARTED needs nothing: READY makes the slot, and another host's pids
         # stay out of executor._processes.
@@ -219,6 +267,7 @@ class Head:
             event = serialize.loads(body)
             if node.owns(event[0]):
                 node.channels.pop(event[0], None)
+                self.routes.pop(node.routes.pop(event[0], b""), None)
                 self.owner.output.flush(node.host, event[0])
                 self.owner._worker_exited(*event, detail=f"It ran on {node.describe()}.")
         elif kind == MessageType.LEAVE:
@@ -230,10 +279,16 @@ class Head:
     def _join(self, routing_id: bytes, body: bytes, address: str) -> None:
         try:
             hello = serialize.loads(body)
-            theirs, host, workers, pid = (hello["versions"], hello["host"],
-                                          int(hello["workers"]), int(hello["pid"]))
+            theirs, host, workers, pid, token = (hello["versions"], hello["host"],
+                                                 int(hello["workers"]), int(hello["pid"]),
+                                                 bytes(hello["token"]))
         except Exception as exc:  # noqa: BLE001 - an authenticated peer, but a broken JOIN
             raise ProtocolError(f"a JOIN that does not decode: {exc!r}") from None
+        known = self.by_token.get(token)
+        if known is not None:  # JOIN again from a re-dialled connection: the same WELCOME
+            self._rebind(known, routing_id)
+            self._send(routing_id, MessageType.WELCOME, known.welcome[1], header=known.welcome[0])
+            return
         mismatch = version_mismatch(versions(), theirs)
         if self.owner.remote_start is None:
             self.owner.remote_start = session_for_nodes(self.owner)
@@ -242,12 +297,13 @@ class Head:
             LOGGER.warning("refused node %s (%s): %s", host, address, refusal)
             self._send(routing_id, MessageType.REFUSED, refusal.encode())
             return
-        node = RemoteLink(self, routing_id, self.next_index, host, address, workers, pid)
+        node = RemoteLink(self, routing_id, self.next_index, host, address, workers, pid, token)
         self.next_index += 1
         self.nodes[routing_id] = node
+        self.by_token[token] = node
         self.by_index[node.index] = node
         welcome = dict(self.owner.remote_start[0], first_worker_id=node.first_worker_id)
-        welcome["settings"] = dict(welcome["settings"], session=self.session)
+        welcome["settings"] = dict(welcome["settings"], session=self.session.decode())
         node.welcome = (pack_header(MessageType.WELCOME, 0, node.index),
                         serialize.dumps_plain(welcome))
         self._send(routing_id, MessageType.WELCOME, node.welcome[1], header=node.welcome[0])
@@ -304,7 +360,9 @@ class Head:
         for worker_id, channel in node.channels.items():
             if not channel.unacked and not channel.ack_pending:
                 continue
-            routing_id = worker_routing_id(worker_id, self.session)
+            routing_id = node.routes.get(worker_id)
+            if routing_id is None:
+                continue
             try:
                 for header, body in channel.due(now):
                     self.sock.send_multipart([routing_id, header, body], zmq.NOBLOCK)
@@ -324,6 +382,9 @@ class Head:
         if self.nodes.pop(node.routing_id, None) is None:
             return
         self.by_index.pop(node.index, None)
+        self.by_token.pop(node.token, None)
+        for routing_id in node.routes.values():
+            self.routes.pop(routing_id, None)
         LOGGER.warning("lost %s: %s", node.describe(), why)
         self.owner._node_lost(node, why)
 
@@ -333,6 +394,8 @@ class Head:
             self._send(node.routing_id, MessageType.BYE)
         self.nodes.clear()
         self.by_index.clear()
+        self.by_token.clear()
+        self.routes.clear()
         self.sock.close(linger=500)
         self.auth.close()
 

@@ -113,21 +113,21 @@ class RemoteNode:
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(config.RECONNECT_MAX_INTERVAL * 1000))
-            # Our own identity, so that a connection that breaks and is dialled again
-            # stays this session's (the head hands the identity over).
-            sock.setsockopt(zmq.ROUTING_ID, b"n" + os.urandom(8).hex().encode())
+            # This session's name: the head knows this node by it after a re-dial (each
+            # connection has a routing id of its own; core.head explains why).
+            token = os.urandom(16).hex().encode()
             security.make_curve_client(sock, self.keys)
             watch = HandshakeWatch(sock)
             sock.connect(self.connect)
             hello = {"versions": versions(), "host": socket.gethostname(),
-                     "workers": self.workers, "pid": os.getpid()}
+                     "workers": self.workers, "pid": os.getpid(), "token": token}
             if faults.flag("version-skew"):
                 hello["versions"]["cloudpickle"] += "+skew"  # tests: a mismatched host
             join = [pack_header(MessageType.JOIN), serialize.dumps_plain(hello)]
             welcome = self._await_welcome(sock, watch, join)
             if welcome is None:
                 return False
-            session = _Session(self, sock, welcome)
+            session = _Session(self, sock, welcome, token, watch)
             session.serve()
             return True
         finally:
@@ -185,9 +185,11 @@ class RemoteNode:
 class _Session:
     """One head's session on this host: its node, its workers, its files."""
 
-    def __init__(self, remote: RemoteNode, sock, welcome: dict):
+    def __init__(self, remote: RemoteNode, sock, welcome: dict, token: bytes, watch):
         self.remote = remote
         self.sock = sock
+        self.token = token
+        self.watch = watch
         self.welcome = welcome
         self.run_dir = tempfile.mkdtemp(prefix=f"futurepool-{os.getpid()}-",
                                         dir=config.TMPDIR if len(config.TMPDIR) < 60 else "/tmp")
@@ -241,7 +243,7 @@ class _Session:
     def serve(self) -> None:
         remote, sock, node = self.remote, self.sock, self.node
         poller = zmq.Poller()
-        for what in (sock, node.event_fd, remote.wakeup_r):
+        for what in (sock, node.event_fd, remote.wakeup_r, self.watch.socket):
             poller.register(what, zmq.POLLIN)
         next_heartbeat = 0.0
         while True:
@@ -254,6 +256,13 @@ class _Session:
                 elif what == node.event_fd:
                     if not self._from_node():
                         return
+                elif what is self.watch.socket:
+                    connected = self.watch.succeeded
+                    self.watch.handle()
+                    if self.watch.succeeded > connected:  # dialled again: say who we are,
+                        sock.send_multipart([self.channel.plain(MessageType.ACK), self.token])
+                        for frames in self.channel.rewind(time.monotonic()):  # and resend
+                            sock.send_multipart(frames)
             now = time.monotonic()
             if remote.stopping and self.leave_deadline is None:
                 self._send(MessageType.LEAVE)
@@ -267,7 +276,8 @@ class _Session:
                 return
             if now >= next_heartbeat:
                 next_heartbeat = now + config.HEARTBEAT_INTERVAL
-                sock.send_multipart([self.channel.plain(MessageType.HEARTBEAT)])
+                # It names the session: the head knows us by it on a new connection.
+                sock.send_multipart([self.channel.plain(MessageType.HEARTBEAT), self.token])
                 for frames in self.channel.due(now):
                     sock.send_multipart(frames)
 

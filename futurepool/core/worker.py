@@ -51,10 +51,9 @@ _FUNCTION_CACHE_SIZE = 512
 _IDLE_CHECK_MS = 200
 
 
-def routing_id(worker_id: int, session: str = "") -> bytes:
-    """A worker's identity on its owner's socket; over TCP it names the head's session
-    too, so a worker of an earlier session is never taken for one of this session."""
-    return b"w%d.%s" % (worker_id, session.encode()) if session else b"w%d" % worker_id
+def routing_id(worker_id: int) -> bytes:
+    """A local worker's identity on its owner's ipc socket."""
+    return b"w%d" % worker_id
 
 
 class Worker:
@@ -76,7 +75,6 @@ class Worker:
         self.store = WorkerStore(settings["store"], worker_id)
         self.ctx = zmq.Context(1)
         self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.ROUTING_ID, routing_id(worker_id, settings.get("session", "")))
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         keys = settings.get("cluster_keys")
@@ -84,11 +82,24 @@ class Worker:
         self.channel: Channel | None = None
         self.faults = None
         self.next_resend = 0.0
-        if keys is not None:  # a remote host's worker dials the head itself, with the node key
+        self.monitor = None
+        if keys is None:
+            self.sock.setsockopt(zmq.ROUTING_ID, routing_id(worker_id))
+        else:
+            # A remote host's worker dials the head itself, with the node key. The head
+            # gives each connection a routing id of its own (identities reused across
+            # re-dials are handed over unreliably by libzmq: zeromq/libzmq#2892); after
+            # every handshake the worker says who it is and which session it serves.
             security.make_curve_client(self.sock, security.ClusterKeys(*keys))
             self.channel = Channel(config.RESEND_AFTER)
             self.faults = faults.plan()
+            self.hello = settings["session"].encode()
+            self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            self.handshakes = 0
         self.sock.connect(settings["owner_address"])
+        if self.channel is not None:  # queued: the first thing the head hears from us
+            self.sock.send_multipart([self.channel.plain(MessageType.ACK, 0, worker_id),
+                                      self.hello])
         # On a remote host: what the worker prints goes to the driver (core.output).
         self.capture = OutputCapture(self._send_output) if settings.get("forward_output") \
             else None
@@ -118,11 +129,27 @@ class Worker:
 
     def _resend_locked(self, now: float) -> None:
         """Over TCP: send again what the owner has not acknowledged in time."""
+        self._greet_locked()
         if now < self.next_resend:
             return
         self.next_resend = now + config.HEARTBEAT_INTERVAL
         for header, body in self.channel.due(now):
             self.sock.send_multipart([header, body])
+
+    def _greet_locked(self) -> None:
+        """After each (re)connection: who this worker is, for the head to route to it."""
+        monitor = self.monitor
+        handshakes = 0
+        while monitor.poll(0):
+            monitor.recv_multipart()
+            handshakes += 1
+        self.handshakes += handshakes
+        if handshakes and self.handshakes > 1:  # the first was introduced at connect
+            self.sock.send_multipart([self.channel.plain(MessageType.ACK, 0, self.worker_id),
+                                      self.hello])
+            # What the broken connection held may be lost: send it now, not when due.
+            for header, body in self.channel.rewind(time.monotonic()):
+                self.sock.send_multipart([header, body])
 
     def _send_ack_locked(self) -> None:
         self.sock.send_multipart([self.channel.plain(MessageType.ACK, 0, self.worker_id), b""])
@@ -134,6 +161,9 @@ class Worker:
         if channel is None:
             with lock:  # the outbox is empty: the flusher has nothing to send
                 return sock.recv_multipart()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         while True:
             with lock:
                 wait = config.HEARTBEAT_INTERVAL
@@ -141,7 +171,9 @@ class Worker:
                     wait = min(wait, max(0.01, next(iter(channel.unacked.values()))[4]
                                          - time.monotonic()))
                     self.next_resend = 0.0
-                if sock.poll(wait * 1000):
+                if channel.ack_pending:  # a duplicate came: the owner missed our ack
+                    self._send_ack_locked()
+                if sock in dict(poller.poll(wait * 1000)):
                     return sock.recv_multipart()
                 self._resend_locked(time.monotonic())
 
@@ -165,6 +197,8 @@ class Worker:
                 self._settle_channel()
             except (zmq.ZMQError, ProtocolError):
                 pass  # the head is gone, or sent garbage: nothing more to deliver
+            self.sock.disable_monitor()
+            self.monitor.close(linger=0)
         # Linger so the last results reach the owner before the process exits.
         self.sock.close(linger=5000)
         self.ctx.term()

@@ -30,9 +30,9 @@ from __future__ import annotations
 from ..protocol.framing import pack_header
 from .messages import MessageType
 
-#: Back-off cap: an unacknowledged message is sent again at most this often
-#: (seconds), whatever its age.
-MAX_RESEND_INTERVAL = 8.0
+#: Back-off cap, in multiples of ``resend_after``: however old, an unacknowledged
+#: message goes again at least this often.
+MAX_BACKOFF = 4
 
 
 class Channel:
@@ -77,13 +77,19 @@ class Channel:
             kind, count, ident, body, when, interval = entry
             if when > now:
                 continue
-            interval = min(interval * 2, MAX_RESEND_INTERVAL)
+            interval = min(interval * 2, MAX_BACKOFF * self.resend_after)
             entry[4], entry[5] = now + interval, interval
             again.append((pack_header(kind, count, ident, seq, self.received), body))
         if again:
             self.told = self.received
             self.resent += len(again)
         return again
+
+    def rewind(self, now: float) -> list[tuple[bytes, object]]:
+        """The connection was dialled again: what it may have lost, to send now."""
+        for entry in self.unacked.values():
+            entry[4], entry[5] = now, self.resend_after / 2
+        return self.due(now)
 
     # -- receiving ---------------------------------------------------------------
 
@@ -104,6 +110,7 @@ class Channel:
             return [message]
         if seq <= self.received or seq in self.ahead:
             self.duplicates += 1
+            self.told = -1  # our ack was lost: it should go again (ack_pending)
             return []
         if seq != self.received + 1:
             self.ahead[seq] = message
