@@ -42,6 +42,9 @@ class OutputCapture:
             os.dup2(write_end, stream)
             os.close(write_end)
             self.readers[read_end] = stream
+        self.pending = select.poll()
+        for fd in self.readers:
+            self.pending.register(fd, select.POLLIN)
         # Python's own streams: line-buffered now that they are pipes, as on a terminal.
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -83,10 +86,14 @@ class OutputCapture:
                 stream.flush()
             except (OSError, ValueError):
                 pass
-        with self.lock:
-            for fd, stream in self.readers.items():
+        with self.lock:  # taken even when nothing waits: a chunk being sent finishes first
+            try:
+                ready = self.pending.poll(0)  # one syscall, where reading would raise twice
+            except OSError:
+                return
+            for fd, _ in ready:
                 try:
-                    self._forward(fd, stream)
+                    self._forward(fd, self.readers[fd])
                 except OSError:  # closed by the thread at end of file
                     pass
 
