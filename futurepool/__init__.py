@@ -15,6 +15,7 @@ from .errors import (  # noqa: E402
     ObjectStoreFullError,
     RemoteError,
     ResultPicklingError,
+    TaskTimeoutError,
     UnpicklingFailedError,
     WorkerCrashedError,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "ProcessPoolExecutor",
     "RemoteError",
     "ResultPicklingError",
+    "TaskTimeoutError",
     "UnpicklingFailedError",
     "WorkerCrashedError",
     "as_completed",

@@ -45,6 +45,11 @@ HEARTBEAT_INTERVAL: float = _env("HEARTBEAT_INTERVAL", 0.5)
 #: in flight on its socket; its running task is failed only after this grace.
 DEATH_GRACE: float = _env("DEATH_GRACE", 0.05)
 
+#: A task past its timeout, or stopped with ``Future.stop()``, is first
+#: interrupted by an exception raised inside it; if it has not ended this
+#: many seconds later, its worker is killed (SIGKILL) and replaced.
+INTERRUPT_GRACE: float = _env("INTERRUPT_GRACE", 0.5)
+
 #: A worker that cannot start (initializer fails, import error) is restarted
 #: with exponential back-off; after this many consecutive failures the pool is
 #: declared broken instead of respawning forever (cpython#87472).

@@ -26,6 +26,7 @@ __all__ = [
     "ProtocolError",
     "ObjectStoreFullError",
     "ObjectLostError",
+    "TaskTimeoutError",
 ]
 
 _OOM_HINT = (
@@ -193,3 +194,37 @@ class ObjectLostError(FuturePoolError):
 
     def __reduce__(self):
         return type(self), (str(self), self.name)
+
+
+class TaskTimeoutError(FuturePoolError, TimeoutError):
+    """A task ran past the ``timeout`` it was given with ``options()``; it was stopped.
+
+    The time counts from the moment the task started in its worker. The task
+    was first interrupted by this exception, raised inside it (so its
+    ``finally`` blocks and context managers ran); if it had not ended
+    ``config.INTERRUPT_GRACE`` seconds later, its worker was killed and
+    replaced (``killed``). A builtin ``TimeoutError``, so ``except
+    TimeoutError`` catches it.
+
+    Attributes:
+        task: a short description of the task (its id and function).
+        timeout: the limit, in seconds.
+        killed: whether the worker had to be killed to stop the task.
+    """
+
+    def __init__(self, task=None, timeout=None, killed=False):
+        self.task = task
+        self.timeout = timeout
+        self.killed = killed
+        what = task or "the task"
+        message = f"{what} ran past its timeout of {timeout:g} s and was stopped." \
+            if timeout is not None else f"{what} ran past its timeout and was stopped."
+        if killed:
+            message += (" It did not end once interrupted, so its worker was killed and"
+                        " replaced; its finally blocks may not have run. Tasks that catch"
+                        " every exception (except BaseException, or except Exception around"
+                        " a TimeoutError) keep running after the interrupt.")
+        super().__init__(message)
+
+    def __reduce__(self):
+        return type(self), (self.task, self.timeout, self.killed)

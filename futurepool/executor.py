@@ -26,6 +26,11 @@ types):
 * ``map`` accepts ``buffersize``, and ``terminate_workers``/``kill_workers``
   exist (as in Python 3.14), on every version.
 * ``map`` takes a keyword-only ``progress`` (:mod:`futurepool.progress`).
+* ``options(timeout=..., max_retries=...)`` returns a view whose ``submit``
+  and ``map`` give their tasks those options (:class:`ExecutorOptions`); a
+  task past its ``timeout`` is stopped and fails with
+  :class:`~futurepool.errors.TaskTimeoutError`. ``Future.stop()`` stops a
+  running task.
 * Leaving a ``with`` block by ``KeyboardInterrupt`` (or exiting the
   interpreter on an unhandled one) cancels pending futures and stops the
   workers instead of waiting for them (cpython#125886).
@@ -50,12 +55,13 @@ from . import config
 from . import progress as _progress
 from .core import lifetime, startup
 from .core import owner as _owner
+from .core.calls import task_options
 from .errors import ObjectStoreFullError
 from .future import Future
 from .protocol import security
 from .store import serialize
 
-__all__ = ["Executor", "ProcessPoolExecutor"]
+__all__ = ["Executor", "ExecutorOptions", "ProcessPoolExecutor"]
 
 
 #: Executors listening for remote nodes (FUTUREPOOL_LISTEN gives its address to one).
@@ -274,6 +280,44 @@ class Executor(_StdExecutor):
             RuntimeError: after ``shutdown`` (or interpreter shutdown).
             BrokenProcessPool: the pool is broken (its initializer failed).
         """
+        return self._submit(fn, args, kwargs, None)
+
+    def options(self, **options):
+        """A view of this executor whose tasks carry ``options``; the executor is unchanged.
+
+        The view has ``submit`` and ``map`` with the stdlib's signatures
+        (``map``'s own ``timeout`` keeps its stdlib meaning: a deadline for
+        the caller's iteration), and an ``options`` of its own to add more.
+        Making one is cheap; so is using it.
+
+        Args:
+            timeout: seconds each task may run, counted from the moment it
+                starts in its worker (not from submit). Past it, the task is
+                interrupted by :class:`~futurepool.errors.TaskTimeoutError`
+                raised inside it (``finally`` blocks run); if it has not ended
+                ``config.INTERRUPT_GRACE`` seconds (0.5) later, its worker is
+                killed and replaced. Its future fails with
+                ``TaskTimeoutError`` (a ``TimeoutError``) either way; other
+                tasks are untouched. None (the default): no limit.
+            max_retries: times a task is re-run when its worker dies,
+                instead of the executor's ``max_retries``. Given here, it
+                also re-runs a task that timed out (a timeout alone is never
+                retried).
+
+        Returns:
+            An :class:`ExecutorOptions` view.
+
+        Raises:
+            TypeError: an option this version does not know (the message
+                lists those it accepts), or a value of the wrong type.
+            ValueError: a timeout that is not > 0, a negative max_retries.
+
+        .. versionadded:: 0.1
+        """
+        return ExecutorOptions(self, task_options(None, options))
+
+    def _submit(self, fn, args, kwargs, options):
+        """``submit``, with ``options`` (a ``calls.TaskOptions`` or None)."""
         owner = self._owner
         self._refuse_forked_copy()
         if owner.thread is None or owner.on_demand:
@@ -287,7 +331,7 @@ class Executor(_StdExecutor):
                     owner.adjust_workers()
         future = Future()
         try:
-            task = owner.make_task(future, fn, args, kwargs)
+            task = owner.make_task(future, fn, args, kwargs, options)
         except ObjectStoreFullError:
             raise
         except Exception as exc:
@@ -364,6 +408,10 @@ class Executor(_StdExecutor):
                 ready before the deadline.
             TypeError: ``progress`` is none of the values above.
         """
+        return self._map(fn, iterables, timeout, chunksize, buffersize, progress, None)
+
+    def _map(self, fn, iterables, timeout, chunksize, buffersize, progress, options):
+        """``map``, its tasks with ``options`` (a ``calls.TaskOptions`` or None)."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if buffersize is not None:
@@ -385,18 +433,19 @@ class Executor(_StdExecutor):
         else:
             calls = zip(*iterables)
             call = fn
+        submit = self._submit
         try:
             if buffersize is None:
-                fs = collections.deque(self.submit(call, *args) for args in calls)
+                fs = collections.deque(submit(call, args, {}, options) for args in calls)
                 calls = None
             else:
-                fs = collections.deque(self.submit(call, *args)
+                fs = collections.deque(submit(call, args, {}, options)
                                        for args in itertools.islice(calls, buffersize))
         except BaseException:
             if shown is not None:
                 shown.close()
             raise
-        results = _result_iterator(fs, end_time, calls, call, weakref.ref(self))
+        results = _result_iterator(fs, end_time, calls, call, weakref.ref(self), options)
         if shown is not None:
             results = _progress.Counted(results, shown, len if chunksize > 1 else None)
         if chunksize > 1:
@@ -470,7 +519,7 @@ def _result_or_cancel(future, timeout=None):
         future.cancel()
 
 
-def _result_iterator(fs, end_time, calls, call, executor_ref):
+def _result_iterator(fs, end_time, calls, call, executor_ref, options=None):
     """Yield results in order; submit more when bounded; cancel the rest when closed."""
     try:
         while fs:
@@ -478,7 +527,7 @@ def _result_iterator(fs, end_time, calls, call, executor_ref):
                 executor = executor_ref()
                 args = next(calls, None) if executor is not None else None
                 if args is not None:
-                    fs.append(executor.submit(call, *args))
+                    fs.append(executor._submit(call, args, {}, options))
                 del executor
             # Yield straight from the call: holding the future (or the value)
             # in this frame while suspended would keep the result alive (bpo-14406).
@@ -489,6 +538,47 @@ def _result_iterator(fs, end_time, calls, call, executor_ref):
     finally:
         for future in fs:
             future.cancel()
+
+
+class ExecutorOptions:
+    """What :meth:`Executor.options` returns: its ``submit`` and ``map``, with options.
+
+    A view, not a copy: it holds the executor and a validated set of
+    options, and every task it submits carries them. The executor itself,
+    and other views, are unaffected. Anything else (``shutdown``, ``put``,
+    attributes) is the executor's.
+
+    .. versionadded:: 0.1
+    """
+
+    __slots__ = ("_executor", "_options", "__weakref__")
+
+    def __init__(self, executor, options):
+        self._executor = executor
+        self._options = options
+
+    def submit(self, fn, /, *args, **kwargs):
+        """:meth:`Executor.submit`, the task with this view's options."""
+        return self._executor._submit(fn, args, kwargs, self._options)
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None, progress=None):
+        """:meth:`Executor.map`, each task with this view's options.
+
+        ``timeout`` is ``map``'s own (a deadline for the iteration, from this
+        call), not the tasks': that one is set with ``options(timeout=...)``.
+        """
+        return self._executor._map(fn, iterables, timeout, chunksize, buffersize, progress,
+                                   self._options)
+
+    def options(self, **options):
+        """A view with these options added to (or replacing) this view's."""
+        return ExecutorOptions(self._executor, task_options(self._options, options))
+
+    def __getattr__(self, name):
+        return getattr(self._executor, name)
+
+    def __repr__(self) -> str:
+        return f"<{self._options!r} of {self._executor!r}>"
 
 
 ProcessPoolExecutor = Executor

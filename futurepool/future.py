@@ -13,6 +13,8 @@ It subclasses the stdlib class, so ``concurrent.futures.wait`` and
   :class:`~futurepool.errors.UnpicklingFailedError` naming the result.
 * A done-callback that raises, even ``SystemExit``, is logged and the others
   still run: it can never take down the owner's I/O thread.
+* :meth:`Future.stop` stops a task that is already running (``cancel()``
+  keeps the stdlib's contract: pending tasks only).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 from concurrent.futures import Future as _StdFuture
+from concurrent.futures._base import CANCELLED, FINISHED, RUNNING
 
 from .errors import ObjectLostError, UnpicklingFailedError
 from .store import serialize
@@ -57,6 +60,8 @@ class Future(_StdFuture):
         self.object_id = next(_object_ids)
         self._description = None
         self._encoded = None
+        self._stop_via = None  # the owner's request_stop, once submitted
+        self._task_id = 0
 
     def __reduce__(self):
         if serialize.collect_references(self):
@@ -65,6 +70,39 @@ class Future(_StdFuture):
             "futurepool.Future can only be pickled as an argument of a task submitted to a"
             " futurepool executor, where it stands for its result; pass future.result() to"
             " send the value itself")
+
+    def stop(self) -> bool:
+        """Stop the task, even if it is already running; True if it will not complete.
+
+        A pending task is cancelled, as by :meth:`cancel`. A running one is
+        interrupted in its worker the way a timeout interrupts it
+        (``options(timeout=...)``): a ``CancelledError`` is raised inside the
+        task, so its ``finally`` blocks and context managers run, and if it
+        has not ended ``config.INTERRUPT_GRACE`` seconds later (0.5) its
+        worker is killed and replaced. Either way the future is cancelled at
+        once: ``cancelled()`` is True and ``result()`` raises
+        ``CancelledError``; the task itself ends shortly after, on whichever
+        host it runs. Other tasks are untouched. A task that already
+        finished is not affected, and False is returned.
+
+        Returns:
+            True if the future is now cancelled, False if it had finished.
+
+        .. versionadded:: 0.1
+        """
+        if self.cancel():
+            return True
+        with self._condition:
+            if self._state == FINISHED:
+                return False
+            if self._state != RUNNING:  # cancelled by now (by cancel(), or another stop)
+                return True
+            self._state = CANCELLED
+            self._condition.notify_all()
+        if self._stop_via is not None:
+            self._stop_via(self._task_id)
+        self._invoke_callbacks()
+        return True
 
     # -- set by the owner -----------------------------------------------------
 

@@ -24,6 +24,8 @@ Intended differences from the stdlib (exception types kept):
   ``WorkerCrashedError`` if running) instead of never completing.
 * ``map``, ``imap`` and ``imap_unordered`` take a keyword-only ``progress``
   (:mod:`futurepool.progress`).
+* ``options(timeout=..., max_retries=...)`` returns a view whose calls give
+  their tasks those options, as ``Executor.options`` (:class:`PoolOptions`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from .errors import ResultPicklingError
 from .executor import Executor, _default_workers, _listen_from_environment
 from .future import Future
 
-__all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult"]
+__all__ = ["Pool", "PoolOptions", "AsyncResult", "ApplyResult", "MapResult"]
 
 INIT, RUN, CLOSE, TERMINATE = "INIT", "RUN", "CLOSE", "TERMINATE"
 
@@ -455,6 +457,24 @@ class Pool:
 
     # -- submitting -----------------------------------------------------------
 
+    def options(self, **options):
+        """A view of this pool whose tasks carry ``options``; the pool is unchanged.
+
+        The view has ``apply``, ``apply_async``, ``map``, ``map_async``,
+        ``starmap``, ``starmap_async``, ``imap`` and ``imap_unordered``, with
+        the stdlib's signatures. The options are those of
+        :meth:`futurepool.Executor.options`: ``timeout`` (seconds each task,
+        a whole chunk with ``chunksize`` > 1, may run once started; past it
+        the task is stopped and its result raises
+        :class:`~futurepool.errors.TaskTimeoutError`) and ``max_retries``.
+
+        Raises:
+            TypeError, ValueError: as :meth:`futurepool.Executor.options`.
+
+        .. versionadded:: 0.1
+        """
+        return PoolOptions(self, self._executor.options(**options))
+
     def apply(self, func, args=(), kwds={}):  # noqa: B006 - the stdlib's signature
         """Call ``func(*args, **kwds)`` in a worker and return its result."""
         return self.apply_async(func, args, kwds).get()
@@ -619,3 +639,39 @@ def _chunks(iterable, size):
     it = iter(iterable)
     while batch := list(itertools.islice(it, size)):
         yield batch
+
+
+class PoolOptions:
+    """What :meth:`Pool.options` returns: the pool's calls, their tasks with options.
+
+    A view: the pool's own methods run with this view's executor view in
+    place of the pool's executor; everything else is the pool's.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, pool, executor_view):
+        self._pool = pool
+        self._executor = executor_view
+
+    def options(self, **options):
+        """A view with these options added to (or replacing) this view's."""
+        return PoolOptions(self._pool, self._executor.options(**options))
+
+    def __getattr__(self, name):
+        return getattr(self._pool, name)
+
+    def __repr__(self) -> str:
+        return f"<{self._executor._options!r} of {self._pool!r}>"
+
+    apply = Pool.apply
+    apply_async = Pool.apply_async
+    map = Pool.map
+    map_async = Pool.map_async
+    starmap = Pool.starmap
+    starmap_async = Pool.starmap_async
+    imap = Pool.imap
+    imap_unordered = Pool.imap_unordered
+    _map_async = Pool._map_async
+    _imap = Pool._imap
+    _imap_shown = Pool._imap_shown

@@ -20,6 +20,7 @@ PUBLIC_NAMES = sorted(
         "Pool",
         "ObjectStoreFullError",
         "ObjectLostError",
+        "TaskTimeoutError",
         "as_completed",
     ]
 )
@@ -60,3 +61,7 @@ def test_as_completed_is_the_stdlib_one_plus_progress():
 def test_errors_share_one_root():
     errors = [getattr(futurepool, name) for name in PUBLIC_NAMES if name.endswith("Error")]
     assert all(issubclass(error, futurepool.FuturePoolError) for error in errors)
+
+
+def test_task_timeout_is_a_builtin_timeout():
+    assert issubclass(futurepool.TaskTimeoutError, TimeoutError)

@@ -14,9 +14,11 @@ class Task:
     """One submitted call, as the owner tracks it until its future settles."""
 
     __slots__ = ("task_id", "future", "fn_id", "fn_bytes", "fn_name", "args", "deps",
-                 "waiting", "attempt", "retries_left", "deaths", "started", "estimate")
+                 "waiting", "attempt", "retries_left", "deaths", "started", "estimate",
+                 "timeout", "retry_timeouts")
 
-    def __init__(self, future, fn_id, fn_bytes, fn_name, args, deps, retries):
+    def __init__(self, future, fn_id, fn_bytes, fn_name, args, deps, retries, timeout=0.0,
+                 retry_timeouts=False):
         self.task_id = next(_task_ids)
         self.future = future
         self.fn_id = fn_id
@@ -30,9 +32,57 @@ class Task:
         self.deaths = 0
         self.started = False
         self.estimate = 0.0  # seconds the scheduler expected when it sent it
+        self.timeout = timeout  # seconds it may run in its worker; 0.0: no limit
+        self.retry_timeouts = retry_timeouts  # max_retries given with the timeout: re-run
 
     def describe(self) -> str:
         return f"task {self.task_id} ({self.fn_name})"
+
+
+class TaskOptions:
+    """What ``options()`` sets for the tasks of one view; None keeps the executor's.
+
+    Built (and validated) once per view by :func:`task_options`, then only
+    read by ``Owner.make_task``: the per-task cost is one attribute read per
+    option.
+    """
+
+    __slots__ = ("timeout", "max_retries")
+    #: The keys ``options()`` accepts (``resources`` and ``memory_limit`` come later).
+    KEYS = ("timeout", "max_retries")
+
+    def __init__(self, timeout=None, max_retries=None):
+        self.timeout = timeout
+        self.max_retries = max_retries
+
+    def __repr__(self) -> str:
+        given = ", ".join(f"{key}={getattr(self, key)!r}" for key in self.KEYS
+                          if getattr(self, key) is not None)
+        return f"options({given})"
+
+
+def task_options(base: TaskOptions | None, given: dict) -> TaskOptions:
+    """``base`` updated with ``given`` (the keyword arguments of ``options()``), validated."""
+    unknown = sorted(set(given) - set(TaskOptions.KEYS))
+    if unknown:
+        raise TypeError(f"options() got an unexpected keyword argument {unknown[0]!r};"
+                        f" it accepts {', '.join(TaskOptions.KEYS)}")
+    merged = {key: getattr(base, key) for key in TaskOptions.KEYS} if base else {}
+    merged.update(given)
+    timeout = merged.get("timeout")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+        if not timeout > 0 or timeout != timeout or timeout == float("inf"):
+            raise ValueError(f"timeout must be > 0 and finite, got {timeout!r}")
+        timeout = float(timeout)
+    retries = merged.get("max_retries")
+    if retries is not None:
+        if isinstance(retries, bool) or not isinstance(retries, int):
+            raise TypeError(f"max_retries must be an integer or None, got {retries!r}")
+        if retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {retries!r}")
+    return TaskOptions(timeout, retries)
 
 
 def pickling_error(what: str, exc: BaseException) -> BaseException:

@@ -178,11 +178,11 @@ class Node:
             if worker_id is None:  # left by a dead worker: no report, no respawn
                 self.orphans.pop(pid, None)
                 continue
-            task_id, attempt = RUNNING_SLOT.unpack_from(slot)
+            task_id, attempt, interrupt = RUNNING_SLOT.unpack_from(slot)
             slot.close()
             exitcode, signame = describe_status(status)
             self.report(MessageType.WORKER_EXITED,
-                        (worker_id, pid, exitcode, signame, task_id, attempt))
+                        (worker_id, pid, exitcode, signame, task_id, attempt, interrupt))
             if exitcode == EXIT_INITIALIZER_FAILED or task_id == INITIALIZING:
                 self.no_respawn = True  # a failing initializer breaks the pool: no storm
                 continue

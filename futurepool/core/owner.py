@@ -48,7 +48,7 @@ import tempfile
 import threading
 import time
 import weakref
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, InvalidStateError
 from multiprocessing import resource_tracker
 
 import zmq
@@ -59,6 +59,7 @@ from ..errors import (
     ObjectLostError,
     ObjectStoreFullError,
     ProtocolError,
+    TaskTimeoutError,
     UnpicklingFailedError,
     WorkerCrashedError,
 )
@@ -72,7 +73,13 @@ from .head import Head, head_keys
 from .lifetime import RUN_DIR_PREFIX, close_fds, live_owners, sweep_run_dirs, weak_method
 from .local_node import LocalNode, LocalWorkers
 from .output import OutputPrinter
-from .processes import EXIT_INITIALIZER_FAILED, EXIT_START_FAILED, INITIALIZING, WorkerProcess
+from .processes import (
+    EXIT_INITIALIZER_FAILED,
+    EXIT_START_FAILED,
+    INITIALIZING,
+    INTERRUPT_TIMEOUT,
+    WorkerProcess,
+)
 from .scheduler import Scheduler, WorkerSlot
 from .startup import FORK, check_not_importing_main
 
@@ -111,6 +118,8 @@ class Owner:
         # shut-down executor's owner and thread are freed with the executor, as the
         # stdlib's are, not at the next cyclic collection.
         self.functions = serialize.FunctionCache(weak_method(self.dumps))
+        # What Future.stop() calls: one per owner, shared by its futures.
+        self.stop_hook = weak_method(self.request_stop)
         # Workers on demand (spawn semantics, as the stdlib): one more per submit that
         # finds no idle worker. ``requested`` is written by user threads only.
         self.on_demand = workers_on_demand
@@ -240,8 +249,11 @@ class Owner:
         if self.sleeping:
             os.eventfd_write(self.wake_fd, 1)
 
-    def make_task(self, future, fn, args, kwargs) -> Task:
-        """Pickle a call (in the caller's thread); raises PicklingError naming the culprit."""
+    def make_task(self, future, fn, args, kwargs, options=None) -> Task:
+        """Pickle a call (in the caller's thread); raises PicklingError naming the culprit.
+
+        ``options``: a :class:`calls.TaskOptions` from ``options()``, or None.
+        """
         try:
             fn_id, fn_bytes = self.functions.get(fn)
         except KeyboardInterrupt:
@@ -255,10 +267,23 @@ class Owner:
             raise
         except BaseException as exc:  # noqa: BLE001 - sys.exit() in a __reduce__ too
             raise pickling_error(culprit(fn, args, kwargs), exc)  # noqa: B904 - as above
-        task = Task(future, fn_id, fn_bytes, serialize.describe_callable(fn), data, deps,
-                    self.max_retries)
+        if options is None:
+            task = Task(future, fn_id, fn_bytes, serialize.describe_callable(fn), data, deps,
+                        self.max_retries)
+        else:
+            # A max_retries given with a timeout also re-runs timed-out attempts.
+            retries = options.max_retries
+            task = Task(future, fn_id, fn_bytes, serialize.describe_callable(fn), data, deps,
+                        self.max_retries if retries is None else retries,
+                        options.timeout or 0.0, retries is not None)
         future._description = task.describe()
+        future._stop_via = self.stop_hook
+        future._task_id = task.task_id
         return task
+
+    def request_stop(self, task_id: int) -> None:
+        """Future.stop() on a dispatched task (its future is already cancelled)."""
+        self.post(("stop", task_id))
 
     def free_piece(self, location) -> None:
         """A stored piece lost its last holder (called from finalizers, any thread)."""
@@ -390,6 +415,8 @@ class Owner:
                 self._dependency_done(command[1], command[2])
             elif kind == "free":
                 self._free(command[1])
+            elif kind == "stop":
+                self._stop_task(command[1])
             elif kind == "scale":
                 if self.node is not None:
                     self.node.scale(command[1])
@@ -435,6 +462,24 @@ class Owner:
         task.waiting -= 1
         if task.waiting == 0:
             self.ready.append(task)
+
+    def _stop_task(self, task_id: int) -> None:
+        """Interrupt a task its user stopped: in its worker if sent, else drop it here."""
+        task = self.tasks.get(task_id)
+        if task is None:
+            return
+        for worker in self.scheduler.workers.values():
+            if task in worker.inflight:
+                # It settles when the worker reports it STOPPED, or dies (_bury).
+                try:
+                    worker.link.send(worker, MessageType.INTERRUPT, 1,
+                                     serialize.dumps_plain((task.task_id, task.attempt)))
+                except zmq.ZMQError:
+                    pass  # gone: its node reports the death
+                return
+        del self.tasks[task_id]
+        if task in self.ready:  # re-queued after its worker died
+            self.ready.remove(task)
 
     def _cancel_pending(self, commit_head: bool = True) -> None:
         """Cancel what has not started; as in the stdlib, what fits the pool has.
@@ -507,6 +552,9 @@ class Owner:
                     self.tasks.pop(task.task_id, None)
                     continue
                 task.started = True
+            elif task.future.cancelled():  # re-queued, then stopped: Future.stop()
+                self.tasks.pop(task.task_id, None)
+                continue
             if task.fn_id in worker.functions:
                 fn_bytes = b""
                 worker.functions.move_to_end(task.fn_id)
@@ -527,7 +575,7 @@ class Owner:
                 args = serialize.inline(args)
                 deps = tuple((oid, serialize.inline(payload)) for oid, payload in deps)
             batches.setdefault(worker, []).append(
-                (task.task_id, task.attempt, task.fn_id, fn_bytes, args, deps))
+                (task.task_id, task.attempt, task.fn_id, fn_bytes, args, deps, task.timeout))
         for worker, items in batches.items():
             try:
                 worker.link.send(worker, MessageType.TASKS, len(items),
@@ -618,6 +666,8 @@ class Owner:
                 self.tasks.pop(task.task_id, None)
                 try:
                     task.future._set_encoded_result(payload)
+                except InvalidStateError:
+                    pass  # stopped (Future.stop) as it finished: it stays cancelled
                 except BaseException:  # noqa: BLE001 - a callback must not stop us
                     LOGGER.exception("setting the result of %s", task.describe())
             elif status == ResultStatus.ERROR:
@@ -639,11 +689,29 @@ class Owner:
                     f" worker and the pool are fine.{hint}", what="arguments")
                 error.__cause__ = original
                 self._settle_exception(task, error)
+            elif status == ResultStatus.TIMED_OUT:
+                if self._retry_timeout(task):
+                    continue
+                error = TaskTimeoutError(task.describe(), task.timeout)
+                if payload:  # what the task raised when interrupted, with its traceback
+                    error.__cause__ = serialize.loads_exception(payload)
+                self._settle_exception(task, error)
+            elif status == ResultStatus.STOPPED:
+                self.tasks.pop(task.task_id, None)  # its future was cancelled by stop()
             elif status == ResultStatus.MISSING_FUNCTION:
                 worker.functions.pop(task.fn_id, None)
                 self.ready.appendleft(task)
                 if worker.quota is not None:
                     worker.quota += 1
+
+    def _retry_timeout(self, task: Task) -> bool:
+        """Re-run a timed-out task if its options gave it retries; whether it was."""
+        if not task.retry_timeouts or task.retries_left <= 0 or task.future.done():
+            return False
+        task.retries_left -= 1
+        task.attempt += 1
+        self.ready.appendleft(task)
+        return True
 
     def _settle_exception(self, task: Task, exc: BaseException) -> None:
         self.tasks.pop(task.task_id, None)
@@ -701,8 +769,12 @@ class Owner:
                 self.processes_changed.notify_all()
 
     def _worker_exited(self, worker_id, pid, exitcode, signal_name, running_id=None,
-                       running_attempt=0, detail="") -> None:
-        """A worker died; ``running_id`` is what its slot said it ran (None: unknown)."""
+                       running_attempt=0, interrupt=0, detail="") -> None:
+        """A worker died; ``running_id`` is what its slot said it ran (None: unknown).
+
+        ``interrupt``: why that task was being interrupted (processes.INTERRUPT_*):
+        its worker killed itself because the task outlived the grace.
+        """
         self._process_gone(pid, exitcode, signal_name, worker_id)
         slot = self.scheduler.workers.get(worker_id)
         if exitcode == EXIT_START_FAILED:
@@ -731,10 +803,10 @@ class Owner:
         slot.alive = False
         # Results it sent just before dying may still be in flight: wait a moment.
         self._add_timer(config.DEATH_GRACE, lambda: self._bury(
-            slot, exitcode, signal_name, detail, running_id, running_attempt))
+            slot, exitcode, signal_name, detail, running_id, running_attempt, interrupt))
 
     def _bury(self, slot: WorkerSlot, exitcode, signal_name, detail, running_id,
-              running_attempt) -> None:
+              running_attempt, interrupt=0) -> None:
         if self.scheduler.workers.get(slot.worker_id) is slot:
             del self.scheduler.workers[slot.worker_id]
         if self.by_routing.get(slot.routing_id) is slot:
@@ -767,6 +839,14 @@ class Owner:
         # Never started (or finished, result lost with the worker): run them elsewhere.
         self._requeue(slot, len(slot.inflight))
         if running is None:
+            return
+        if running.future.done():  # stopped by Future.stop(): it is cancelled already
+            self.tasks.pop(running.task_id, None)
+            return
+        if interrupt == INTERRUPT_TIMEOUT:  # killed past its timeout's grace
+            if not self._retry_timeout(running):
+                self._settle_exception(running, TaskTimeoutError(
+                    running.describe(), running.timeout, killed=True))
             return
         running.deaths += 1
         if running.retries_left > 0:

@@ -15,12 +15,18 @@ EXIT_INITIALIZER_FAILED = 77
 #: Exit code of a worker that could not import the main script (spawn semantics).
 EXIT_START_FAILED = 78
 
-#: Each worker shares a 12-byte slot with its node (an anonymous shared mmap
-#: made before the fork) holding ``(task_id, attempt)`` of what it is running,
-#: 0 when idle. When a worker dies the node reads it, so the owner fails
-#: exactly the task that was running and re-queues the ones the worker had
-#: not started, at the cost of one memory write per task.
-RUNNING_SLOT = struct.Struct("<QI")
+#: Each worker shares a 16-byte slot with its node (an anonymous shared mmap
+#: made before the fork) holding ``(task_id, attempt, interrupt)`` of what it
+#: is running, 0 when idle. When a worker dies the node reads it, so the owner
+#: fails exactly the task that was running and re-queues the ones the worker
+#: had not started, at the cost of one memory write per task. ``interrupt``
+#: says why the task was being interrupted when the worker died (a worker
+#: kills itself when an interrupted task does not end: core.worker), so that
+#: the owner fails it with the right error rather than as a crash.
+RUNNING_SLOT = struct.Struct("<QII")
+INTERRUPT_NONE = 0
+INTERRUPT_TIMEOUT = 1
+INTERRUPT_STOP = 2
 #: ``task_id`` while the pool's initializer runs.
 INITIALIZING = (1 << 64) - 1
 

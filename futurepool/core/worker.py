@@ -11,8 +11,39 @@ quick, results already computed wait to travel in one message. A function
 not yet timed, or a slow one, first flushes what is held. Past speed does
 not promise the next call's, so a flusher thread sends whatever is still
 held ``_HOLD_SECONDS`` after holding began, even while the main thread is
-stuck in a task. The socket and the outbox are shared by these two threads
-under ``self.lock``.
+stuck in a task. The socket and the outbox are shared by the threads under
+``self.lock``.
+
+Interrupting a task (a ``timeout`` from ``options()``, or ``Future.stop()``)::
+
+    main thread                     watchdog thread               node
+    ───────────                     ───────────────               ────
+    run_task: slot = (id, attempt)  every _WATCH_SECONDS while a
+      setitimer(timeout) ─┐         task runs, under self.lock:
+      fn(*args) ◄─ SIGALRM┤           read what arrived: INTERRUPT
+         handler raises   │           for the running task ─► pthread_kill(main, SIGALRM)
+         TaskTimeoutError │           anything else ─► inbox (main takes it, in order)
+         or CancelledError│         past deadline + INTERRUPT_GRACE and
+      report TIMED_OUT /  │           still the same task: slot.interrupt = why,
+      STOPPED             │           SIGKILL itself ──────────────► reaps, reports the
+                          └ one raise per task                       slot: owner fails the
+                                                                     future as a timeout
+
+The timer lives in the worker (``signal.setitimer``), so a limit works the
+same on every host and counts from the moment the function is called. The
+signal interrupts a blocking system call too (``time.sleep``, a read): the
+handler raises, so the call fails with the exception (PEP 475) and the task's
+``finally`` blocks run. The handler raises once per task; a task that catches
+the exception and carries on, or that is stuck in C code that never returns
+to the interpreter (but releases the GIL), is ended by the watchdog: it marks
+the shared slot with the reason and kills its own process, the node reports
+the death with the slot, and the owner fails the future with
+``TaskTimeoutError`` (or leaves it cancelled, for a stop) instead of
+``WorkerCrashedError``; the node starts a replacement. A stop for a task still
+queued here drops it unstarted. Limitation: C code that holds the GIL keeps
+both threads out until it returns. Workers own SIGALRM: a task that sets its
+own handler (``signal.alarm``) disables its timeout while that handler is in
+place.
 """
 
 from __future__ import annotations
@@ -22,14 +53,16 @@ import faulthandler
 import logging
 import multiprocessing.util
 import os
+import signal
 import threading
 import time
 import traceback
+from concurrent.futures import CancelledError
 
 import zmq
 
 from .. import config
-from ..errors import ObjectStoreFullError, ProtocolError, ResultPicklingError
+from ..errors import ObjectStoreFullError, ProtocolError, ResultPicklingError, TaskTimeoutError
 from ..protocol import faults, security
 from ..protocol.channel import Channel
 from ..protocol.framing import decode_header, pack_header
@@ -38,7 +71,14 @@ from ..store import serialize
 from ..store.objects import WorkerStore
 from ..store.segments import Location
 from .output import OutputCapture
-from .processes import EXIT_INITIALIZER_FAILED, EXIT_START_FAILED, INITIALIZING, RUNNING_SLOT
+from .processes import (
+    EXIT_INITIALIZER_FAILED,
+    EXIT_START_FAILED,
+    INITIALIZING,
+    INTERRUPT_STOP,
+    INTERRUPT_TIMEOUT,
+    RUNNING_SLOT,
+)
 from .startup import importing, prepare_main
 
 # The stdlib logs initializer failures here; code (and CPython's tests) watch it.
@@ -49,6 +89,10 @@ _QUICK_SECONDS = 0.0001
 _FUNCTION_CACHE_SIZE = 512
 #: How often an idle worker holding mappings checks for unlinked ones.
 _IDLE_CHECK_MS = 200
+#: How often the watchdog looks for an INTERRUPT, and at a deadline, while a task runs.
+_WATCH_SECONDS = 0.01
+#: The interval timer fires on time; the monotonic clock may read a hair earlier.
+_CLOCK_SLACK = 0.005
 
 
 def routing_id(worker_id: int) -> bytes:
@@ -106,6 +150,23 @@ class Worker:
         self.flusher = threading.Thread(target=self._flush_late, name="futurepool-flusher",
                                         daemon=True)
         self.flusher.start()
+        # Interrupts (module docstring). The main thread writes the per-task state;
+        # the watchdog and the SIGALRM handler only read it.
+        self.inbox: list = []  # messages the watchdog read while a task ran (under lock)
+        self.busy = threading.Event()  # tasks are being served: the watchdog watches
+        self.current = None   # (task_id, attempt) inside run_task
+        self.in_call = False  # inside the task's function: the handler may raise
+        self.raised = False   # the handler raised into this task already
+        self.deadline = 0.0   # monotonic time the running task's timeout falls due
+        self.interrupted = 0  # INTERRUPT_* the running task got, 0: none
+        self.stopping = None  # (task_id, attempt) the watchdog was told to stop
+        self.kill_at = None   # (task_id, attempt, why, monotonic time)
+        self.limit = ("", 0.0)  # (task description, timeout): what TaskTimeoutError names
+        self.main_thread = threading.get_ident()
+        signal.signal(signal.SIGALRM, self._on_alarm)
+        self.watchdog = threading.Thread(target=self._watch, name="futurepool-watchdog",
+                                         daemon=True)
+        self.watchdog.start()
 
     def _send_output(self, stream: int, data: bytes) -> None:
         with self.lock:
@@ -129,9 +190,9 @@ class Worker:
 
     def _resend_locked(self, now: float) -> None:
         """Over TCP: send again what the owner has not acknowledged in time."""
-        self._greet_locked()
         if now < self.next_resend:
             return
+        self._greet_locked()  # (a zmq poll: not on every flush)
         self.next_resend = now + config.HEARTBEAT_INTERVAL
         for header, body in self.channel.due(now):
             self.sock.send_multipart([header, body])
@@ -154,18 +215,37 @@ class Worker:
     def _send_ack_locked(self) -> None:
         self.sock.send_multipart([self.channel.plain(MessageType.ACK, 0, self.worker_id), b""])
 
-    def _receive(self):
-        """The next message from the owner (blocking). Over TCP, overdue messages are
+    def _pull_locked(self) -> list:
+        """What arrived, as ``(header, frames)``, in order (over TCP: once each)."""
+        sock, channel = self.sock, self.channel
+        messages = self.inbox
+        self.inbox = []
+        while sock.get(zmq.EVENTS) & zmq.POLLIN:
+            frames = sock.recv_multipart()
+            header = decode_header(frames[0])
+            if channel is None:
+                messages.append((header, frames))
+            else:  # in order, once (a duplicate or an early one: nothing)
+                messages.extend(channel.receive(header.seq, header.ack, (header, frames)))
+        return messages
+
+    def _receive(self) -> list:
+        """The next messages from the owner (blocking). Over TCP, overdue messages are
         sent again meanwhile."""
         sock, lock, channel = self.sock, self.lock, self.channel
         if channel is None:
             with lock:  # the outbox is empty: the flusher has nothing to send
-                return sock.recv_multipart()
+                if self.inbox:
+                    return self._pull_locked()
+                frames = sock.recv_multipart()
+                return [(decode_header(frames[0]), frames)]
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
         while True:
             with lock:
+                if self.inbox:
+                    return self._pull_locked()
                 wait = config.HEARTBEAT_INTERVAL
                 if channel.unacked:  # wake when the oldest is due, not a tick later
                     wait = min(wait, max(0.01, next(iter(channel.unacked.values()))[4]
@@ -173,8 +253,13 @@ class Worker:
                     self.next_resend = 0.0
                 if channel.ack_pending:  # a duplicate came: the owner missed our ack
                     self._send_ack_locked()
-                if sock in dict(poller.poll(wait * 1000)):
-                    return sock.recv_multipart()
+                ready = dict(poller.poll(wait * 1000))
+                if sock in ready:
+                    messages = self._pull_locked()
+                    if messages:
+                        return messages
+                if self.monitor in ready:  # dialled again: introduce ourselves at once
+                    self._greet_locked()
                 self._resend_locked(time.monotonic())
 
     def _settle_channel(self) -> None:
@@ -191,7 +276,9 @@ class Worker:
             self.capture.close()
         self.closing = True
         self.holding.set()
+        self.busy.set()
         self.flusher.join()
+        self.watchdog.join(1.0)
         if self.channel is not None:
             try:
                 self._settle_channel()
@@ -224,14 +311,14 @@ class Worker:
         data = self.settings.get("preparation")
         if data is None:
             return True
-        RUNNING_SLOT.pack_into(self.slot, 0, INITIALIZING, 0)
+        RUNNING_SLOT.pack_into(self.slot, 0, INITIALIZING, 0, 0)
         try:
             prepare_main(data)
         except BaseException as exc:  # noqa: BLE001 - SystemExit in the script too
             traceback.print_exc()
             self._send_failure(MessageType.START_FAILED, exc)
             return False
-        RUNNING_SLOT.pack_into(self.slot, 0, 0, 0)
+        RUNNING_SLOT.pack_into(self.slot, 0, 0, 0, 0)
         return True
 
     def _send_failure(self, kind: MessageType, exc: BaseException) -> None:
@@ -243,7 +330,7 @@ class Worker:
         blob = self.settings.get("initializer")
         if blob is None and (inherited is None or inherited.get("initializer") is None):
             return True
-        RUNNING_SLOT.pack_into(self.slot, 0, INITIALIZING, 0)
+        RUNNING_SLOT.pack_into(self.slot, 0, INITIALIZING, 0, 0)
         try:
             if blob is None:
                 initializer, initargs = inherited["initializer"], inherited["initargs"]
@@ -259,20 +346,25 @@ class Worker:
             multiprocessing.util._exit_function()
             self._send_failure(MessageType.INIT_FAILED, exc)
             return False
-        RUNNING_SLOT.pack_into(self.slot, 0, 0, 0)
+        RUNNING_SLOT.pack_into(self.slot, 0, 0, 0, 0)
         return True
 
     # -- tasks ----------------------------------------------------------------
 
     def run_task(self, item) -> tuple:
-        task_id, attempt, fn_id, fn_bytes, args_bytes, deps = item
-        RUNNING_SLOT.pack_into(self.slot, 0, task_id, attempt)
+        task_id, attempt, fn_id, fn_bytes, args_bytes, deps, timeout = item
+        RUNNING_SLOT.pack_into(self.slot, 0, task_id, attempt, 0)
+        self.raised = False
+        self.interrupted = 0
+        self.current = (task_id, attempt)
         try:
-            return self._run(task_id, attempt, fn_id, fn_bytes, args_bytes, deps)
+            return self._run(task_id, attempt, fn_id, fn_bytes, args_bytes, deps, timeout)
         finally:
-            RUNNING_SLOT.pack_into(self.slot, 0, 0, 0)
+            self.current = None
+            self.kill_at = None
+            RUNNING_SLOT.pack_into(self.slot, 0, 0, 0, 0)
 
-    def _run(self, task_id, attempt, fn_id, fn_bytes, args_bytes, deps) -> tuple:
+    def _run(self, task_id, attempt, fn_id, fn_bytes, args_bytes, deps, timeout) -> tuple:
         try:
             fn = self.functions.get(fn_id)
             if fn is None:
@@ -290,13 +382,31 @@ class Worker:
             return (task_id, attempt, ResultStatus.ARGS_FAILED,
                     serialize.dumps_exception(exc), 0.0), None
         start = time.perf_counter()
+        if timeout:
+            self.deadline = time.monotonic() + timeout
+            self.kill_at = (task_id, attempt, INTERRUPT_TIMEOUT,
+                            self.deadline + config.INTERRUPT_GRACE)
+            self.limit = (f"task {task_id} ({serialize.describe_callable(fn)})", timeout)
         try:
+            self.in_call = True  # before the timer: the handler raises in here only
+            if timeout:
+                signal.setitimer(signal.ITIMER_REAL, timeout)
             result = fn(*args, **kwargs)
+            self.in_call = False
+            if timeout:
+                signal.setitimer(signal.ITIMER_REAL, 0)
         except BaseException as exc:  # noqa: BLE001 - sys.exit() in a task is its result
+            self.in_call = False
+            if timeout:
+                signal.setitimer(signal.ITIMER_REAL, 0)
             took = time.perf_counter() - start
+            if self.interrupted:
+                return self._interrupted(task_id, attempt, exc, took), (args, kwargs)
             return (task_id, attempt, ResultStatus.ERROR, serialize.dumps_exception(exc),
                     took), (args, kwargs)
         took = time.perf_counter() - start
+        if self.interrupted:  # it caught the interrupt and returned: stopped all the same
+            return self._interrupted(task_id, attempt, None, took), (args, kwargs, result)
         try:
             payload = serialize.dumps_result(result, self.store)
         except ObjectStoreFullError as exc:  # this future fails; the worker is fine
@@ -313,6 +423,85 @@ class Worker:
             return (task_id, attempt, ResultStatus.ERROR, serialize.dumps_exception(exc),
                     took), (args, kwargs, result)
         return (task_id, attempt, ResultStatus.OK, payload, took), (args, kwargs, result)
+
+    # -- interrupts (module docstring) ---------------------------------------------
+
+    def _on_alarm(self, _signum, _frame) -> None:
+        """SIGALRM, in the main thread: the timer, or the watchdog passing on a stop."""
+        current = self.current
+        if current is None:
+            return  # between tasks: late for one that already ended
+        if self.stopping == current:
+            why = INTERRUPT_STOP
+        elif self.kill_at is not None and time.monotonic() >= self.deadline - _CLOCK_SLACK:
+            why = INTERRUPT_TIMEOUT
+        else:
+            return  # late for an earlier task
+        if not self.interrupted:
+            self.interrupted = why
+            RUNNING_SLOT.pack_into(self.slot, 0, current[0], current[1], why)
+        if self.in_call and not self.raised:
+            self.raised = True
+            if why == INTERRUPT_STOP:
+                raise CancelledError(f"task {current[0]} was stopped by Future.stop()")
+            raise TaskTimeoutError(*self.limit)
+
+    def _interrupted(self, task_id, attempt, exc, took) -> tuple:
+        """The outcome of an interrupted task, whatever it raised or returned."""
+        if self.interrupted == INTERRUPT_STOP:
+            return (task_id, attempt, ResultStatus.STOPPED, b"", took)
+        payload = serialize.dumps_exception(exc) if exc is not None else b""
+        return (task_id, attempt, ResultStatus.TIMED_OUT, payload, took)
+
+    def _watch(self) -> None:
+        """The watchdog thread: INTERRUPT messages during a task, and the kill past a grace."""
+        while not self.closing:
+            if not self.busy.wait(config.HEARTBEAT_INTERVAL):
+                continue
+            time.sleep(_WATCH_SECONDS)
+            if self.closing:
+                return
+            if self.current is None:
+                continue  # between tasks the main thread reads the socket itself
+            kill = self.kill_at
+            if kill is not None and time.monotonic() >= kill[3] \
+                    and self.current == (kill[0], kill[1]):
+                # Say why in the slot first: the node reports it with the death.
+                RUNNING_SLOT.pack_into(self.slot, 0, kill[0], kill[1], kill[2])
+                os.kill(os.getpid(), signal.SIGKILL)
+            if not self.lock.acquire(timeout=_WATCH_SECONDS):
+                continue
+            try:
+                messages = self._pull_locked()
+                for header, frames in messages:
+                    if header.kind != MessageType.INTERRUPT or not self._stop_running(frames):
+                        self.inbox.append((header, frames))
+            except (zmq.ZMQError, ProtocolError):
+                pass  # the main thread meets it too, when it reads next
+            finally:
+                self.lock.release()
+
+    def _stop_running(self, frames) -> bool:
+        """An INTERRUPT: stop the running task if it is the one; whether it was."""
+        task = tuple(serialize.loads(frames[1]))
+        if task != self.current:
+            return False
+        if self.stopping != task:
+            self.stopping = task
+            self.kill_at = (*task, INTERRUPT_STOP, time.monotonic() + config.INTERRUPT_GRACE)
+            signal.pthread_kill(self.main_thread, signal.SIGALRM)
+        return True
+
+    def _drop_queued(self, task) -> None:
+        """An INTERRUPT read by the main thread: the task has not started; drop it."""
+        for item in self.queue:
+            if item[0] == task[0] and item[1] == task[1]:
+                self.queue.remove(item)
+                with self.lock:
+                    if not self.outbox:
+                        self.held_since = time.perf_counter()
+                    self.outbox.append((task[0], task[1], ResultStatus.STOPPED, b"", 0.0))
+                return
 
     def flush(self) -> None:
         if self.capture is not None and self.outbox:
@@ -342,6 +531,7 @@ class Worker:
                               serialize.dumps_plain((self.worker_id, os.getpid(), tasks_left)))
         while True:
             if not self.queue:
+                self.busy.clear()
                 self.flush()
                 self.keepalive.clear()
                 reader = self.store.reader
@@ -350,23 +540,22 @@ class Worker:
                     # Unmap what gets unlinked meanwhile (its pages would stay allocated).
                     while reader.has_idle():
                         with lock:
-                            if sock.poll(_IDLE_CHECK_MS):
+                            if self.inbox or sock.poll(_IDLE_CHECK_MS):
                                 break
                         reader.release_idle()
-                frames = self._receive()
-                if not self._accept(frames):
+                if not self._accept(self._receive()):
                     return
+            if self.queue:
+                self.busy.set()
             while self.queue:
                 # Take what else arrived without blocking, so batches stay full.
-                while True:
-                    with lock:
-                        frames = sock.recv_multipart() if sock.get(zmq.EVENTS) & zmq.POLLIN \
-                            else None
-                    if frames is None:
-                        break
-                    if not self._accept(frames):
-                        self.flush()
-                        return
+                with lock:
+                    messages = self._pull_locked()
+                if messages and not self._accept(messages):
+                    self.flush()
+                    return
+                if not self.queue:  # what was queued got stopped (INTERRUPT)
+                    break
                 item = self.queue.popleft()
                 if channel is not None and channel.ack_pending and not self.outbox \
                         and self.run_time.get(item[2], 1.0) >= _QUICK_SECONDS:
@@ -396,14 +585,9 @@ class Worker:
                 elif len(self.outbox) == 1:
                     self.holding.set()
 
-    def _accept(self, frames) -> bool:
-        """Queue a message's tasks; False when the owner says STOP."""
-        header = decode_header(frames[0])
-        if self.channel is None:
-            return self._take(header.kind, frames)
-        with self.lock:  # over TCP: in order, once (a duplicate or an early one: nothing)
-            messages = self.channel.receive(header.seq, header.ack, (header.kind, frames))
-        return all([self._take(kind, frames) for kind, frames in messages])
+    def _accept(self, messages) -> bool:
+        """Queue the messages' tasks; False when the owner says STOP."""
+        return all([self._take(header.kind, frames) for header, frames in messages])
 
     def _take(self, kind: MessageType, frames) -> bool:
         if kind == MessageType.STOP:
@@ -414,6 +598,8 @@ class Worker:
             free = self.store.writer.free
             for location in serialize.loads(frames[1]):
                 free(Location(*location))
+        elif kind == MessageType.INTERRUPT:
+            self._drop_queued(tuple(serialize.loads(frames[1])))
         return True
 
 

@@ -30,7 +30,8 @@ type           direction                  body
 =============  =========================  =====================================
 READY          worker -> owner            (worker_id, pid, tasks_left)
 TASKS          owner -> worker            [(task_id, attempt, fn_id, fn_bytes,
-                                           args_bytes, ((object_id, value),..))]
+                                           args_bytes, ((object_id, value),..),
+                                           timeout seconds or 0.0)]
 RESULTS        worker -> owner            [(task_id, attempt, status, payload,
                                            run_seconds)]
 INIT_FAILED    worker -> owner            exception bytes (serialize.dumps_exception)
@@ -38,10 +39,14 @@ START_FAILED   worker -> owner            exception bytes: importing the main sc
                                           (spawn semantics) failed
 OUTPUT         remote worker -> owner     raw bytes it wrote; count: 1 stdout, 2 stderr
 STOP           owner -> worker            empty
+INTERRUPT      owner -> worker            (task_id, attempt): stop it if running, drop it
+                                          if queued (Future.stop; ident: the worker id,
+                                          which routes it to a remote worker)
 FREE           owner -> worker            [Location tuple, ...] of pieces it wrote
 NODE_CONFIG    driver -> node (pipe)      dict of start-up settings
 WORKER_EXITED  node -> driver (pipe)      (worker_id, pid, exitcode, signal_name,
-                                           running task_id, attempt)
+                                           running task_id, attempt, why it was
+                                           being interrupted: processes.INTERRUPT_*)
 WORKER_STARTED node -> driver (pipe)      (worker_id, pid), right after the fork
 NODE_STOP      driver -> node (pipe)      empty; ident: the signal to stop with (0: none)
 NODE_SCALE     driver -> node (pipe)      empty; ident: how many workers to keep
@@ -65,7 +70,7 @@ from __future__ import annotations
 import enum
 import struct
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAGIC = b"fp"
 HEADER = struct.Struct("<2sBBIQII")
 
@@ -82,6 +87,7 @@ class MessageType(enum.IntEnum):
     FREE = 6
     START_FAILED = 7
     OUTPUT = 8
+    INTERRUPT = 9
     NODE_CONFIG = 10
     WORKER_EXITED = 11
     NODE_STOP = 12
@@ -107,3 +113,5 @@ class ResultStatus(enum.IntEnum):
     ERROR = 1            #: payload is serialize.dumps_exception(...) of the task's exception
     ARGS_FAILED = 2      #: the arguments (or function) could not be unpickled
     MISSING_FUNCTION = 3  #: the worker's cache lost the function: send it again
+    TIMED_OUT = 4        #: interrupted past its timeout; payload: what it raised, or b""
+    STOPPED = 5          #: interrupted (or dropped unstarted) by Future.stop(); payload b""

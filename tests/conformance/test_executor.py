@@ -812,7 +812,7 @@ def test_future_signatures_match_the_stdlib(name):
 
 
 #: Public methods the stdlib does not have, with their signatures.
-FUTUREPOOL_ONLY_SIGNATURES = {"put": "(self, value)"}
+FUTUREPOOL_ONLY_SIGNATURES = {"put": "(self, value)", "options": "(self, **options)"}
 
 
 def test_every_public_executor_method_is_pinned():
