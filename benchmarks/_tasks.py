@@ -87,3 +87,38 @@ def ends(a):
 def total_all(*arrays):
     """The sum of every element of every array."""
     return sum(float(a.sum()) for a in arrays)
+
+
+def _note_start(path):
+    """Write when this task started (the system-wide monotonic clock) to ``path``."""
+    import time
+
+    with open(path, "w") as file:
+        file.write(repr(time.monotonic()))
+
+
+def spin_noting_start(path):
+    """A pure-Python loop that never ends (bench_control: stopped by its timeout)."""
+    _note_start(path)
+    while True:
+        pass
+
+
+def sleep_noting_start(path):
+    """A long ``time.sleep`` (bench_control: interrupted by its timeout)."""
+    import time
+
+    _note_start(path)
+    time.sleep(3600)
+
+
+def swallow_noting_start(path):
+    """Catches every interrupt and sleeps on (bench_control: its worker is killed)."""
+    import time
+
+    _note_start(path)
+    while True:
+        try:
+            time.sleep(3600)
+        except BaseException:  # noqa: BLE001, S110 - the point of the task
+            pass
