@@ -39,6 +39,12 @@ from its own, and reaping its own would steal their exit status from
 ``subprocess`` and ``multiprocessing``); ``max_tasks_per_child`` bounds that.
 If the node itself is SIGKILLed, what dead workers left goes to init.
 
+Time limits (``options(timeout=)``): a worker enforces its tasks' limits
+itself (core.worker), but C code that holds the GIL shuts its threads out.
+So a worker also writes into its slot when a task with a limit must be gone
+for good, and each pass of the node's loop kills a worker still running that
+task past that time, marking the slot so the death reads as a timeout.
+
 Liveness, both ways, without heartbeat traffic:
 * the driver holds the write end of the command pipe: end of file on it
   means the driver is gone, and the node kills its workers and exits;
@@ -68,8 +74,11 @@ from ..store import segments, serialize
 from .processes import (
     EXIT_INITIALIZER_FAILED,
     INITIALIZING,
+    INTERRUPT_TIMEOUT,
     NODE_PROCESS_NAME,
     RUNNING_SLOT,
+    SLOT_INTERRUPT,
+    SLOT_INTERRUPT_OFFSET,
     WORKER_PROCESS_NAME,
     child_pids,
     describe_status,
@@ -178,7 +187,7 @@ class Node:
             if worker_id is None:  # left by a dead worker: no report, no respawn
                 self.orphans.pop(pid, None)
                 continue
-            task_id, attempt, interrupt = RUNNING_SLOT.unpack_from(slot)
+            task_id, attempt, interrupt, _kill_at = RUNNING_SLOT.unpack_from(slot)
             slot.close()
             exitcode, signame = describe_status(status)
             self.report(MessageType.WORKER_EXITED,
@@ -222,6 +231,30 @@ class Node:
             except ProcessLookupError:  # cannot happen to an unreaped child; harmless
                 pass
 
+    def enforce_deadlines(self) -> float:
+        """Kill workers still running a task past its ``kill_at``; the next one due (or inf).
+
+        The backstop of a worker's own watchdog (core.worker), which cannot
+        run while C code holds the GIL. The kill is marked as a timeout in
+        the slot, so the owner fails the task with TaskTimeoutError.
+        """
+        now = time.monotonic()
+        due = math.inf
+        for pid, (_worker_id, _started, slot) in self.workers.items():
+            task_id, _attempt, interrupt, kill_at = RUNNING_SLOT.unpack_from(slot)
+            if not kill_at or not task_id:
+                continue
+            if kill_at > now:
+                due = min(due, kill_at)
+                continue
+            if not interrupt:
+                SLOT_INTERRUPT.pack_into(slot, SLOT_INTERRUPT_OFFSET, INTERRUPT_TIMEOUT)
+            try:
+                os.kill(pid, signal.SIGKILL)  # our unreaped child: the pid is still its own
+            except ProcessLookupError:
+                pass
+        return due
+
     def top_up(self) -> None:
         """Start workers until there are as many as configured (unless backing off)."""
         if self.stopping or self.no_respawn:
@@ -257,12 +290,14 @@ class Node:
         poller.register(self.cmd_fd, select.POLLIN)
         poller.register(self.wakeup_r, select.POLLIN)
         deadline = None
+        kill_due = math.inf  # the next task deadline a worker must be killed at
         while True:
             timeout = config.HEARTBEAT_INTERVAL
             if self.respawn_at is not None:
                 timeout = min(timeout, self.respawn_at - time.monotonic())
             if self.orphans:  # wake for the next SIGKILL that falls due
                 timeout = min(timeout, min(self.orphans.values()) - time.monotonic())
+            timeout = min(timeout, kill_due - time.monotonic())
             for fd, _ in poller.poll(max(0.0, timeout) * 1000):
                 if fd == self.wakeup_r:
                     os.read(self.wakeup_r, 4096)
@@ -275,6 +310,7 @@ class Node:
             # reaped: the pass that reaps a worker also sees what it left.
             children_left = self.reap()
             self.end_orphans()
+            kill_due = self.enforce_deadlines()
             if self.stopping:
                 # Not before the last child is gone: the workers, and what they left.
                 if not children_left:

@@ -15,15 +15,23 @@ EXIT_INITIALIZER_FAILED = 77
 #: Exit code of a worker that could not import the main script (spawn semantics).
 EXIT_START_FAILED = 78
 
-#: Each worker shares a 16-byte slot with its node (an anonymous shared mmap
-#: made before the fork) holding ``(task_id, attempt, interrupt)`` of what it
-#: is running, 0 when idle. When a worker dies the node reads it, so the owner
-#: fails exactly the task that was running and re-queues the ones the worker
-#: had not started, at the cost of one memory write per task. ``interrupt``
-#: says why the task was being interrupted when the worker died (a worker
-#: kills itself when an interrupted task does not end: core.worker), so that
-#: the owner fails it with the right error rather than as a crash.
-RUNNING_SLOT = struct.Struct("<QII")
+#: Each worker shares a 24-byte slot with its node (an anonymous shared mmap
+#: made before the fork) holding ``(task_id, attempt, interrupt, kill_at)`` of
+#: what it is running, 0 when idle. When a worker dies the node reads it, so
+#: the owner fails exactly the task that was running and re-queues the ones
+#: the worker had not started, at the cost of one memory write per task.
+#: ``interrupt`` says why the task was being interrupted when the worker died
+#: (a worker kills itself when an interrupted task does not end: core.worker),
+#: so that the owner fails it with the right error rather than as a crash.
+#: ``kill_at`` (``time.monotonic()``, system-wide on Linux; 0.0: none) is when
+#: a task with a timeout must be gone: the node kills a worker still running
+#: it then, in case C code holding the GIL keeps the worker's own watchdog out.
+RUNNING_SLOT = struct.Struct("<QIId")
+#: Where ``interrupt`` and ``kill_at`` sit in the slot, to write them alone.
+SLOT_INTERRUPT = struct.Struct("<I")
+SLOT_INTERRUPT_OFFSET = 12
+SLOT_KILL_AT = struct.Struct("<d")
+SLOT_KILL_AT_OFFSET = 16
 INTERRUPT_NONE = 0
 INTERRUPT_TIMEOUT = 1
 INTERRUPT_STOP = 2

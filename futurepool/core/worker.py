@@ -40,10 +40,12 @@ the shared slot with the reason and kills its own process, the node reports
 the death with the slot, and the owner fails the future with
 ``TaskTimeoutError`` (or leaves it cancelled, for a stop) instead of
 ``WorkerCrashedError``; the node starts a replacement. A stop for a task still
-queued here drops it unstarted. Limitation: C code that holds the GIL keeps
-both threads out until it returns. Workers own SIGALRM: a task that sets its
-own handler (``signal.alarm``) disables its timeout while that handler is in
-place.
+queued here drops it unstarted. C code that holds the GIL keeps both threads
+of ours out until it returns: for a timeout, the node is the backstop (the
+slot tells it when the task must be gone, and it kills the worker a
+heartbeat after the watchdog would have); a stop waits for the C call.
+Workers own SIGALRM: a task that sets its own handler (``signal.alarm``)
+disables its timeout while that handler is in place.
 """
 
 from __future__ import annotations
@@ -78,6 +80,10 @@ from .processes import (
     INTERRUPT_STOP,
     INTERRUPT_TIMEOUT,
     RUNNING_SLOT,
+    SLOT_INTERRUPT,
+    SLOT_INTERRUPT_OFFSET,
+    SLOT_KILL_AT,
+    SLOT_KILL_AT_OFFSET,
 )
 from .startup import importing, prepare_main
 
@@ -311,14 +317,14 @@ class Worker:
         data = self.settings.get("preparation")
         if data is None:
             return True
-        RUNNING_SLOT.pack_into(self.slot, 0, INITIALIZING, 0, 0)
+        RUNNING_SLOT.pack_into(self.slot, 0, INITIALIZING, 0, 0, 0.0)
         try:
             prepare_main(data)
         except BaseException as exc:  # noqa: BLE001 - SystemExit in the script too
             traceback.print_exc()
             self._send_failure(MessageType.START_FAILED, exc)
             return False
-        RUNNING_SLOT.pack_into(self.slot, 0, 0, 0, 0)
+        RUNNING_SLOT.pack_into(self.slot, 0, 0, 0, 0, 0.0)
         return True
 
     def _send_failure(self, kind: MessageType, exc: BaseException) -> None:
@@ -330,7 +336,7 @@ class Worker:
         blob = self.settings.get("initializer")
         if blob is None and (inherited is None or inherited.get("initializer") is None):
             return True
-        RUNNING_SLOT.pack_into(self.slot, 0, INITIALIZING, 0, 0)
+        RUNNING_SLOT.pack_into(self.slot, 0, INITIALIZING, 0, 0, 0.0)
         try:
             if blob is None:
                 initializer, initargs = inherited["initializer"], inherited["initargs"]
@@ -346,14 +352,14 @@ class Worker:
             multiprocessing.util._exit_function()
             self._send_failure(MessageType.INIT_FAILED, exc)
             return False
-        RUNNING_SLOT.pack_into(self.slot, 0, 0, 0, 0)
+        RUNNING_SLOT.pack_into(self.slot, 0, 0, 0, 0, 0.0)
         return True
 
     # -- tasks ----------------------------------------------------------------
 
     def run_task(self, item) -> tuple:
         task_id, attempt, fn_id, fn_bytes, args_bytes, deps, timeout = item
-        RUNNING_SLOT.pack_into(self.slot, 0, task_id, attempt, 0)
+        RUNNING_SLOT.pack_into(self.slot, 0, task_id, attempt, 0, 0.0)
         self.raised = False
         self.interrupted = 0
         self.current = (task_id, attempt)
@@ -362,7 +368,7 @@ class Worker:
         finally:
             self.current = None
             self.kill_at = None
-            RUNNING_SLOT.pack_into(self.slot, 0, 0, 0, 0)
+            RUNNING_SLOT.pack_into(self.slot, 0, 0, 0, 0, 0.0)
 
     def _run(self, task_id, attempt, fn_id, fn_bytes, args_bytes, deps, timeout) -> tuple:
         try:
@@ -386,6 +392,9 @@ class Worker:
             self.deadline = time.monotonic() + timeout
             self.kill_at = (task_id, attempt, INTERRUPT_TIMEOUT,
                             self.deadline + config.INTERRUPT_GRACE)
+            # The node's backstop, a heartbeat later than the watchdog (node.py).
+            SLOT_KILL_AT.pack_into(self.slot, SLOT_KILL_AT_OFFSET,
+                                   self.kill_at[3] + config.HEARTBEAT_INTERVAL)
             self.limit = (f"task {task_id} ({serialize.describe_callable(fn)})", timeout)
         try:
             self.in_call = True  # before the timer: the handler raises in here only
@@ -439,7 +448,7 @@ class Worker:
             return  # late for an earlier task
         if not self.interrupted:
             self.interrupted = why
-            RUNNING_SLOT.pack_into(self.slot, 0, current[0], current[1], why)
+            SLOT_INTERRUPT.pack_into(self.slot, SLOT_INTERRUPT_OFFSET, why)
         if self.in_call and not self.raised:
             self.raised = True
             if why == INTERRUPT_STOP:
@@ -467,7 +476,7 @@ class Worker:
             if kill is not None and time.monotonic() >= kill[3] \
                     and self.current == (kill[0], kill[1]):
                 # Say why in the slot first: the node reports it with the death.
-                RUNNING_SLOT.pack_into(self.slot, 0, kill[0], kill[1], kill[2])
+                SLOT_INTERRUPT.pack_into(self.slot, SLOT_INTERRUPT_OFFSET, kill[2])
                 os.kill(os.getpid(), signal.SIGKILL)
             if not self.lock.acquire(timeout=_WATCH_SECONDS):
                 continue

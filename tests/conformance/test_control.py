@@ -88,6 +88,19 @@ def test_a_task_that_swallows_the_interrupt_is_killed_after_the_grace(executor, 
     assert executor.submit(C.getpid).result(TIMEOUT)
 
 
+def test_c_code_holding_the_gil_is_killed_by_the_node(executor):
+    """Neither the signal handler nor the watchdog can run: the node's backstop kills it."""
+    submitted = time.monotonic()
+    future = executor.options(timeout=LIMIT).submit(sum, range(10**14))
+    with pytest.raises(TaskTimeoutError) as caught:
+        future.result(TIMEOUT)
+    late = time.monotonic() - submitted - LIMIT
+    assert caught.value.killed
+    bound = config.INTERRUPT_GRACE + 2 * config.HEARTBEAT_INTERVAL
+    assert late < bound + MARGIN, f"settled {late:.3f} s after the deadline"
+    assert executor.submit(abs, -1).result(TIMEOUT) == 1
+
+
 def test_other_tasks_in_flight_are_untouched(executor, tmp_path):
     slow = executor.submit(C.sleep_for, 1.5)
     timed = executor.options(timeout=LIMIT).submit(C.spin)
