@@ -159,7 +159,11 @@ class Worker:
         # Interrupts (module docstring). The main thread writes the per-task state;
         # the watchdog and the SIGALRM handler only read it.
         self.inbox: list = []  # messages the watchdog read while a task ran (under lock)
-        self.busy = threading.Event()  # tasks are being served: the watchdog watches
+        # Tasks are being served: the watchdog watches. It sleeps on ``wakeup`` only
+        # once it found the worker idle, so that serving costs no wake-up per task.
+        self.serving = False
+        self.watchdog_idle = False
+        self.wakeup = threading.Event()
         self.current = None   # (task_id, attempt) inside run_task
         self.in_call = False  # inside the task's function: the handler may raise
         self.raised = False   # the handler raised into this task already
@@ -167,7 +171,8 @@ class Worker:
         self.interrupted = 0  # INTERRUPT_* the running task got, 0: none
         self.stopping = None  # (task_id, attempt) the watchdog was told to stop
         self.kill_at = None   # (task_id, attempt, why, monotonic time)
-        self.limit = ("", 0.0)  # (task description, timeout): what TaskTimeoutError names
+        self.limit = (0, None, 0.0)  # (task_id, fn, timeout): what TaskTimeoutError names
+        self.timer_armed = False  # the interval timer may still fire (see _run)
         self.main_thread = threading.get_ident()
         signal.signal(signal.SIGALRM, self._on_alarm)
         self.watchdog = threading.Thread(target=self._watch, name="futurepool-watchdog",
@@ -282,7 +287,7 @@ class Worker:
             self.capture.close()
         self.closing = True
         self.holding.set()
-        self.busy.set()
+        self.wakeup.set()
         self.flusher.join()
         self.watchdog.join(1.0)
         if self.channel is not None:
@@ -395,19 +400,21 @@ class Worker:
             # The node's backstop, a heartbeat later than the watchdog (node.py).
             SLOT_KILL_AT.pack_into(self.slot, SLOT_KILL_AT_OFFSET,
                                    self.kill_at[3] + config.HEARTBEAT_INTERVAL)
-            self.limit = (f"task {task_id} ({serialize.describe_callable(fn)})", timeout)
+            self.limit = (task_id, fn, timeout)
+        elif self.timer_armed:  # an earlier task's timer must not fire into this one
+            self._disarm()
         try:
             self.in_call = True  # before the timer: the handler raises in here only
             if timeout:
+                # Not disarmed when the call returns (a system call per task saved):
+                # the next task re-arms or disarms it, going idle disarms it, and a
+                # late tick finds this task ended and does nothing (_on_alarm).
                 signal.setitimer(signal.ITIMER_REAL, timeout)
+                self.timer_armed = True
             result = fn(*args, **kwargs)
             self.in_call = False
-            if timeout:
-                signal.setitimer(signal.ITIMER_REAL, 0)
         except BaseException as exc:  # noqa: BLE001 - sys.exit() in a task is its result
             self.in_call = False
-            if timeout:
-                signal.setitimer(signal.ITIMER_REAL, 0)
             took = time.perf_counter() - start
             if self.interrupted:
                 return self._interrupted(task_id, attempt, exc, took), (args, kwargs)
@@ -453,7 +460,13 @@ class Worker:
             self.raised = True
             if why == INTERRUPT_STOP:
                 raise CancelledError(f"task {current[0]} was stopped by Future.stop()")
-            raise TaskTimeoutError(*self.limit)
+            task_id, fn, timeout = self.limit
+            raise TaskTimeoutError(f"task {task_id} ({serialize.describe_callable(fn)})",
+                                   timeout)
+
+    def _disarm(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        self.timer_armed = False
 
     def _interrupted(self, task_id, attempt, exc, took) -> tuple:
         """The outcome of an interrupted task, whatever it raised or returned."""
@@ -465,7 +478,12 @@ class Worker:
     def _watch(self) -> None:
         """The watchdog thread: INTERRUPT messages during a task, and the kill past a grace."""
         while not self.closing:
-            if not self.busy.wait(config.HEARTBEAT_INTERVAL):
+            if not self.serving:
+                self.watchdog_idle = True
+                self.wakeup.clear()
+                if not self.serving:  # checked after clear(): a set() now is not lost
+                    self.wakeup.wait(config.HEARTBEAT_INTERVAL)
+                self.watchdog_idle = False
                 continue
             time.sleep(_WATCH_SECONDS)
             if self.closing:
@@ -540,7 +558,9 @@ class Worker:
                               serialize.dumps_plain((self.worker_id, os.getpid(), tasks_left)))
         while True:
             if not self.queue:
-                self.busy.clear()
+                self.serving = False
+                if self.timer_armed:
+                    self._disarm()
                 self.flush()
                 self.keepalive.clear()
                 reader = self.store.reader
@@ -555,7 +575,9 @@ class Worker:
                 if not self._accept(self._receive()):
                     return
             if self.queue:
-                self.busy.set()
+                self.serving = True
+                if self.watchdog_idle:
+                    self.wakeup.set()
             while self.queue:
                 # Take what else arrived without blocking, so batches stay full.
                 with lock:
