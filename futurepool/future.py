@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 from concurrent.futures import Future as _StdFuture
-from concurrent.futures._base import CANCELLED, FINISHED, RUNNING
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
 
 from .errors import ObjectLostError, UnpicklingFailedError
 from .store import serialize
@@ -97,7 +97,11 @@ class Future(_StdFuture):
                 return False
             if self._state != RUNNING:  # cancelled by now (by cancel(), or another stop)
                 return True
-            self._state = CANCELLED
+            # Notified at once: no executor will call set_running_or_notify_cancel()
+            # for a task that already ran, and wait()/as_completed() wait for that.
+            self._state = CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
             self._condition.notify_all()
         if self._stop_via is not None:
             self._stop_via(self._task_id)

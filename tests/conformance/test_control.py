@@ -10,6 +10,7 @@ files (``_control_tasks``); every wait has a deadline.
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from concurrent.futures import CancelledError
 
@@ -194,6 +195,23 @@ def test_stop_ends_a_running_task_and_cancels_its_future(executor, tmp_path):
     assert took < 1.0 + MARGIN, took
     assert future.stop() is True  # already cancelled
     assert executor.submit(C.sleep_for, 0.01).result(TIMEOUT) == 0.01
+
+
+def test_a_stopped_future_wakes_wait_and_as_completed(executor, tmp_path):
+    started = tmp_path / "started"
+    future = executor.submit(C.sleep_for, 60, started)
+    assert wait_until(lambda: notes(started), TIMEOUT)
+    waiting = concurrent.futures.ThreadPoolExecutor(2)
+    try:
+        done = waiting.submit(concurrent.futures.wait, [future], TIMEOUT)
+        completed = waiting.submit(
+            lambda: list(concurrent.futures.as_completed([future], TIMEOUT)))
+        time.sleep(0.2)  # both are waiting by now
+        assert future.stop()
+        assert done.result(TIMEOUT).done == {future}
+        assert completed.result(TIMEOUT) == [future]
+    finally:
+        waiting.shutdown()
 
 
 def test_stop_kills_a_task_that_swallows_the_interrupt(executor, tmp_path):
