@@ -233,7 +233,12 @@ class Worker:
         self.inbox = []
         while sock.get(zmq.EVENTS) & zmq.POLLIN:
             frames = sock.recv_multipart()
-            header = decode_header(frames[0])
+            try:
+                header = decode_header(frames[0])
+            except ProtocolError as exc:  # logged and dropped, as every reader does
+                LOGGER.warning("futurepool worker %d dropped a malformed message: %s",
+                               self.worker_id, exc)
+                continue
             if channel is None:
                 messages.append((header, frames))
             else:  # in order, once (a duplicate or an early one: nothing)
@@ -403,6 +408,8 @@ class Worker:
             self.limit = (task_id, fn, timeout)
         elif self.timer_armed:  # an earlier task's timer must not fire into this one
             self._disarm()
+        if self.interrupted:  # stopped while its arguments were loaded: do not call it
+            return self._interrupted(task_id, attempt, None, 0.0), (args, kwargs)
         try:
             self.in_call = True  # before the timer: the handler raises in here only
             if timeout:
@@ -503,8 +510,8 @@ class Worker:
                 for header, frames in messages:
                     if header.kind != MessageType.INTERRUPT or not self._stop_running(frames):
                         self.inbox.append((header, frames))
-            except (zmq.ZMQError, ProtocolError):
-                pass  # the main thread meets it too, when it reads next
+            except zmq.ZMQError:
+                pass  # the socket is closing: the main thread meets it too
             finally:
                 self.lock.release()
 
