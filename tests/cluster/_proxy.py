@@ -27,7 +27,7 @@ class FlakyProxy:
         self.lock = threading.Lock()
         self.pairs: list[tuple[socket.socket, socket.socket]] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = "tcp://127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.address = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
         self.threads = [threading.Thread(target=self._accept, daemon=True)]
         if cut_every is not None:
             self.threads.append(threading.Thread(target=self._cutter, daemon=True))

@@ -54,9 +54,12 @@ except cpython_suite.CPythonSuiteUnavailable as exc:
 # still has a semaphore registered. It runs in a fresh interpreter instead,
 # through the same adapter (test_resource_tracker_test_in_a_fresh_process).
 _ISOLATED = "FailingInitializerResourcesTest"
-_ISOLATED_CLASS = _CLASSES.pop(_ISOLATED, None)
-_ISOLATED_TESTS = [name for name in dir(_ISOLATED_CLASS or object)
-                   if name.startswith("test") and callable(getattr(_ISOLATED_CLASS, name))]
+# Not kept in a module global: pytest collects any TestCase it finds there,
+# whatever its name, and would run it in-process after all.
+_ISOLATED_TESTS = [name for name in dir(_CLASSES.get(_ISOLATED, object))
+                   if name.startswith("test")
+                   and callable(getattr(_CLASSES.get(_ISOLATED, object), name))]
+_CLASSES.pop(_ISOLATED, None)
 globals().update(_CLASSES)
 
 
