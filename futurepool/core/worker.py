@@ -97,6 +97,8 @@ _FUNCTION_CACHE_SIZE = 512
 _IDLE_CHECK_MS = 200
 #: How often the watchdog looks for an INTERRUPT, and at a deadline, while a task runs.
 _WATCH_SECONDS = 0.01
+#: How often an idle watchdog looks whether a task started (a stop's extra delay).
+_WATCH_IDLE_SECONDS = 0.05
 #: The interval timer fires on time; the monotonic clock may read a hair earlier.
 _CLOCK_SLACK = 0.005
 
@@ -159,10 +161,9 @@ class Worker:
         # Interrupts (module docstring). The main thread writes the per-task state;
         # the watchdog and the SIGALRM handler only read it.
         self.inbox: list = []  # messages the watchdog read while a task ran (under lock)
-        # Tasks are being served: the watchdog watches. It sleeps on ``wakeup`` only
-        # once it found the worker idle, so that serving costs no wake-up per task.
+        # Tasks are being served: the watchdog watches. Idle, it looks every
+        # _WATCH_IDLE_SECONDS; ``wakeup`` only hurries it at close.
         self.serving = False
-        self.watchdog_idle = False
         self.wakeup = threading.Event()
         self.current = None   # (task_id, attempt) inside run_task
         self.in_call = False  # inside the task's function: the handler may raise
@@ -486,11 +487,9 @@ class Worker:
         """The watchdog thread: INTERRUPT messages during a task, and the kill past a grace."""
         while not self.closing:
             if not self.serving:
-                self.watchdog_idle = True
-                self.wakeup.clear()
-                if not self.serving:  # checked after clear(): a set() now is not lost
-                    self.wakeup.wait(config.HEARTBEAT_INTERVAL)
-                self.watchdog_idle = False
+                # Not woken per task (a wake-up and a GIL hand-off each): it looks
+                # again soon enough for a stop or a kill.
+                self.wakeup.wait(_WATCH_IDLE_SECONDS)
                 continue
             time.sleep(_WATCH_SECONDS)
             if self.closing:
@@ -582,9 +581,7 @@ class Worker:
                 if not self._accept(self._receive()):
                     return
             if self.queue:
-                self.serving = True
-                if self.watchdog_idle:
-                    self.wakeup.set()
+                self.serving = True  # the watchdog notices within _WATCH_IDLE_SECONDS
             while self.queue:
                 # Take what else arrived without blocking, so batches stay full.
                 with lock:
