@@ -39,7 +39,7 @@ from ..errors import ProtocolError
 from ..protocol import faults, security
 from ..protocol.channel import Channel
 from ..protocol.framing import decode_header, pack_header
-from ..protocol.messages import MessageType
+from ..protocol.messages import PROTOCOL_VERSION, MessageType
 from ..protocol.zap import Authenticator
 from ..store import serialize
 from . import startup, status
@@ -57,7 +57,7 @@ _WORKER_KINDS = frozenset({MessageType.READY, MessageType.RESULTS, MessageType.I
 def versions() -> dict:
     """What must match between head and node: code objects do not cross minor versions."""
     return {"python": f"{sys.version_info[0]}.{sys.version_info[1]}", "futurepool": __version__,
-            "cloudpickle": cloudpickle.__version__}
+            "cloudpickle": cloudpickle.__version__, "protocol": str(PROTOCOL_VERSION)}
 
 
 def version_mismatch(ours: dict, theirs: dict) -> str:

@@ -136,6 +136,8 @@ class Owner:
         self.output = OutputPrinter()  # what remote workers print
         self.started_at = time.time()
         self.completed = 0  # tasks whose worker reported an outcome
+        self.submitted = 0  # tasks admitted (futurepool status)
+        self.failed = 0  # futures failed with an exception (futurepool status)
         self.listening = threading.Event()  # set once bound (or failed: open_error)
         self.open_error: BaseException | None = None
         self.remote_start: tuple[dict | None, str] | None = None  # (what nodes get, or why not)
@@ -438,6 +440,7 @@ class Owner:
                     self.node.stop(command[1])
 
     def _admit(self, task: Task) -> None:
+        self.submitted += 1
         if self.broken is not None:
             self._settle_exception(task, self._broken_error())
             return
@@ -715,6 +718,7 @@ class Owner:
 
     def _settle_exception(self, task: Task, exc: BaseException) -> None:
         self.tasks.pop(task.task_id, None)
+        self.failed += 1
         try:
             task.future.set_exception(exc)
         except BaseException:  # noqa: BLE001 - already cancelled, or a callback failed

@@ -56,6 +56,7 @@ def snapshot(owner) -> dict:
             "pid": os.getpid(), "started_at": owner.started_at, "nodes": [local, *nodes],
             "tasks": {"pending": len(owner.tasks) - running, "sent": running,
                       "done": owner.completed},
+            "counts": {"submitted": owner.submitted, "failed": owner.failed},
             "rate": rate(owner)}
 
 
@@ -126,9 +127,11 @@ def render(status: dict) -> str:
     rate = status.get("rate")  # absent from the answers of heads before it
     throughput = f", {rate['per_second']:.1f} tasks/s over the last {rate['window']:.1f} s" \
         if rate else ""
+    counts = status.get("counts")  # absent from the answers of heads before it
+    totals = f" ({counts['submitted']} submitted, {counts['failed']} failed)" if counts else ""
     lines = [f"head {status['address']} (pid {status['pid']}), up {age:.0f} s;"
              f" tasks: {tasks['pending']} pending, {tasks['sent']} at workers,"
-             f" {tasks['done']} done{throughput}",
+             f" {tasks['done']} done{totals}{throughput}",
              f"  {'host':<20} {'address':<22} {'workers':>7} {'busy':>5} {'store':>10}"]
     for node in status["nodes"]:
         state = " (leaving)" if node.get("leaving") else ""

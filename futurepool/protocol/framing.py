@@ -27,6 +27,7 @@ from .messages import (
 )
 
 _LENGTH = struct.Struct("<I")
+_HANDSHAKE = frozenset({MessageType.JOIN, MessageType.REFUSED})
 _HEADER_SIZE = HEADER.size
 
 
@@ -50,10 +51,12 @@ def decode_header(frame) -> Header:
     magic, version, kind, count, ident, seq, ack = HEADER.unpack(frame)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {magic!r}")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version}, this side speaks {PROTOCOL_VERSION}")
     if kind not in _KNOWN_TYPES:
         raise ProtocolError(f"unknown message type {kind}")
+    # The join handshake is read whatever the version, so that a node running
+    # other code is refused with the difference (core.head.versions), not ignored.
+    if version != PROTOCOL_VERSION and kind not in _HANDSHAKE:
+        raise ProtocolError(f"protocol version {version}, this side speaks {PROTOCOL_VERSION}")
     return Header(MessageType(kind), count, ident, seq, ack)
 
 

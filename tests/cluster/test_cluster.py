@@ -243,10 +243,12 @@ def test_status_shows_the_nodes_and_tasks(key_file):
             assert [n["workers"] for n in status["nodes"]] == [1, 2]
             assert sum(n["busy"] for n in status["nodes"]) == 3
             assert sum(status["tasks"].values()) == 4, status["tasks"]
+            assert status["counts"] == {"submitted": 4, "failed": 0}, status["counts"]
             text = subprocess.run([sys.executable, "-m", "futurepool", "status", "--key-file",
                                    key_file], capture_output=True, text=True, timeout=TIMEOUT,
                                   env=dict(os.environ, PYTHONPATH=REPO))
             assert text.returncode == 0 and executor.address in text.stdout, text.stderr
+            assert "4 submitted, 0 failed" in text.stdout, text.stdout
             for future in gate:
                 future.result(timeout=TIMEOUT)
         finally:

@@ -156,3 +156,34 @@ def test_a_frozen_node_does_not_resurrect_fenced_work(key_file, tmp_path):
     finally:
         config.NODE_TIMEOUT, config.HEARTBEAT_INTERVAL = old
 
+
+
+def test_a_node_speaking_another_protocol_is_refused_with_the_difference(key_file):
+    """A node running other futurepool code: its JOIN is read and refused, not ignored."""
+    from futurepool.core.head import versions
+    from futurepool.protocol.framing import decode_header
+    from futurepool.protocol.messages import HEADER, MAGIC, PROTOCOL_VERSION
+    from futurepool.store import serialize
+
+    keys = security.load_keys(key_file)
+    theirs = dict(versions(), protocol=str(PROTOCOL_VERSION + 1))
+    hello = {"versions": theirs, "host": "elsewhere", "workers": 1, "pid": 1,
+             "token": b"t" * 32}
+    header = HEADER.pack(MAGIC, PROTOCOL_VERSION + 1, MessageType.JOIN, 0, 0, 0, 0)
+    with futurepool.Executor(0, listen="tcp://127.0.0.1:0", key_file=key_file) as executor:
+        ctx = zmq.Context()
+        try:
+            peer = ctx.socket(zmq.DEALER)
+            peer.linger = 0
+            security.make_curve_client(peer, keys)
+            peer.connect(executor.address)
+            peer.send_multipart([header, serialize.dumps_plain(hello)])
+            assert peer.poll(TIMEOUT * 1000), "no answer to a JOIN of another protocol"
+            answer = peer.recv_multipart()
+            assert decode_header(answer[0]).kind == MessageType.REFUSED
+            text = answer[1].decode()
+            assert "protocol" in text and str(PROTOCOL_VERSION + 1) in text, text
+            peer.close()
+        finally:
+            ctx.term()
+        assert executor._max_workers == 0
