@@ -128,7 +128,7 @@ def render(status: dict) -> str:
     throughput = f", {rate['per_second']:.1f} tasks/s over the last {rate['window']:.1f} s" \
         if rate else ""
     counts = status.get("counts")  # absent from the answers of heads before it
-    totals = f" ({counts['submitted']} submitted, {counts['failed']} failed)" if counts else ""
+    totals = f", {counts['submitted']} submitted, {counts['failed']} failed" if counts else ""
     lines = [f"head {status['address']} (pid {status['pid']}), up {age:.0f} s;"
              f" tasks: {tasks['pending']} pending, {tasks['sent']} at workers,"
              f" {tasks['done']} done{totals}{throughput}",
