@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import zmq
+
+from futurepool.protocol import security
 from futurepool.testing import wait_until
 
 #: Seconds a node may take to join, a result to arrive, a process to exit.
@@ -53,3 +57,18 @@ def stop(proc, sig=signal.SIGTERM):
     return proc.returncode, out, err
 
 
+
+
+@contextlib.contextmanager
+def node_peer(address, key_file):
+    """A DEALER with the cluster's node key, connected to a head: an authenticated peer."""
+    ctx = zmq.Context()
+    peer = ctx.socket(zmq.DEALER)
+    peer.linger = 0
+    try:
+        security.make_curve_client(peer, security.load_keys(key_file))
+        peer.connect(address)
+        yield peer
+    finally:
+        peer.close()
+        ctx.term()

@@ -20,7 +20,7 @@ from futurepool.protocol.framing import pack_header
 from futurepool.protocol.messages import MessageType
 from futurepool.testing import wait_until
 
-from ._nodes import TIMEOUT, joined, start_worker, stop, where
+from ._nodes import TIMEOUT, joined, node_peer, start_worker, stop, where
 
 
 class _Canary:
@@ -88,22 +88,13 @@ def test_strangers_never_get_a_frame_read(tmp_path, key_file, caplog):
 
 def test_malformed_frames_from_an_authenticated_peer_are_dropped(key_file):
     """FAULTS 39: bad version byte, unknown type, truncated header, garbage pickle."""
-    keys = security.load_keys(key_file)
     with futurepool.Executor(1, listen="tcp://127.0.0.1:0", key_file=key_file) as executor:
-        ctx = zmq.Context()
-        try:
-            peer = ctx.socket(zmq.DEALER)
-            peer.linger = 0
-            security.make_curve_client(peer, keys)
-            peer.connect(executor.address)
+        with node_peer(executor.address, key_file) as peer:
             good = pack_header(MessageType.JOIN)
             for frames in ([good[:2] + b"\x63" + good[3:], b""], [good[:3] + b"\x7f" + good[4:]],
                            [good[:5]], [good, b"not a pickle"], [good, pickle.dumps(42)]):
                 peer.send_multipart(frames)
             assert wait_until(lambda: executor._owner.head.dropped >= 4, TIMEOUT)
-            peer.close()
-        finally:
-            ctx.term()
         assert executor.submit(abs, -3).result(timeout=TIMEOUT) == 3
 
 
@@ -165,25 +156,16 @@ def test_a_node_speaking_another_protocol_is_refused_with_the_difference(key_fil
     from futurepool.protocol.messages import HEADER, MAGIC, PROTOCOL_VERSION
     from futurepool.store import serialize
 
-    keys = security.load_keys(key_file)
     theirs = dict(versions(), protocol=str(PROTOCOL_VERSION + 1))
     hello = {"versions": theirs, "host": "elsewhere", "workers": 1, "pid": 1,
              "token": b"t" * 32}
     header = HEADER.pack(MAGIC, PROTOCOL_VERSION + 1, MessageType.JOIN, 0, 0, 0, 0)
     with futurepool.Executor(0, listen="tcp://127.0.0.1:0", key_file=key_file) as executor:
-        ctx = zmq.Context()
-        try:
-            peer = ctx.socket(zmq.DEALER)
-            peer.linger = 0
-            security.make_curve_client(peer, keys)
-            peer.connect(executor.address)
+        with node_peer(executor.address, key_file) as peer:
             peer.send_multipart([header, serialize.dumps_plain(hello)])
             assert peer.poll(TIMEOUT * 1000), "no answer to a JOIN of another protocol"
             answer = peer.recv_multipart()
-            assert decode_header(answer[0]).kind == MessageType.REFUSED
-            text = answer[1].decode()
-            assert "protocol" in text and str(PROTOCOL_VERSION + 1) in text, text
-            peer.close()
-        finally:
-            ctx.term()
+        assert decode_header(answer[0]).kind == MessageType.REFUSED
+        text = answer[1].decode()
+        assert "protocol" in text and str(PROTOCOL_VERSION + 1) in text, text
         assert executor._max_workers == 0

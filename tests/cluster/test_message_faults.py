@@ -15,17 +15,15 @@ import sys
 import time
 
 import pytest
-import zmq
 
 import futurepool
 from futurepool import config
 from futurepool.errors import WorkerCrashedError
-from futurepool.protocol import security
-from futurepool.protocol.framing import decode_header
+from futurepool.protocol.framing import decode_header, pack_header
 from futurepool.protocol.messages import MessageType
 from futurepool.testing import wait_until
 
-from ._nodes import TIMEOUT, joined, start_worker, stop
+from ._nodes import TIMEOUT, joined, node_peer, start_worker, stop
 
 #: Sent by the head (this process), then by the node or its workers.
 HEAD_SENDS = ["TASKS", "WELCOME", "HEARTBEAT", "BYE"]
@@ -140,22 +138,11 @@ def _mark(directory):
 
 def test_a_stale_node_hears_bye_at_once(key_file, quick_resends):
     """FAULTS 31: a node the head declared dead is told so when it speaks again."""
-    keys = security.load_keys(key_file)
     with futurepool.Executor(0, listen="tcp://127.0.0.1:0", key_file=key_file) as executor:
-        ctx = zmq.Context()
-        try:
-            peer = ctx.socket(zmq.DEALER)
-            peer.linger = 0
-            security.make_curve_client(peer, keys)
-            peer.connect(executor.address)
-            from futurepool.protocol.framing import pack_header
-
+        with node_peer(executor.address, key_file) as peer:
             peer.send_multipart([pack_header(MessageType.HEARTBEAT)])
             assert peer.poll(TIMEOUT * 1000), "no answer"
             assert decode_header(peer.recv_multipart()[0]).kind == MessageType.BYE
-            peer.close()
-        finally:
-            ctx.term()
 
 
 if sys.platform != "linux":  # pragma: no cover
