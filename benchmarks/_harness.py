@@ -85,6 +85,17 @@ def use_this_checkout() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join([HERE, ROOT] + inherited)
 
 
+def warm_executor(ex, cell) -> None:
+    """One no-op per worker, submitted together: with spawn/forkserver the stdlib
+    starts workers lazily, and one warm task would leave the second worker's
+    start-up inside the timed region."""
+    import _tasks  # here, not at import: setup() puts it on the path first
+
+    futures = [ex.submit(_tasks.noop) for _ in range(cell.workers)]
+    for f in futures:
+        f.result(timeout=cell.left())
+
+
 def close_executor(ex, failed: bool) -> None:
     """Close an executor-like cell object; after a failure, without waiting for its queue."""
     if not failed:

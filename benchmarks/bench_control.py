@@ -43,14 +43,11 @@ from _harness import Suite, Target  # noqa: E402
 LIMIT = 0.1
 
 
-def _warm(ex, cell) -> None:
-    futures = [ex.submit(_tasks.noop) for _ in range(cell.workers)]
-    for f in futures:
-        f.result(timeout=cell.left())
 
 
 suite = Suite(
-    "futurepool control benchmark", baseline="futurepool", subject="futurepool", warm=_warm,
+    "futurepool control benchmark", baseline="futurepool", subject="futurepool",
+    warm=_harness.warm_executor,
     close=_harness.close_executor,
 )
 suite.implementation("futurepool", "futurepool", _harness.load_futurepool)

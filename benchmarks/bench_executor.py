@@ -25,18 +25,12 @@ from _harness import Suite, Target  # noqa: E402
 FUTURE_ARGS = "future_args"  # trait: futures may be passed as task arguments
 
 
-def _warm(ex, cell) -> None:
-    # One no-op per worker, submitted together: with spawn/forkserver the
-    # stdlib starts workers lazily, and one warm task would leave the second
-    # worker's start-up inside the timed region.
-    futures = [ex.submit(_tasks.noop) for _ in range(cell.workers)]
-    for f in futures:
-        f.result(timeout=cell.left())
 
 
 
 suite = Suite(
-    "futurepool executor benchmark", baseline="ppe", subject="futurepool", warm=_warm,
+    "futurepool executor benchmark", baseline="ppe", subject="futurepool",
+    warm=_harness.warm_executor,
     close=_harness.close_executor,
 )
 suite.header_extra.append(
