@@ -8,7 +8,7 @@
      │       ZAP: only the cluster's node key          worker (core.remote_node): control
      │       JOIN / WELCOME / HEARTBEAT / LEAVE        only, and its node's worker events
      │                                           ◄── DEALER per worker (CURVE client, node
-     └─ one RemoteLink per node: how the owner         key), routing id w<worker id>:
+     └─ one RemoteLink per node: how the owner         key), says hello (the session)
         sends to that node's workers                   TASKS / RESULTS, no hop between
 
 Everything here runs on the owner's I/O thread, which polls :attr:`Head.sockets`
@@ -131,8 +131,8 @@ class Head:
         self.dropped = 0  # malformed messages from authenticated peers
         self.next_index = 0
         self.next_heartbeat = 0.0
-        # Names this run: worker routing ids carry it, so workers of an earlier head on
-        # this address are never taken for this session's (FAULTS 35).
+        # Names this run: a worker introduces itself with it, so workers of an earlier
+        # head on this address are never taken for this session's (FAULTS 35).
         self.session = os.urandom(16).hex().encode()
         # Every connection gets a routing id of its own (an identity reused across
         # re-dials is handed over unreliably by libzmq: zeromq/libzmq#2892). A peer
@@ -144,8 +144,6 @@ class Head:
         self.sock = context.socket(zmq.ROUTER)
         try:
             self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            # A peer that re-dials after its connection broke takes its identity back.
-            self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
             self.sock.setsockopt(zmq.LINGER, 0)
             self.sock.setsockopt(zmq.SNDHWM, 0)
             self.sock.setsockopt(zmq.RCVHWM, 0)

@@ -61,8 +61,9 @@ ACK            both ways (tcp)            empty: carries only ``ack`` (nothing t
                                           it along with)
 =============  =========================  =====================================
 
-Over TCP, a remote node relays its workers' messages both ways unchanged;
-their header's ident is the worker id, which routes them.
+Over TCP, each remote worker has its own connection to the head (the node
+keeps only the control messages); a worker's header ident is its worker id,
+and the head routes to the connection that last introduced itself for it.
 """
 
 from __future__ import annotations
