@@ -13,13 +13,14 @@ from .errors import (  # noqa: E402
     InitializerError,
     ObjectLostError,
     ObjectStoreFullError,
+    OwnerDiedError,
     RemoteError,
     ResultPicklingError,
     TaskTimeoutError,
     UnpicklingFailedError,
     WorkerCrashedError,
 )
-from .executor import Executor, ProcessPoolExecutor  # noqa: E402
+from .executor import Executor, ProcessPoolExecutor, current_executor  # noqa: E402
 from .future import Future  # noqa: E402
 from .pool import Pool  # noqa: E402
 from .progress import as_completed  # noqa: E402
@@ -31,6 +32,7 @@ __all__ = [
     "InitializerError",
     "ObjectLostError",
     "ObjectStoreFullError",
+    "OwnerDiedError",
     "Pool",
     "ProcessPoolExecutor",
     "RemoteError",
@@ -39,4 +41,5 @@ __all__ = [
     "UnpicklingFailedError",
     "WorkerCrashedError",
     "as_completed",
+    "current_executor",
 ]

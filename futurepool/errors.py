@@ -27,6 +27,7 @@ __all__ = [
     "ObjectStoreFullError",
     "ObjectLostError",
     "TaskTimeoutError",
+    "OwnerDiedError",
 ]
 
 _OOM_HINT = (
@@ -228,3 +229,29 @@ class TaskTimeoutError(FuturePoolError, TimeoutError):
 
     def __reduce__(self):
         return type(self), (self.task, self.timeout, self.killed)
+
+
+class OwnerDiedError(FuturePoolError):
+    """The worker that owned a future died before it could hand over the result.
+
+    A task that submits tasks owns their futures (nested ownership): their
+    table lives in its worker process. When that worker dies, every holder of
+    one of those futures elsewhere (a borrower) gets this error; the owner's
+    pending children are cancelled. ``max_retries`` on the parent task re-runs
+    it, and with it its children.
+
+    Attributes:
+        owner: a short description of the owner (worker id and host).
+        future: a short description of the future (its task).
+    """
+
+    def __init__(self, owner=None, future=None):
+        self.owner = owner
+        self.future = future
+        super().__init__(
+            f"{future or 'the future'} was owned by {owner or 'a worker'}, which died before"
+            " its result could be handed over; the tasks it had submitted and not finished"
+            " were cancelled.")
+
+    def __reduce__(self):
+        return type(self), (self.owner, self.future)

@@ -54,6 +54,7 @@ from concurrent.futures import Executor as _StdExecutor
 from . import config
 from . import progress as _progress
 from .core import lifetime, startup
+from .core import nested as _nested
 from .core import owner as _owner
 from .core.calls import task_options
 from .errors import ObjectStoreFullError
@@ -61,7 +62,9 @@ from .future import Future
 from .protocol import security
 from .store import serialize
 
-__all__ = ["Executor", "ExecutorOptions", "ProcessPoolExecutor"]
+__all__ = ["Executor", "ExecutorOptions", "ProcessPoolExecutor", "current_executor"]
+
+current_executor = _nested.current_executor
 
 
 #: Executors listening for remote nodes (FUTUREPOOL_LISTEN gives its address to one).
@@ -260,6 +263,20 @@ class Executor(_StdExecutor):
         if self._owner.thread is None:
             return {}
         return self._owner.process_table()
+
+    def __reduce__(self):
+        """Passed to one of its own tasks, an executor arrives as a handle to itself.
+
+        The task's ``submit``/``map`` through it are owned by the task's
+        worker (nested ownership, :mod:`futurepool.core.nested`); inside a
+        task, :func:`futurepool.current_executor` returns the same handle.
+        """
+        if serialize.pickling_arguments() is not self._owner:
+            raise TypeError(
+                "a futurepool Executor can only be pickled as an argument of a task"
+                " submitted to it, where it arrives as a handle to itself; inside a task,"
+                " futurepool.current_executor() returns that handle")
+        return _nested._executor_handle, ()
 
     def _refuse_forked_copy(self):
         if self._owner.forked_copy:

@@ -62,6 +62,7 @@ class Future(_StdFuture):
         self._encoded = None
         self._stop_via = None  # the owner's request_stop, once submitted
         self._task_id = 0
+        self._borrows = None  # where futures inside the result register (core.nested)
 
     def __reduce__(self):
         if serialize.collect_references(self):
@@ -151,7 +152,10 @@ class Future(_StdFuture):
             if type(value) is not _Encoded:
                 return value
             try:
-                self._result = serialize.decode(value.data, view_of)
+                if self._borrows is None:
+                    self._result = serialize.decode(value.data, view_of)
+                else:
+                    self._result = serialize.decode_for(value.data, view_of, self._borrows)
             except (KeyboardInterrupt, ObjectLostError):
                 raise
             except BaseException as exc:  # noqa: BLE001 - __setstate__ may even sys.exit()

@@ -21,7 +21,9 @@ PUBLIC_NAMES = sorted(
         "ObjectStoreFullError",
         "ObjectLostError",
         "TaskTimeoutError",
+        "OwnerDiedError",
         "as_completed",
+        "current_executor",
     ]
 )
 

@@ -15,7 +15,7 @@ class Task:
 
     __slots__ = ("task_id", "future", "fn_id", "fn_bytes", "fn_name", "args", "deps",
                  "waiting", "attempt", "retries_left", "deaths", "started", "estimate",
-                 "timeout", "retry_timeouts")
+                 "timeout", "retry_timeouts", "owner_id")
 
     def __init__(self, future, fn_id, fn_bytes, fn_name, args, deps, retries, timeout=0.0,
                  retry_timeouts=False):
@@ -34,6 +34,7 @@ class Task:
         self.estimate = 0.0  # seconds the scheduler expected when it sent it
         self.timeout = timeout  # seconds it may run in its worker; 0.0: no limit
         self.retry_timeouts = retry_timeouts  # max_retries given with the timeout: re-run
+        self.owner_id = None  # a nested task: the worker that owns it (core.relay)
 
     def describe(self) -> str:
         return f"task {self.task_id} ({self.fn_name})"

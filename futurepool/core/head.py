@@ -51,7 +51,10 @@ NODE_ID_SHIFT = 32
 
 #: Messages from remote workers (their own connections); the owner handles them as local ones.
 _WORKER_KINDS = frozenset({MessageType.READY, MessageType.RESULTS, MessageType.INIT_FAILED,
-                           MessageType.START_FAILED, MessageType.OUTPUT, MessageType.ACK})
+                           MessageType.START_FAILED, MessageType.OUTPUT, MessageType.ACK,
+                           MessageType.SUBMIT, MessageType.WAITING, MessageType.RESUMED,
+                           MessageType.RETURN, MessageType.CANCEL, MessageType.FREE,
+                           MessageType.GET, MessageType.VALUE, MessageType.RELEASE})
 
 
 def versions() -> dict:

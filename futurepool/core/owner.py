@@ -80,6 +80,7 @@ from .processes import (
     INTERRUPT_TIMEOUT,
     WorkerProcess,
 )
+from .relay import RELAY_KINDS, Relay
 from .scheduler import Scheduler, WorkerSlot
 from .startup import FORK, check_not_importing_main
 
@@ -145,6 +146,8 @@ class Owner:
             config.SHM_DIR, config.SPILL_DIR, config.SHM_PREFIX, config.STORE_CAPACITY,
             config.STORE_FRACTION, config.STORE_POOL_BYTES, config.INLINE_THRESHOLD,
             writers=max_workers + 1), weak_method(self.free_piece))
+        # Tasks that tasks submit: placed here, owned by their workers (core.relay).
+        self.relay = Relay(self)
         # Shared with user threads.
         self.commands: collections.deque = collections.deque()
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -264,7 +267,8 @@ class Owner:
             raise pickling_error(  # noqa: B904 - its cause is set, or it is the original
                 f"Could not pickle the function {serialize.describe_callable(fn)}", exc)
         try:
-            data, deps = serialize.dumps_arguments(args, kwargs, self.store, self.dumps)
+            data, deps = serialize.dumps_arguments(args, kwargs, self.store, self.dumps,
+                                                   context=self)
         except (KeyboardInterrupt, ObjectStoreFullError):
             raise
         except BaseException as exc:  # noqa: BLE001 - sys.exit() in a __reduce__ too
@@ -281,6 +285,7 @@ class Owner:
         future._description = task.describe()
         future._stop_via = self.stop_hook
         future._task_id = task.task_id
+        future._borrows = self.relay.driver_borrows  # futures a task returns
         return task
 
     def request_stop(self, task_id: int) -> None:
@@ -372,6 +377,10 @@ class Owner:
                     self._send_frees()
             if self.ready:
                 self._dispatch()
+                if self.relay.blocked and self.ready:
+                    self.relay.lend(self._lend)
+            if self.relay.outgoing:
+                self.relay.flush()
             if self.stopping and self._idle():
                 return
             timeout = config.HEARTBEAT_INTERVAL
@@ -419,6 +428,8 @@ class Owner:
                 self._free(command[1])
             elif kind == "stop":
                 self._stop_task(command[1])
+            elif kind == "relay":  # a future the driver borrowed: ask, or let go
+                self.relay.driver_command(command[1], command[2])
             elif kind == "scale":
                 if self.node is not None:
                     self.node.scale(command[1])
@@ -550,42 +561,56 @@ class Owner:
             if worker is None:
                 break
             ready.popleft()
-            if not task.started:
-                if not task.future.set_running_or_notify_cancel():
-                    self.tasks.pop(task.task_id, None)
-                    continue
-                task.started = True
-            elif task.future.cancelled():  # re-queued, then stopped: Future.stop()
-                self.tasks.pop(task.task_id, None)
-                continue
-            if task.fn_id in worker.functions:
-                fn_bytes = b""
-                worker.functions.move_to_end(task.fn_id)
-            else:
-                fn_bytes = task.fn_bytes
-                worker.functions[task.fn_id] = None
-                if len(worker.functions) > 512:
-                    worker.functions.popitem(last=False)
-            deps = tuple((oid, dep._payload()) for oid, dep in task.deps.items())
-            if not worker.inflight:
-                worker.progress_at = now
-            worker.inflight.append(task)
-            worker.backlog += task.estimate
-            if worker.quota is not None:
-                worker.quota -= 1
-            args = task.args
-            if worker.link.remote:  # another host cannot map our segments: copy them in
-                args = serialize.inline(args)
-                deps = tuple((oid, serialize.inline(payload)) for oid, payload in deps)
-            batches.setdefault(worker, []).append(
-                (task.task_id, task.attempt, task.fn_id, fn_bytes, args, deps, task.timeout))
+            item = self._assign(task, worker, now)
+            if item is not None:
+                batches.setdefault(worker, []).append(item)
         for worker, items in batches.items():
-            try:
-                worker.link.send(worker, MessageType.TASKS, len(items),
-                                 serialize.dumps_plain(items))
-            except zmq.ZMQError:  # the worker is gone; its node will tell us how
-                worker.alive = False
-                self._requeue(worker, len(items))
+            self._send_tasks(worker, MessageType.TASKS, items)
+
+    def _assign(self, task: Task, worker: WorkerSlot, now: float):
+        """``task`` goes to ``worker``: its TASKS item (None: cancelled meanwhile)."""
+        if not task.started:
+            if not task.future.set_running_or_notify_cancel():
+                self.tasks.pop(task.task_id, None)
+                return None
+            task.started = True
+        elif task.future.cancelled():  # re-queued, then stopped: Future.stop()
+            self.tasks.pop(task.task_id, None)
+            return None
+        if task.fn_id in worker.functions:
+            fn_bytes = b""
+            worker.functions.move_to_end(task.fn_id)
+        else:
+            fn_bytes = task.fn_bytes
+            worker.functions[task.fn_id] = None
+            if len(worker.functions) > 512:
+                worker.functions.popitem(last=False)
+        deps = tuple((oid, dep._payload()) for oid, dep in task.deps.items())
+        if not worker.inflight:
+            worker.progress_at = now
+        worker.inflight.append(task)
+        worker.backlog += task.estimate
+        if worker.quota is not None:
+            worker.quota -= 1
+        args = task.args
+        if worker.link.remote:  # another host cannot map our segments: copy them in
+            args = serialize.inline(args)
+            deps = tuple((oid, serialize.inline(payload)) for oid, payload in deps)
+        return task.task_id, task.attempt, task.fn_id, fn_bytes, args, deps, task.timeout
+
+    def _send_tasks(self, worker: WorkerSlot, kind: MessageType, items: list) -> None:
+        try:
+            worker.link.send(worker, kind, len(items), serialize.dumps_plain(items))
+        except zmq.ZMQError:  # the worker is gone; its node will tell us how
+            worker.alive = False
+            self._requeue(worker, len(items))
+
+    def _lend(self, task: Task, worker: WorkerSlot) -> None:
+        """A blocked worker runs ``task``, which it owns, inline (core.relay)."""
+        task.estimate = self.scheduler.estimate(task.fn_id)
+        item = self._assign(task, worker, time.monotonic())
+        if item is not None:
+            self._send_tasks(worker, MessageType.LEND, [item])
 
     def _requeue(self, worker: WorkerSlot, count: int) -> None:
         """Put the last ``count`` tasks sent to ``worker`` back at the head of the queue."""
@@ -635,6 +660,10 @@ class Owner:
             self._start_failed(worker_id, None, serialize.loads_exception(body))
         elif kind == MessageType.OUTPUT and link.remote:
             self.output.write(link.host, worker_id, count, body)
+        elif kind in RELAY_KINDS:  # tasks that tasks submit, and their futures
+            worker = self.scheduler.workers.get(worker_id)
+            if worker is not None and worker.link is link:
+                self.relay.message(worker, kind, body)
         else:
             raise ProtocolError(f"unexpected {kind.name} from a worker")
 
@@ -659,6 +688,8 @@ class Owner:
             worker.backlog -= task.estimate
             if not inflight:
                 worker.backlog = 0.0  # no drift from float sums
+            if task.task_id == worker.lent:
+                worker.lent = 0
             if attempt != task.attempt:
                 continue
             if self.on_demand:  # a worker is free again (the stdlib's idle semaphore)
@@ -823,6 +854,8 @@ class Owner:
             segments.remove_files(self.store.settings.dirs,
                                   f"{self.store.settings.session}-{slot.worker_id}-",
                                   keep=self.store.live_names())
+        blocked = self.relay.blocked_tasks(slot)  # running too, under the last one
+        self.relay.worker_gone(slot)
         if not slot.inflight:
             return
         if self.terminating:  # stopped on purpose: nothing is retried or moved
@@ -840,8 +873,13 @@ class Owner:
                             if t.task_id == running_id and t.attempt == running_attempt), None)
             if running is not None:
                 slot.inflight.remove(running)
+        crashed = [task for task in slot.inflight if (task.task_id, task.attempt) in blocked]
+        for task in crashed:
+            slot.inflight.remove(task)
         # Never started (or finished, result lost with the worker): run them elsewhere.
         self._requeue(slot, len(slot.inflight))
+        for task in crashed:
+            self._crashed(task, slot, exitcode, signal_name, detail)
         if running is None:
             return
         if running.future.done():  # stopped by Future.stop(): it is cancelled already
@@ -852,15 +890,22 @@ class Owner:
                 self._settle_exception(running, TaskTimeoutError(
                     running.describe(), running.timeout, killed=True))
             return
-        running.deaths += 1
-        if running.retries_left > 0:
-            running.retries_left -= 1
-            running.attempt += 1
-            self.ready.appendleft(running)
+        self._crashed(running, slot, exitcode, signal_name, detail)
+
+    def _crashed(self, task: Task, slot: WorkerSlot, exitcode, signal_name, detail) -> None:
+        """``task`` was running in ``slot``'s worker, which died: retry it, or fail it."""
+        if task.future.done():
+            self.tasks.pop(task.task_id, None)
             return
-        self._settle_exception(running, WorkerCrashedError(
-            running.describe(), slot.worker_id, slot.pid, host, exitcode, signal_name,
-            deaths=running.deaths, detail=detail))
+        task.deaths += 1
+        if task.retries_left > 0:
+            task.retries_left -= 1
+            task.attempt += 1
+            self.ready.appendleft(task)
+            return
+        self._settle_exception(task, WorkerCrashedError(
+            task.describe(), slot.worker_id, slot.pid, slot.link.host, exitcode, signal_name,
+            deaths=task.deaths, detail=detail))
 
     def _node_died(self) -> None:
         self.poller.unregister(self.node.event_fd)

@@ -26,7 +26,7 @@ class WorkerSlot:
     """What the owner knows of one worker process."""
 
     __slots__ = ("worker_id", "routing_id", "pid", "inflight", "quota",
-                 "functions", "alive", "backlog", "progress_at", "link")
+                 "functions", "alive", "backlog", "progress_at", "link", "frames", "lent")
 
     def __init__(self, worker_id: int, routing_id: bytes, pid: int, tasks_left: int, link=None):
         self.worker_id = worker_id
@@ -42,6 +42,10 @@ class WorkerSlot:
         self.alive = True
         self.backlog = 0.0  # estimated seconds of the tasks in flight
         self.progress_at = 0.0  # when its current task became the head of its queue
+        # Nested ownership (core.relay): the tasks blocked on futures they own, oldest
+        # first, as ((task id, attempt), {awaited}); and the task lent to it (0: none).
+        self.frames: list = []
+        self.lent = 0
 
 
 class Scheduler:
@@ -64,8 +68,9 @@ class Scheduler:
         limit = config.MAX_QUEUE_DEPTH
         best = None
         for worker in self.workers.values():
-            if not worker.alive or (worker.quota is not None and worker.quota <= 0):
-                continue
+            if not worker.alive or worker.frames or (worker.quota is not None
+                                                     and worker.quota <= 0):
+                continue  # (a blocked worker only runs what it owns: core.relay)
             inflight = worker.inflight
             if inflight:
                 if worker.backlog + estimate > target or len(inflight) > limit:

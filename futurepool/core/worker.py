@@ -72,6 +72,7 @@ from ..protocol.messages import MessageType, ResultStatus
 from ..store import serialize
 from ..store.objects import WorkerStore
 from ..store.segments import Location
+from . import nested
 from .output import OutputCapture
 from .processes import (
     EXIT_INITIALIZER_FAILED,
@@ -125,6 +126,11 @@ class Worker:
         # it is, so a crash in an argument's __del__ cannot cost the result.
         self.keepalive: list = []
         self.store = WorkerStore(settings["store"], worker_id)
+        # Tasks that submit tasks own their futures here (core.nested).
+        self.nested = nested.install(self)
+        self.lending = False  # the main thread waits in lend(): it reads the socket
+        self.deferred: list = []  # messages lend() leaves for the serve loop (STOP)
+        self.stops: set = set()  # blocked tasks below the running one that were stopped
         self.ctx = zmq.Context(1)
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.SNDHWM, 0)
@@ -246,24 +252,31 @@ class Worker:
                 messages.extend(channel.receive(header.seq, header.ack, (header, frames)))
         return messages
 
-    def _receive(self) -> list:
-        """The next messages from the owner (blocking). Over TCP, overdue messages are
-        sent again meanwhile."""
+    def _receive(self, timeout: float | None = None) -> list:
+        """The next messages from the owner (blocking, or ``[]`` after ``timeout``
+        seconds). Over TCP, overdue messages are sent again meanwhile."""
         sock, lock, channel = self.sock, self.lock, self.channel
         if channel is None:
             with lock:  # the outbox is empty: the flusher has nothing to send
                 if self.inbox:
                     return self._pull_locked()
+                if timeout is not None:
+                    return self._pull_locked() if sock.poll(timeout * 1000) else []
                 frames = sock.recv_multipart()
                 return [(decode_header(frames[0]), frames)]
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with lock:
                 if self.inbox:
                     return self._pull_locked()
                 wait = config.HEARTBEAT_INTERVAL
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        return []
                 if channel.unacked:  # wake when the oldest is due, not a tick later
                     wait = min(wait, max(0.01, next(iter(channel.unacked.values()))[4]
                                          - time.monotonic()))
@@ -502,17 +515,23 @@ class Worker:
                 # Say why in the slot first: the node reports it with the death.
                 SLOT_INTERRUPT.pack_into(self.slot, SLOT_INTERRUPT_OFFSET, kill[2])
                 os.kill(os.getpid(), signal.SIGKILL)
-            if not self.lock.acquire(timeout=_WATCH_SECONDS):
-                continue
+            if self.lending or not self.lock.acquire(timeout=_WATCH_SECONDS):
+                continue  # (lending, the main thread reads the socket itself)
+            nested_messages = []
             try:
                 messages = self._pull_locked()
                 for header, frames in messages:
-                    if header.kind != MessageType.INTERRUPT or not self._stop_running(frames):
+                    kind = header.kind
+                    if kind in _NESTED_KINDS:  # other threads of the task may wait on them
+                        nested_messages.append((kind, frames))
+                    elif kind != MessageType.INTERRUPT or not self._stop_running(frames):
                         self.inbox.append((header, frames))
             except zmq.ZMQError:
                 pass  # the socket is closing: the main thread meets it too
             finally:
                 self.lock.release()
+            for kind, frames in nested_messages:
+                self._nested_message(kind, frames)
 
     def _stop_running(self, frames) -> bool:
         """An INTERRUPT: stop the running task if it is the one; whether it was."""
@@ -536,10 +555,129 @@ class Worker:
                     self.outbox.append((task[0], task[1], ResultStatus.STOPPED, b"", 0.0))
                 return
 
+    def wake_flusher(self) -> None:
+        """Something of ``nested`` is waiting to go out: the flusher sends it soon."""
+        if not self.holding.is_set():
+            self.holding.set()
+
+    # -- nested ownership (core.nested) ---------------------------------------------
+
+    def _nested_message(self, kind: MessageType, frames) -> None:
+        """What the head sends us as an owner or borrower (no lock of ours held)."""
+        items = serialize.loads(frames[1])
+        if kind == MessageType.OUTCOMES:
+            self.nested.settle(items)
+        elif kind == MessageType.VALUE:
+            self.nested.borrows.valued(items)
+        elif kind == MessageType.GET:
+            self.nested.answer(items)
+        elif kind == MessageType.RELEASE:
+            self.nested.released(items)
+        elif kind == MessageType.OWNER_DIED:
+            self.nested.borrows.owners_died(items, lambda owner: f"worker {owner}")
+
+    def lend(self, awaited: list, done, timeout) -> bool:
+        """The running task waits until ``done()``: lend this worker meanwhile.
+
+        Tells the head (WAITING: the futures awaited, by our ids), hands back
+        the tasks queued behind the blocked one (they run elsewhere), and runs
+        what the head lends us (LEND: tasks this worker owns, which would
+        otherwise wait) inline, in this thread, until ``done()`` or
+        ``timeout``. Returns False when it cannot lend (not the task's own
+        thread): the caller then waits as usual.
+        """
+        frame = self.current
+        if frame is None or threading.get_ident() != self.main_thread:
+            return False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.flush()  # the awaited tasks reach the head before we say we wait
+        with self.lock:
+            self.lending = True
+            messages = self._pull_locked()
+            returned = [(item[0], item[1]) for item in self.queue]
+            self.queue.clear()
+            self._send_locked(MessageType.WAITING, len(awaited),
+                              serialize.dumps_plain((frame, awaited, returned)))
+        try:
+            while True:
+                self._lend_messages(messages, frame)
+                if done():
+                    return True
+                wait = 0.05
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        return True
+                self.flush()
+                messages = self._receive(wait)
+        finally:
+            with self.lock:
+                self._send_locked(MessageType.RESUMED, 0, b"")
+                self.inbox[:0] = self.deferred
+                self.deferred = []
+                self.lending = False
+
+    def _lend_messages(self, messages, frame) -> None:
+        returned = []
+        for header, frames in messages:
+            kind = header.kind
+            if kind == MessageType.LEND:
+                for item in serialize.loads(frames[1]):
+                    self._run_inline(item)
+            elif kind == MessageType.TASKS:  # sent before the head heard we wait
+                returned.extend((item[0], item[1]) for item in serialize.loads(frames[1]))
+            elif kind in _NESTED_KINDS:
+                self._nested_message(kind, frames)
+            elif kind == MessageType.INTERRUPT:
+                task = tuple(serialize.loads(frames[1]))
+                if task == frame:
+                    self._stop_running(frames)  # raises CancelledError here (SIGALRM)
+                else:
+                    self.stops.add(task)  # a task further down our stack
+            elif kind == MessageType.FREE:
+                self._take(kind, frames)
+            else:  # STOP: for the serve loop, once the task is done
+                self.deferred.append((header, frames))
+        if returned:
+            with self.lock:
+                self._send_locked(MessageType.RETURN, len(returned),
+                                  serialize.dumps_plain(returned))
+        if frame in self.stops:  # stopped while a task above it ran
+            self.stops.discard(frame)
+            self.stopping = frame
+            self.interrupted = INTERRUPT_STOP
+            self.raised = True
+            raise CancelledError(f"task {frame[0]} was stopped by Future.stop()")
+
+    def _run_inline(self, item) -> None:
+        """Run a lent task on top of the blocked one, and restore the blocked one's state."""
+        saved = (self.current, self.raised, self.interrupted, self.in_call, self.kill_at,
+                 self.deadline, self.limit, self.stopping)
+        slot = RUNNING_SLOT.unpack_from(self.slot, 0)
+        try:
+            outcome, keep = self.run_task(item)
+        finally:
+            (self.current, self.raised, self.interrupted, self.in_call, self.kill_at,
+             self.deadline, self.limit, self.stopping) = saved
+            RUNNING_SLOT.pack_into(self.slot, 0, *slot)
+            if self.kill_at is not None and self.kill_at[2] == INTERRUPT_TIMEOUT:
+                # The blocked task's own time limit runs on.
+                signal.setitimer(signal.ITIMER_REAL, max(0.001, self.deadline - time.monotonic()))
+                self.timer_armed = True
+        with self.lock:
+            if not self.outbox:
+                self.held_since = time.perf_counter()
+            self.outbox.append(outcome)
+        self.keepalive.append(keep)
+        self.flush()
+
     def flush(self) -> None:
         if self.capture is not None and self.outbox:
             self.capture.sync()  # what the tasks printed arrives before their results
         with self.lock:
+            if self.nested.outgoing:  # what tasks submitted goes before their results
+                for kind, items in self.nested.take_outgoing().items():
+                    self._send_locked(kind, len(items), serialize.dumps_plain(items))
             if self.outbox:
                 self._send_locked(MessageType.RESULTS, len(self.outbox),
                                   serialize.dumps_plain(self.outbox))
@@ -627,8 +765,10 @@ class Worker:
     def _take(self, kind: MessageType, frames) -> bool:
         if kind == MessageType.STOP:
             return False
-        if kind == MessageType.TASKS:
+        if kind == MessageType.TASKS or kind == MessageType.LEND:
             self.queue.extend(serialize.loads(frames[1]))
+        elif kind in _NESTED_KINDS:
+            self._nested_message(kind, frames)
         elif kind == MessageType.FREE:
             free = self.store.writer.free
             for location in serialize.loads(frames[1]):
@@ -636,6 +776,11 @@ class Worker:
         elif kind == MessageType.INTERRUPT:
             self._drop_queued(tuple(serialize.loads(frames[1])))
         return True
+
+
+#: What the head sends this worker as the owner (or borrower) of nested futures.
+_NESTED_KINDS = frozenset({MessageType.OUTCOMES, MessageType.GET, MessageType.VALUE,
+                           MessageType.RELEASE, MessageType.OWNER_DIED})
 
 
 def _safe_repr(value) -> str:

@@ -59,6 +59,23 @@ BYE            head -> remote node        empty: the session is over
 STATUS         client <-> head (tcp)      request: empty; answer: dict (futurepool status)
 ACK            both ways (tcp)            empty: carries only ``ack`` (nothing to send
                                           it along with)
+SUBMIT         owner worker -> head       [(local_id, fn_id, fn_bytes or b"", fn_name,
+                                           args, ((object_id, value), ..), timeout,
+                                           retries, retry_timeouts)]: tasks a task
+                                          submitted (core.nested, core.relay)
+OUTCOMES       head -> owner worker       [(local_id, status, payload)]: how they ended
+CANCEL         owner worker -> head       [local_id, ...]: cancel or stop (count 1)
+WAITING        worker -> head             [local_id, ...]: its task is blocked on these;
+                                          run them here (ident: the worker id)
+RESUMED        worker -> head             empty: the blocked task goes on
+RETURN         worker -> head             [(task_id, attempt), ...] it will not run
+LEND           head -> worker             like TASKS, for a blocked worker to run inline
+GET            borrower -> head -> owner  [(owner_or_borrower_id, local_id), ...]: send
+                                          the value when it is done
+VALUE          owner -> head -> borrower  [(borrower_or_owner_id, local_id, status,
+                                           payload)]
+RELEASE        borrower -> head -> owner  [(owner_or_borrower_id, local_id), ...]
+OWNER_DIED     head -> borrower           [owner worker id, ...]
 =============  =========================  =====================================
 
 Over TCP, each remote worker has its own connection to the head (the node
@@ -71,7 +88,7 @@ from __future__ import annotations
 import enum
 import struct
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAGIC = b"fp"
 HEADER = struct.Struct("<2sBBIQII")
 
@@ -102,6 +119,17 @@ class MessageType(enum.IntEnum):
     BYE = 25
     STATUS = 26
     ACK = 27
+    SUBMIT = 30
+    OUTCOMES = 31
+    CANCEL = 32
+    WAITING = 33
+    RESUMED = 34
+    RETURN = 35
+    LEND = 36
+    GET = 37
+    VALUE = 38
+    RELEASE = 39
+    OWNER_DIED = 40
 
 
 _KNOWN_TYPES = frozenset(int(t) for t in MessageType)
@@ -116,3 +144,4 @@ class ResultStatus(enum.IntEnum):
     MISSING_FUNCTION = 3  #: the worker's cache lost the function: send it again
     TIMED_OUT = 4        #: interrupted past its timeout; payload: what it raised, or b""
     STOPPED = 5          #: interrupted (or dropped unstarted) by Future.stop(); payload b""
+    CANCELLED = 6        #: a nested task cancelled before it ran (OUTCOMES, VALUE)

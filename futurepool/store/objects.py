@@ -51,7 +51,14 @@ class Block:
             except Exception:  # noqa: BLE001 - already lost: reading will say so
                 pass
 
+    def hand_over(self) -> Location:
+        """Its location, for a process that frees it from now on (this block will not)."""
+        self._store = None
+        return self.location
+
     def __del__(self):
+        if self._store is None:
+            return
         try:
             self._store.release(self.location)
         except Exception:  # noqa: BLE001 - never raise from a finalizer

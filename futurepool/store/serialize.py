@@ -274,15 +274,51 @@ def collect_references(dep) -> bool:
     return True
 
 
-def dumps_arguments(args, kwargs, store=None, dumps_fn=dumps) -> tuple:
-    """Encode ``(args, kwargs)`` and return the futures found inside them."""
+def pickling_arguments():
+    """Who the task whose arguments this thread is pickling goes to (None: no task).
+
+    An executor passed to its own task pickles as a handle to it; anywhere
+    else it refuses.
+    """
+    if getattr(_collector, "deps", None) is None:
+        return None
+    return _collector.context
+
+
+def dumps_arguments(args, kwargs, store=None, dumps_fn=dumps, context=True) -> tuple:
+    """Encode ``(args, kwargs)`` and return the futures found inside them.
+
+    ``context``: what :func:`pickling_arguments` answers meanwhile (the owner
+    the task is for).
+    """
     # Re-entrant: pickling a MapResult submits its joining task meanwhile.
-    outer = getattr(_collector, "deps", None)
+    outer = getattr(_collector, "deps", None), getattr(_collector, "context", None)
     _collector.deps = deps = {}
+    _collector.context = context
     try:
         return encode((args, kwargs), store, dumps_fn), deps
     finally:
-        _collector.deps = outer
+        _collector.deps, _collector.context = outer
+
+
+# Futures that left their owner inside a value (core.nested) register, when
+# unpickled, with the table this thread is decoding for.
+_decoding = threading.local()
+
+
+def borrowing_table():
+    """Where a future unpickled in this thread registers (None: the process default)."""
+    return getattr(_decoding, "table", None)
+
+
+def decode_for(data, view, table):
+    """:func:`decode`, with futures inside the value registering with ``table``."""
+    outer = getattr(_decoding, "table", None)
+    _decoding.table = table
+    try:
+        return decode(data, view)
+    finally:
+        _decoding.table = outer
 
 
 # Worker side: the encoded values of the current task's dependencies, by
