@@ -15,8 +15,10 @@ from .errors import (  # noqa: E402
     ObjectStoreFullError,
     RemoteError,
     ResultPicklingError,
+    TaskMemoryError,
     TaskTimeoutError,
     UnpicklingFailedError,
+    UnsatisfiableResourcesError,
     WorkerCrashedError,
 )
 from .executor import Executor, ProcessPoolExecutor  # noqa: E402
@@ -35,8 +37,10 @@ __all__ = [
     "ProcessPoolExecutor",
     "RemoteError",
     "ResultPicklingError",
+    "TaskMemoryError",
     "TaskTimeoutError",
     "UnpicklingFailedError",
+    "UnsatisfiableResourcesError",
     "WorkerCrashedError",
     "as_completed",
 ]

@@ -59,6 +59,7 @@ from ..errors import (
     ObjectLostError,
     ObjectStoreFullError,
     ProtocolError,
+    TaskMemoryError,
     TaskTimeoutError,
     UnpicklingFailedError,
     WorkerCrashedError,
@@ -77,9 +78,11 @@ from .processes import (
     EXIT_INITIALIZER_FAILED,
     EXIT_START_FAILED,
     INITIALIZING,
+    INTERRUPT_MEMORY,
     INTERRUPT_TIMEOUT,
     WorkerProcess,
 )
+from .resources import Placement
 from .scheduler import Scheduler, WorkerSlot
 from .startup import FORK, check_not_importing_main
 
@@ -99,7 +102,8 @@ class Owner:
                  inherited_fds: list[int] = (), max_tasks_per_child: int | None = None,
                  max_retries: int = 0, initializer_name: str = "",
                  main_references=None, workers_on_demand: bool = False,
-                 listen: str | None = None, key_file: str | None = None):
+                 listen: str | None = None, key_file: str | None = None,
+                 resources: dict | None = None):
         self.max_workers = max_workers
         self.semantics = semantics  # startup.FORK or startup.SPAWN
         self.start_method = start_method
@@ -133,6 +137,8 @@ class Owner:
         self.listen = listen
         self.key_file = key_file
         self.head: Head | None = None
+        # Where tasks that ask for resources may run (core.resources).
+        self.placement = Placement(resources, bool(listen), max_workers > 0)
         self.output = OutputPrinter()  # what remote workers print
         self.started_at = time.time()
         self.completed = 0  # tasks whose worker reported an outcome
@@ -277,7 +283,8 @@ class Owner:
             retries = options.max_retries
             task = Task(future, fn_id, fn_bytes, serialize.describe_callable(fn), data, deps,
                         self.max_retries if retries is None else retries,
-                        options.timeout or 0.0, retries is not None)
+                        options.timeout or 0.0, retries is not None, options.request,
+                        options.memory_limit or 0)
         future._description = task.describe()
         future._stop_via = self.stop_hook
         future._task_id = task.task_id
@@ -543,12 +550,25 @@ class Owner:
         batches: dict[WorkerSlot, list] = {}
         ready, pick, estimate = self.ready, self.scheduler.pick, self.scheduler.estimate
         now = time.monotonic()
+        fitting = None  # for tasks that ask for resources: what each node holds now
+        waiting = []  # those that fit nowhere now: they keep their place in the queue
         while ready:
             task = ready[0]
             task.estimate = estimate(task.fn_id)
-            worker = pick(task.estimate, now)
-            if worker is None:
-                break
+            if task.resources is None:
+                worker = pick(task.estimate, now)
+                if worker is None:
+                    break
+            else:
+                fitting = fitting or self.placement.round(self.scheduler)
+                worker = fitting.pick(task, now)
+                if worker is None:
+                    ready.popleft()
+                    if task.future.cancelled():  # cancelled while it waited
+                        self.tasks.pop(task.task_id, None)
+                    else:
+                        waiting.append(task)
+                    continue
             ready.popleft()
             if not task.started:
                 if not task.future.set_running_or_notify_cancel():
@@ -577,8 +597,11 @@ class Owner:
             if worker.link.remote:  # another host cannot map our segments: copy them in
                 args = serialize.inline(args)
                 deps = tuple((oid, serialize.inline(payload)) for oid, payload in deps)
-            batches.setdefault(worker, []).append(
-                (task.task_id, task.attempt, task.fn_id, fn_bytes, args, deps, task.timeout))
+            batches.setdefault(worker, []).append((task.task_id, task.attempt, task.fn_id,
+                                                   fn_bytes, args, deps, task.timeout,
+                                                   task.limits()))
+        if waiting:
+            ready.extendleft(reversed(waiting))
         for worker, items in batches.items():
             try:
                 worker.link.send(worker, MessageType.TASKS, len(items),
@@ -708,7 +731,7 @@ class Owner:
                     worker.quota += 1
 
     def _retry_timeout(self, task: Task) -> bool:
-        """Re-run a timed-out task if its options gave it retries; whether it was."""
+        """Re-run a timed-out (or memory-killed) task if its options gave it retries."""
         if not task.retry_timeouts or task.retries_left <= 0 or task.future.done():
             return False
         task.retries_left -= 1
@@ -773,11 +796,12 @@ class Owner:
                 self.processes_changed.notify_all()
 
     def _worker_exited(self, worker_id, pid, exitcode, signal_name, running_id=None,
-                       running_attempt=0, interrupt=0, detail="") -> None:
+                       running_attempt=0, interrupt=0, peak=0, detail="") -> None:
         """A worker died; ``running_id`` is what its slot said it ran (None: unknown).
 
         ``interrupt``: why that task was being interrupted (processes.INTERRUPT_*):
-        its worker killed itself because the task outlived the grace.
+        its worker killed itself because the task outlived the grace, or was
+        killed past its memory limit (``peak``: the bytes it was seen to hold).
         """
         self._process_gone(pid, exitcode, signal_name, worker_id)
         slot = self.scheduler.workers.get(worker_id)
@@ -807,10 +831,10 @@ class Owner:
         slot.alive = False
         # Results it sent just before dying may still be in flight: wait a moment.
         self._add_timer(config.DEATH_GRACE, lambda: self._bury(
-            slot, exitcode, signal_name, detail, running_id, running_attempt, interrupt))
+            slot, exitcode, signal_name, detail, running_id, running_attempt, interrupt, peak))
 
     def _bury(self, slot: WorkerSlot, exitcode, signal_name, detail, running_id,
-              running_attempt, interrupt=0) -> None:
+              running_attempt, interrupt=0, peak=0) -> None:
         if self.scheduler.workers.get(slot.worker_id) is slot:
             del self.scheduler.workers[slot.worker_id]
         if self.by_routing.get(slot.routing_id) is slot:
@@ -851,6 +875,11 @@ class Owner:
             if not self._retry_timeout(running):
                 self._settle_exception(running, TaskTimeoutError(
                     running.describe(), running.timeout, killed=True))
+            return
+        if interrupt == INTERRUPT_MEMORY:  # killed past its memory_limit
+            if not self._retry_timeout(running):
+                self._settle_exception(running, TaskMemoryError(
+                    running.describe(), running.memory_limit, peak, host))
             return
         running.deaths += 1
         if running.retries_left > 0:
