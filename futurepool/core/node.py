@@ -83,6 +83,7 @@ from .processes import (
     INTERRUPT_TIMEOUT,
     MEMORY_SLOT,
     MEMORY_SLOT_OFFSET,
+    MEMORY_WATCH_SIGNAL,
     NODE_PROCESS_NAME,
     RUNNING_SLOT,
     SLOT_INTERRUPT,
@@ -174,6 +175,7 @@ class Node:
             os.close(fd)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(MEMORY_WATCH_SIGNAL, signal.SIG_DFL)
         if self.inherited is not None:  # as the stdlib's forked workers, keep the driver's
             for signum, handler in self.inherited.get("signal_handlers", {}).items():
                 signal.signal(signum, handler)
@@ -273,7 +275,8 @@ class Node:
         The backstop of a worker's own watchdog (core.worker), which reads its
         memory every 10 ms but cannot while C code holds the GIL (a large
         allocation, a copy). Each look is one small read of ``/proc``, and
-        the node only looks this often while a task with a limit runs.
+        the node only looks this often while a task with a limit runs (the
+        worker wakes it with ``MEMORY_WATCH_SIGNAL`` when one starts).
         """
         due = math.inf
         for pid, (_worker_id, _started, slot) in self.workers.items():
@@ -415,6 +418,8 @@ def serve(cmd_fd: int, event_fd: int, inherited=None) -> int:
     os.set_blocking(node.wakeup_w, False)
     signal.set_wakeup_fd(node.wakeup_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    # A worker starting a task with a memory_limit: look at it now (enforce_memory).
+    signal.signal(MEMORY_WATCH_SIGNAL, lambda *_: None)
     signal.signal(signal.SIGTERM, lambda *_: node.begin_stop(signal.SIGTERM))
     code = node.run()
     try:

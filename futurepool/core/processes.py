@@ -44,6 +44,9 @@ MEMORY_SLOT = struct.Struct("<QQ")
 MEMORY_SLOT_OFFSET = RUNNING_SLOT.size
 #: The size of the shared mmap per worker.
 SLOT_SIZE = RUNNING_SLOT.size + MEMORY_SLOT.size
+#: What a worker sends its node when it starts a task with a memory limit, so
+#: that the node starts watching at once rather than at its next heartbeat.
+MEMORY_WATCH_SIGNAL = signal.SIGUSR1
 #: ``task_id`` while the pool's initializer runs.
 INITIALIZING = (1 << 64) - 1
 

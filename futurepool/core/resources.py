@@ -52,7 +52,7 @@ _UNITS = {"": 1, "b": 1}
 for _power, _letter in enumerate("kmgtp", start=1):
     _UNITS[_letter] = _UNITS[_letter + "b"] = 1000 ** _power
     _UNITS[_letter + "i"] = _UNITS[_letter + "ib"] = 1024 ** _power
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+_SIZE = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*([a-zA-Z]*)\s*$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 #: Requests are checked with this slack: 0.1 + 0.2 tasks of 0.3 fit.
 _EPSILON = 1e-9

@@ -91,6 +91,7 @@ from .processes import (
     INTERRUPT_TIMEOUT,
     MEMORY_SLOT,
     MEMORY_SLOT_OFFSET,
+    MEMORY_WATCH_SIGNAL,
     RUNNING_SLOT,
     SLOT_INTERRUPT,
     SLOT_INTERRUPT_OFFSET,
@@ -188,6 +189,7 @@ class Worker:
         self.limit = (0, None, 0.0)  # (task_id, fn, timeout): what TaskTimeoutError names
         self.timer_armed = False  # the interval timer may still fire (see _run)
         self.limits = TaskLimits()  # the running task's memory_limit and GPUs
+        self.node_pid = os.getppid()
         self.main_thread = threading.get_ident()
         signal.signal(signal.SIGALRM, self._on_alarm)
         self.watchdog = threading.Thread(target=self._watch, name="futurepool-watchdog",
@@ -390,7 +392,10 @@ class Worker:
         self.current = (task_id, attempt)
         if limits is not None:  # memory_limit, GPUs (core.resources)
             self.limits.begin(self.current, limits)
-            MEMORY_SLOT.pack_into(self.slot, MEMORY_SLOT_OFFSET, limits[0], 0)
+            if limits[0]:  # the node watches too: wake it (core.node.enforce_memory)
+                MEMORY_SLOT.pack_into(self.slot, MEMORY_SLOT_OFFSET, limits[0], 0)
+                if os.getppid() == self.node_pid:  # (not whoever adopted us if it died)
+                    os.kill(self.node_pid, MEMORY_WATCH_SIGNAL)
         try:
             return self._run(task_id, attempt, fn_id, fn_bytes, args_bytes, deps, timeout)
         finally:
