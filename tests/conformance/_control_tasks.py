@@ -136,3 +136,9 @@ def capped_allocation(nbytes):
         return bytearray(nbytes)
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def whoami(seconds=0.0):
+    """``(pid, CUDA_VISIBLE_DEVICES)`` of the worker that ran it, after ``seconds``."""
+    time.sleep(seconds)
+    return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES")
