@@ -142,3 +142,12 @@ def whoami(seconds=0.0):
     """``(pid, CUDA_VISIBLE_DEVICES)`` of the worker that ran it, after ``seconds``."""
     time.sleep(seconds)
     return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+_leaked: list = []
+
+
+def leak(nbytes):
+    """Keeps ``nbytes`` more for as long as its worker lives; returns that worker's pid."""
+    _leaked.append(bytearray(b"\x03") * nbytes)
+    return os.getpid()

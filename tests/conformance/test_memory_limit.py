@@ -170,3 +170,28 @@ def test_a_memory_error_raised_in_a_task_is_its_exception_and_the_worker_lives(e
         executor.submit(C.capped_allocation, 2 * 10**9).result(TIMEOUT)
     assert pid in executor._processes
     assert executor.submit(C.allocate, 10**6).result(TIMEOUT) == 10**6
+
+
+# --- FAULTS 21: a worker that leaks -----------------------------------------------------
+
+
+def test_a_leak_across_tasks_is_caught_by_the_limit_or_bounded_by_recycling():
+    """Each task keeps 60 MB: the task that takes its worker past the limit fails; with
+    ``max_tasks_per_child`` the leak is shed before it gets there."""
+    step = 60 * 10**6
+    with futurepool.Executor(1) as executor:
+        view = executor.options(memory_limit=LIMIT)
+        outcomes = []
+        for _ in range(8):
+            try:
+                outcomes.append(view.submit(C.leak, step).result(TIMEOUT))
+            except TaskMemoryError as error:
+                outcomes.append(error)
+        failed = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, TaskMemoryError)]
+        assert failed and 2 <= failed[0] <= 5, outcomes  # after ~4 of them, not at once
+        pids = {outcome for outcome in outcomes if isinstance(outcome, int)}
+        assert len(pids) >= 2, outcomes  # its replacement started afresh
+    with futurepool.Executor(1, max_tasks_per_child=2) as executor:
+        view = executor.options(memory_limit=LIMIT)
+        pids = [view.submit(C.leak, step).result(TIMEOUT) for _ in range(8)]
+        assert len(set(pids)) == 4, pids
