@@ -24,8 +24,9 @@ from ._support import TIMEOUT
 
 LIMIT = 300 * 10**6
 #: How far past the limit a steadily growing worker may get before it is killed:
-#: 8 MB a step, looked at every 10 ms (the node every 20 ms), on a loaded machine.
-OVERSHOOT = 400 * 10**6
+#: 8 MB every ~6 ms, looked at every 10 ms (the node every 20 ms); the margin is
+#: for a loaded machine (measured idle: 2 to 40 MB).
+OVERSHOOT = 700 * 10**6
 
 
 @pytest.fixture

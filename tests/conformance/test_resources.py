@@ -89,7 +89,7 @@ def test_a_request_that_does_not_fit_now_waits_without_holding_up_others(tmp_pat
     first, second, other = tmp_path / "first", tmp_path / "second", tmp_path / "other"
     with futurepool.Executor(2, resources={"gpu": 1}) as executor:
         view = executor.options(resources={"gpu": 1})
-        running = view.submit(C.hold, first, 1.0)
+        running = view.submit(C.hold, first, 2.0)
         waiting = view.submit(C.hold, second, 0.1)
         behind = executor.submit(C.hold, other, 0.0)  # asks for nothing: runs at once
         assert behind.result(TIMEOUT) == "-"
