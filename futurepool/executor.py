@@ -347,7 +347,7 @@ class Executor(_StdExecutor):
         owner = self._owner
         self._refuse_forked_copy()
         if options is not None and options.request is not None:
-            owner.placement.check(options.request, socket.gethostname())
+            owner.placement.check(options.request)
         if owner.thread is None or owner.on_demand:
             with self._shutdown_lock:
                 self._check_open()

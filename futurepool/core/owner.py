@@ -555,13 +555,12 @@ class Owner:
         while ready:
             task = ready[0]
             task.estimate = estimate(task.fn_id)
-            if task.resources is None:
-                worker = pick(task.estimate, now)
-                if worker is None:
-                    break
-            else:
+            worker = pick(task.estimate, now)
+            if worker is None:  # no worker takes anything now, whatever it asks for
+                break
+            if task.resources is not None:  # only where its node has room
                 fitting = fitting or self.placement.round(self.scheduler)
-                worker = fitting.pick(task, now)
+                worker = fitting.pick(task, now, worker)
                 if worker is None:
                     ready.popleft()
                     if task.future.cancelled():  # cancelled while it waited

@@ -239,6 +239,7 @@ class Placement:
         self.listening = listening
         self.local_workers = local_workers  # False: a head that runs no task itself
         self._local: dict | None = None
+        self.fit_here: set = set()  # requests this host can run (check's shortcut)
         self.last_gpus: dict[int, tuple] = {}  # worker id -> the GPUs it had last
         self.warned: set = set()  # requests said to fit no joined node (logged once)
 
@@ -254,7 +255,7 @@ class Placement:
             offer = link.resources = self.local
         return offer or {}
 
-    def check(self, request, host: str) -> None:
+    def check(self, request) -> None:
         """In the caller's thread: raise if no node can ever run ``request``.
 
         The rule: an executor that does not listen for remote nodes has only
@@ -262,9 +263,12 @@ class Placement:
         fails now. One that listens may yet be joined by a node that fits:
         the task waits (and the owner logs that no joined node fits it).
         """
-        if self.listening or fits(request, self.local):
+        if self.listening or request in self.fit_here:
             return
-        offers = {f"this host ({host})": dict(self.local)}
+        if fits(request, self.local):
+            self.fit_here.add(request)
+            return
+        offers = {f"this host ({os.uname().nodename})": dict(self.local)}
         raise UnsatisfiableResourcesError(dict(request), offers, listening=False)
 
     def round(self, scheduler) -> Round:
@@ -297,14 +301,22 @@ class Round:
             held[name] = held.get(name, 0) + quantity
         self.gpus[link].update(gpus)
 
-    def pick(self, task, now: float):
-        """The worker to send ``task`` to (its GPUs chosen), or None: it waits."""
+    def pick(self, task, now: float, best):
+        """The worker to send ``task`` to (its GPUs chosen), or None: it waits.
+
+        ``best``: the worker the task would get if it asked for nothing (the
+        least loaded); it is the answer when its node has room.
+        """
         request = task.resources
         if request in self.unfit:
             return None
-        links = {link for link, offer in self.offers.items()
-                 if fits(request, offer, self.held[link])}
-        worker = self.scheduler.pick(task.estimate, now, links) if links else None
+        link = best.link
+        if fits(request, self.offers[link], self.held[link]):
+            worker = best
+        else:
+            links = {link for link, offer in self.offers.items()
+                     if fits(request, offer, self.held[link])}
+            worker = self.scheduler.pick(task.estimate, now, links) if links else None
         if worker is None:
             self.unfit.add(request)  # workers only get busier in one pass
             self._warn_if_hopeless(task)
