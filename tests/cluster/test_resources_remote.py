@@ -17,9 +17,10 @@ import pytest
 
 import futurepool
 from futurepool import TaskMemoryError
+from futurepool.testing import netns
 
 from ..conformance import _control_tasks as C
-from ._nodes import REPO, TIMEOUT, joined, start_worker, stop
+from ._nodes import MY_NETNS, REPO, TIMEOUT, joined, start_worker, stop, where
 
 
 @pytest.fixture(autouse=True)
@@ -86,6 +87,36 @@ def test_a_remote_task_past_its_memory_limit_fails_with_task_memory_error(key_fi
         finally:
             code, _out, err = stop(proc)
         assert code == 0, err
+
+
+@pytest.mark.chaos
+def test_on_two_hosts_only_the_one_with_a_gpu_runs_gpu_tasks(key_file):
+    """Two nodes in network namespaces of their own; only node2 says --resources gpu=1."""
+    netns.skip_unless_available()
+    with netns.Network(nodes=2, head_in_root=True) as net:
+        listen = f"tcp://{net.address('head')}:0"
+        with futurepool.Executor(0, listen=listen, key_file=key_file) as executor:
+            plain = start_worker(executor.address, key_file, net=net, member="node1",
+                                 workers=2)
+            gpu = start_worker(executor.address, key_file, "--resources", "gpu=1,mem=1GB",
+                               net=net, member="node2", workers=2)
+            try:
+                assert joined(executor, 4), "the nodes did not join"
+                view = executor.options(resources={"gpu": 1, "mem": "512MB"})
+                placed = {f.result(TIMEOUT)[0] for f in
+                          [view.submit(where, i, 0.1) for i in range(4)]}
+                spread = {f.result(TIMEOUT)[0] for f in
+                          [executor.submit(where, i, 0.3) for i in range(8)]}
+                assert len(placed) == 1 and MY_NETNS not in placed, placed
+                assert len(spread) == 2 and placed < spread, (placed, spread)
+                # A memory limit is enforced there too.
+                with pytest.raises(futurepool.TaskMemoryError):
+                    view.options(memory_limit="300MB").submit(C.grow, 8 * 10**6).result(
+                        TIMEOUT)
+                assert view.submit(C.devices).result(TIMEOUT) == "0"
+            finally:
+                for proc in (plain, gpu):
+                    stop(proc)
 
 
 @pytest.mark.parametrize("spec, message", [
