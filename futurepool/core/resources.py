@@ -17,7 +17,7 @@ fits; and the memory a task's worker may use (``options(memory_limit=)``).
                                  queues ─ the least loaded worker of a
                                  node with room; GPU indices ─ TASKS ─► CUDA_VISIBLE_DEVICES
                                                                         set while it runs
-                                                                     ─► MemoryWatch: RSS
+                                                                     ─► TaskLimits: RSS
                                                                         every 10 ms (watchdog
                                                                         thread; the node too)
 
@@ -31,9 +31,11 @@ Tasks that ask for nothing hold nothing. A request that fits nowhere now
 stays in the ready queue while tasks behind it are placed (no reservation:
 a large request may wait while smaller ones keep fitting).
 
-Everything here but :func:`normalize`, :func:`parse_spec`,
-:func:`parse_bytes` and :meth:`Placement.check` (called in user threads,
-read-only) belongs to the owner's I/O thread.
+Threads: :class:`Placement` and :class:`Round` belong to the owner's I/O
+thread, except :meth:`Placement.check`, which user threads call (it only
+reads, and adds to a set of requests known to fit); the parsers are pure.
+:class:`TaskLimits` lives in a worker (its main thread writes, the watchdog
+reads); :func:`rss_of` is the node's.
 """
 
 from __future__ import annotations
