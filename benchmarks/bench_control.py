@@ -21,6 +21,9 @@ Scenarios (futurepool only: nothing else has per-task timeouts that stop work):
   over plain ``submit``, on one executor, alternating 5 rounds of each
   (2,000 tasks a round; 500 with --quick); the ratio, with both rates
   alongside. Target: >= 0.9 (under 10% cost).
+* ``resources-cost``: the same for ``options(resources={"mem": "1MB"})``,
+  whose tasks are placed by what their node holds (room for thousands: the
+  cost of placing, not of waiting; no target, informational).
 """
 
 from __future__ import annotations
@@ -116,6 +119,24 @@ def options_cost(cell):
         options.append(_harness.submit_all(view, _tasks.noop, n, cell))
     rate, rate_with = statistics.median(plain), statistics.median(options)
     return rate_with / rate, {"submit": rate, "options": rate_with}
+
+
+@suite.scenario("resources-cost", unit="x", higher_is_better=True, timeout=120,
+                show=("submit", "resources"))
+def resources_cost(cell):
+    """No-op tasks/s through options(resources={"mem": "1MB"}).submit over plain
+    submit (alternating rounds on one executor); rates in tasks/s alongside. Each
+    such task is placed by what its node's queued and running tasks hold; the
+    host has room for thousands, so this is the cost of placing, not of waiting."""
+    n = cell.size(2_000, 500)
+    ex = cell.make(warm=True)
+    view = ex.options(resources={"mem": "1MB"})  # room for thousands: the cost of placing
+    plain, placed = [], []
+    for _ in range(5):
+        plain.append(_harness.submit_all(ex, _tasks.noop, n, cell))
+        placed.append(_harness.submit_all(view, _tasks.noop, n, cell))
+    rate, rate_with = statistics.median(plain), statistics.median(placed)
+    return rate_with / rate, {"submit": rate, "resources": rate_with}
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ from .errors import (  # noqa: E402
     OwnerDiedError,
     RemoteError,
     ResultPicklingError,
+    TaskMemoryError,
     TaskTimeoutError,
     UnpicklingFailedError,
+    UnsatisfiableResourcesError,
     WorkerCrashedError,
 )
 from .executor import Executor, ProcessPoolExecutor, current_executor  # noqa: E402
@@ -37,8 +39,10 @@ __all__ = [
     "ProcessPoolExecutor",
     "RemoteError",
     "ResultPicklingError",
+    "TaskMemoryError",
     "TaskTimeoutError",
     "UnpicklingFailedError",
+    "UnsatisfiableResourcesError",
     "WorkerCrashedError",
     "as_completed",
     "current_executor",

@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> None:
         default=os.environ.get("FUTUREPOOL_WORKERS"),
         help="worker processes to run (env FUTUREPOOL_WORKERS; default: this host's CPUs)")
     worker.add_argument(
+        "--resources", metavar="NAME=QTY,...", default=os.environ.get("FUTUREPOOL_RESOURCES"),
+        help="what this host offers to tasks that ask for resources with"
+             " options(resources=...), e.g. gpu=2,mem=64GB (env FUTUREPOOL_RESOURCES). Added to"
+             " what is detected (cpu: usable CPUs, mem: memory in bytes), which a name given"
+             " here replaces. Quantities are numbers, or sizes with a unit (512MB, 2GiB)")
+    worker.add_argument(
         "--once", action="store_true", default=_env_flag("FUTUREPOOL_ONCE"),
         help="exit when the head goes away instead of waiting for the next (env"
              " FUTUREPOOL_ONCE=1)")
@@ -83,6 +89,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "worker":
         if not args.connect or not args.connect.startswith("tcp://"):
             worker.error("--connect tcp://HOST:PORT is required (or FUTUREPOOL_CONNECT)")
+        if args.resources is not None:
+            from .core.resources import parse_spec
+
+            try:
+                args.resources = parse_spec(args.resources)
+            except ValueError as exc:
+                worker.error(str(exc))
         sys.exit(_worker(args))
     if args.command == "keygen":
         sys.exit(_keygen(args.key_file, args.force))
@@ -111,7 +124,8 @@ def _worker(args) -> int:
     workers = int(args.workers) if args.workers else _default_workers()
     grace = float(args.grace) if args.grace is not None else None
     return remote_node.main(args.connect, args.key_file, workers, args.once, grace,
-                            log=lambda line: print(line, file=sys.stderr, flush=True))
+                            log=lambda line: print(line, file=sys.stderr, flush=True),
+                            resources=args.resources)
 
 
 def _keygen(path: str | None, force: bool) -> int:

@@ -50,6 +50,11 @@ DEATH_GRACE: float = _env("DEATH_GRACE", 0.05)
 #: many seconds later, its worker is killed (SIGKILL) and replaced.
 INTERRUPT_GRACE: float = _env("INTERRUPT_GRACE", 0.5)
 
+#: While a task with a ``memory_limit`` runs, its node reads its worker's
+#: resident memory this often (the worker itself looks every 10 ms), to kill
+#: it past the limit even while C code holds the worker's GIL.
+MEMORY_CHECK_INTERVAL: float = _env("MEMORY_CHECK_INTERVAL", 0.02)
+
 #: A worker that cannot start (initializer fails, import error) is restarted
 #: with exponential back-off; after this many consecutive failures the pool is
 #: declared broken instead of respawning forever (cpython#87472).

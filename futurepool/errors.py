@@ -28,6 +28,8 @@ __all__ = [
     "ObjectLostError",
     "TaskTimeoutError",
     "OwnerDiedError",
+    "TaskMemoryError",
+    "UnsatisfiableResourcesError",
 ]
 
 _OOM_HINT = (
@@ -229,6 +231,91 @@ class TaskTimeoutError(FuturePoolError, TimeoutError):
 
     def __reduce__(self):
         return type(self), (self.task, self.timeout, self.killed)
+
+
+def _size(n) -> str:
+    """``n`` bytes as a person reads them: ``512.0MB``."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{int(n)}B"
+
+
+def _describe(resources: dict) -> str:
+    """``cpu=8, gpu=2, mem=64.0GB``: quantities as a user would write them."""
+    if not resources:
+        return "nothing"
+    return ", ".join(
+        f"{name}={_size(value) if name in ('mem', 'memory') else format(value, 'g')}"
+        for name, value in sorted(resources.items()))
+
+
+class TaskMemoryError(FuturePoolError, MemoryError):
+    """A task's worker used more memory than the ``memory_limit`` given with ``options()``.
+
+    The worker was killed (SIGKILL) as soon as its resident memory was seen
+    past the limit, before the kernel's out-of-memory killer would pick a
+    victim, and replaced; other tasks were untouched. Resident memory here
+    is the worker's RSS less the pages of files and of shared memory (the
+    object store), which killing it would not free. A builtin
+    ``MemoryError``, so ``except MemoryError`` catches it.
+
+    Attributes:
+        task: a short description of the task (its id and function).
+        limit: the limit, in bytes.
+        peak: the largest resident size seen, in bytes (the worker may have
+            grown a little further between two looks).
+        host: the host it ran on.
+    """
+
+    def __init__(self, task=None, limit=None, peak=None, host=None):
+        self.task = task
+        self.limit = limit
+        self.peak = peak
+        self.host = host
+        what = task or "the task"
+        where = f" on {host}" if host else ""
+        message = f"{what} used more memory than its memory_limit"
+        if limit is not None:
+            message += f" of {_size(limit)} ({limit} bytes)"
+        if peak:
+            message += f": its worker{where} reached {_size(peak)} ({peak} bytes)"
+        message += (". The worker was killed and replaced; other tasks were not affected."
+                    " Raise the limit, or make the task use less memory (smaller chunks).")
+        super().__init__(message)
+
+    def __reduce__(self):
+        return type(self), (self.task, self.limit, self.peak, self.host)
+
+
+class UnsatisfiableResourcesError(FuturePoolError, ValueError):
+    """No node can ever run a task with these ``resources``: raised by ``submit``.
+
+    Raised in the caller, before anything is sent, when the executor does
+    not listen for remote nodes and this host does not offer what the task
+    asks for (an executor that listens lets the task wait for a node that
+    does). A ``ValueError``: the request is a bad value for this executor.
+
+    Attributes:
+        requested: what the task asked for, ``{name: quantity}``.
+        offers: what each node offers, ``{node: {name: quantity}}``.
+    """
+
+    def __init__(self, requested=None, offers=None, listening=False):
+        self.requested = requested or {}
+        self.offers = offers or {}
+        self.listening = listening
+        nodes = "; ".join(f"{node}: {_describe(offer)}" for node, offer in self.offers.items())
+        message = (f"No node can run a task that asks for resources {_describe(self.requested)}."
+                   f" What the nodes offer: {nodes or 'nothing'}.")
+        if not listening:
+            message += (" Declare what this host has with Executor(resources={...}), or"
+                        " listen= for remote nodes started with futurepool worker"
+                        " --resources.")
+        super().__init__(message)
+
+    def __reduce__(self):
+        return type(self), (self.requested, self.offers, self.listening)
 
 
 class OwnerDiedError(FuturePoolError):

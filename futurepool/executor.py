@@ -26,11 +26,13 @@ types):
 * ``map`` accepts ``buffersize``, and ``terminate_workers``/``kill_workers``
   exist (as in Python 3.14), on every version.
 * ``map`` takes a keyword-only ``progress`` (:mod:`futurepool.progress`).
-* ``options(timeout=..., max_retries=...)`` returns a view whose ``submit``
-  and ``map`` give their tasks those options (:class:`ExecutorOptions`); a
-  task past its ``timeout`` is stopped and fails with
-  :class:`~futurepool.errors.TaskTimeoutError`. ``Future.stop()`` stops a
-  running task.
+* ``options(timeout=..., max_retries=..., resources=..., memory_limit=...)``
+  returns a view whose ``submit`` and ``map`` give their tasks those options
+  (:class:`ExecutorOptions`); a task past its ``timeout`` is stopped and
+  fails with :class:`~futurepool.errors.TaskTimeoutError`, one past its
+  ``memory_limit`` with :class:`~futurepool.errors.TaskMemoryError`; one
+  with ``resources`` runs only where they fit. ``Future.stop()`` stops a
+  running task. Keyword-only ``resources`` declares what this host offers.
 * Leaving a ``with`` block by ``KeyboardInterrupt`` (or exiting the
   interpreter on an unhandled one) cancels pending futures and stops the
   workers instead of waiting for them (cpython#125886).
@@ -56,6 +58,7 @@ from . import progress as _progress
 from .core import lifetime, startup
 from .core import nested as _nested
 from .core import owner as _owner
+from .core import resources as _resources
 from .core.calls import task_options
 from .errors import ObjectStoreFullError
 from .future import Future
@@ -145,17 +148,25 @@ class Executor(_StdExecutor):
             it listens. Links are CurveZMQ, keyed by ``key_file``.
         key_file: the cluster's key file (default ``$FUTUREPOOL_KEY_FILE``,
             else ``~/.config/futurepool/cluster.key``; created if absent).
+        resources: what this host offers to tasks that ask for resources
+            (``options(resources=)``), e.g. ``{"gpu": 2}``; added to what is
+            detected (``cpu``: the CPUs this process may use, ``mem``: the
+            host's or its cgroup's memory in bytes), which a key given here
+            replaces. Quantities are numbers, or sizes like ``"64GB"``.
 
     Raises:
-        ValueError: ``max_workers`` or ``max_tasks_per_child`` below 1.
+        ValueError: ``max_workers`` or ``max_tasks_per_child`` below 1; a
+            negative or unparsable quantity in ``resources``.
         TypeError: ``initializer`` not callable, ``max_tasks_per_child`` not
-            an int, or ``initargs`` that cannot be pickled.
+            an int, ``initargs`` that cannot be pickled, ``resources`` not a
+            dict.
 
     .. versionadded:: 0.1
     """
 
     def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(),
-                 *, max_tasks_per_child=None, max_retries=0, listen=None, key_file=None):
+                 *, max_tasks_per_child=None, max_retries=0, listen=None, key_file=None,
+                 resources=None):
         # An unchanged program told to listen by FUTUREPOOL_LISTEN says where, on stderr;
         # a program that passed listen= knows (executor.address) and decides what to print.
         announce = listen is None
@@ -181,6 +192,7 @@ class Executor(_StdExecutor):
             raise TypeError(f"max_retries must be an integer, got {max_retries!r}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries!r}")
+        resources = _resources.normalize(resources)
         self._max_workers = max_workers
         self._mp_context = mp_context
         self._initializer = initializer
@@ -204,7 +216,7 @@ class Executor(_StdExecutor):
             inherited_fds=fds, max_tasks_per_child=max_tasks_per_child,
             max_retries=max_retries, main_references=references,
             workers_on_demand=semantics == startup.SPAWN and not listen, listen=listen,
-            key_file=key_file,
+            key_file=key_file, resources=resources,
             initializer_name=serialize.describe_callable(initializer) if initializer else "")
         self._shut_down = False  # shutdown() finished: _processes is None, as in the stdlib
         self.address = None
@@ -318,8 +330,21 @@ class Executor(_StdExecutor):
                 tasks are untouched. None (the default): no limit.
             max_retries: times a task is re-run when its worker dies,
                 instead of the executor's ``max_retries``. Given here, it
-                also re-runs a task that timed out (a timeout alone is never
-                retried).
+                also re-runs a task that timed out or passed its memory
+                limit (neither is retried otherwise).
+            resources: what each task holds on the node that runs it, e.g.
+                ``{"gpu": 1, "mem": "8GB"}``: it is sent only to a worker of
+                a node that offers that much beside what the tasks already
+                sent there hold (see ``Executor(resources=)`` and
+                ``futurepool worker --resources``), and waits, without
+                holding up other tasks, until one has room. A task given
+                ``gpu`` runs with ``CUDA_VISIBLE_DEVICES`` naming its GPUs.
+                Tasks without ``resources`` hold nothing.
+            memory_limit: bytes (or a size like ``"512MB"``, ``"2GiB"``)
+                the task's worker may hold while it runs. Past it, the worker
+                is killed at once and replaced, and the future fails with
+                :class:`~futurepool.errors.TaskMemoryError` (a
+                ``MemoryError``) naming the limit and the peak.
 
         Returns:
             An :class:`ExecutorOptions` view.
@@ -327,7 +352,8 @@ class Executor(_StdExecutor):
         Raises:
             TypeError: an option this version does not know (the message
                 lists those it accepts), or a value of the wrong type.
-            ValueError: a timeout that is not > 0, a negative max_retries.
+            ValueError: a timeout that is not > 0, a negative max_retries,
+                a negative or unparsable resource quantity or memory limit.
 
         .. versionadded:: 0.1
         """
@@ -337,6 +363,8 @@ class Executor(_StdExecutor):
         """``submit``, with ``options`` (a ``calls.TaskOptions`` or None)."""
         owner = self._owner
         self._refuse_forked_copy()
+        if options is not None and options.request is not None:
+            owner.placement.check(options.request)
         if owner.thread is None or owner.on_demand:
             with self._shutdown_lock:
                 self._check_open()

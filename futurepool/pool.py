@@ -24,8 +24,10 @@ Intended differences from the stdlib (exception types kept):
   ``WorkerCrashedError`` if running) instead of never completing.
 * ``map``, ``imap`` and ``imap_unordered`` take a keyword-only ``progress``
   (:mod:`futurepool.progress`).
-* ``options(timeout=..., max_retries=...)`` returns a view whose calls give
-  their tasks those options, as ``Executor.options`` (:class:`PoolOptions`).
+* ``options(timeout=..., max_retries=..., resources=..., memory_limit=...)``
+  returns a view whose calls give their tasks those options, as
+  ``Executor.options`` (:class:`PoolOptions`); keyword-only ``resources``
+  declares what this host offers.
 """
 
 from __future__ import annotations
@@ -382,12 +384,14 @@ class Pool:
         listen, key_file: as for :class:`~futurepool.Executor`: other hosts
             join with ``futurepool worker --connect``; ``address`` is where
             it listens. 0 processes with ``listen``: a head that runs no task.
+        resources: what this host offers to tasks that ask for resources, as
+            for :class:`~futurepool.Executor`.
 
     .. versionadded:: 0.1
     """
 
     def __init__(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None,
-                 context=None, *, listen=None, key_file=None):
+                 context=None, *, listen=None, key_file=None, resources=None):
         self._state = INIT  # __del__ must find it even if __init__ raises
         self._ctx = context or multiprocessing.get_context()
         listening = listen or _listen_from_environment()  # the Executor resolves it again
@@ -406,7 +410,7 @@ class Pool:
         self._initargs = initargs
         self._executor = Executor(processes, mp_context=self._ctx, initializer=initializer,
                                   initargs=initargs, max_tasks_per_child=maxtasksperchild,
-                                  listen=listen, key_file=key_file)
+                                  listen=listen, key_file=key_file, resources=resources)
         self.address = self._executor.address
         # Every worker starts now, whatever the start method, as the stdlib's do.
         if self._executor._owner.thread is None:
@@ -466,7 +470,10 @@ class Pool:
         :meth:`futurepool.Executor.options`: ``timeout`` (seconds each task,
         a whole chunk with ``chunksize`` > 1, may run once started; past it
         the task is stopped and its result raises
-        :class:`~futurepool.errors.TaskTimeoutError`) and ``max_retries``.
+        :class:`~futurepool.errors.TaskTimeoutError`), ``max_retries``,
+        ``resources`` (where each task may run, held while it does) and
+        ``memory_limit`` (past it the task's worker is killed and its
+        result raises :class:`~futurepool.errors.TaskMemoryError`).
 
         Raises:
             TypeError, ValueError: as :meth:`futurepool.Executor.options`.

@@ -22,6 +22,8 @@ PUBLIC_NAMES = sorted(
         "ObjectLostError",
         "TaskTimeoutError",
         "OwnerDiedError",
+        "TaskMemoryError",
+        "UnsatisfiableResourcesError",
         "as_completed",
         "current_executor",
     ]
@@ -67,3 +69,11 @@ def test_errors_share_one_root():
 
 def test_task_timeout_is_a_builtin_timeout():
     assert issubclass(futurepool.TaskTimeoutError, TimeoutError)
+
+
+def test_task_memory_error_is_a_builtin_memory_error():
+    assert issubclass(futurepool.TaskMemoryError, MemoryError)
+
+
+def test_unsatisfiable_resources_is_a_value_error():
+    assert issubclass(futurepool.UnsatisfiableResourcesError, ValueError)

@@ -6,6 +6,7 @@ import itertools
 import pickle
 
 from ..store import serialize
+from .resources import normalize, parse_bytes
 
 _task_ids = itertools.count(1)
 
@@ -15,10 +16,11 @@ class Task:
 
     __slots__ = ("task_id", "future", "fn_id", "fn_bytes", "fn_name", "args", "deps",
                  "waiting", "attempt", "retries_left", "deaths", "started", "estimate",
-                 "timeout", "retry_timeouts", "owner_id")
+                 "timeout", "retry_timeouts", "resources", "memory_limit", "gpus",
+                 "owner_id")
 
     def __init__(self, future, fn_id, fn_bytes, fn_name, args, deps, retries, timeout=0.0,
-                 retry_timeouts=False):
+                 retry_timeouts=False, resources=None, memory_limit=0):
         self.task_id = next(_task_ids)
         self.future = future
         self.fn_id = fn_id
@@ -34,7 +36,17 @@ class Task:
         self.estimate = 0.0  # seconds the scheduler expected when it sent it
         self.timeout = timeout  # seconds it may run in its worker; 0.0: no limit
         self.retry_timeouts = retry_timeouts  # max_retries given with the timeout: re-run
+        # What it holds on its node while sent to a worker: ((name, quantity), ...) or None.
+        self.resources = resources
+        self.memory_limit = memory_limit  # bytes its worker may hold while it runs; 0: any
+        self.gpus = ()  # the GPU indices of its node it was given (core.resources.Round)
         self.owner_id = None  # a nested task: the worker that owns it (core.relay)
+
+    def limits(self):
+        """What its worker enforces besides the timeout: None, or (memory_limit, gpus)."""
+        if self.memory_limit or self.gpus:
+            return (self.memory_limit, self.gpus)
+        return None
 
     def describe(self) -> str:
         return f"task {self.task_id} ({self.fn_name})"
@@ -48,13 +60,17 @@ class TaskOptions:
     option.
     """
 
-    __slots__ = ("timeout", "max_retries")
-    #: The keys ``options()`` accepts (``resources`` and ``memory_limit`` come later).
-    KEYS = ("timeout", "max_retries")
+    __slots__ = ("timeout", "max_retries", "resources", "memory_limit", "request")
+    #: The keys ``options()`` accepts.
+    KEYS = ("timeout", "max_retries", "resources", "memory_limit")
 
-    def __init__(self, timeout=None, max_retries=None):
+    def __init__(self, timeout=None, max_retries=None, resources=None, memory_limit=None):
         self.timeout = timeout
         self.max_retries = max_retries
+        self.resources = resources  # {name: quantity}, validated, or None
+        self.memory_limit = memory_limit  # bytes, or None
+        # The request as tasks carry it: hashable, sorted; None when it asks for nothing.
+        self.request = tuple(sorted(resources.items())) if resources else None
 
     def __repr__(self) -> str:
         given = ", ".join(f"{key}={getattr(self, key)!r}" for key in self.KEYS
@@ -83,7 +99,13 @@ def task_options(base: TaskOptions | None, given: dict) -> TaskOptions:
             raise TypeError(f"max_retries must be an integer or None, got {retries!r}")
         if retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {retries!r}")
-    return TaskOptions(timeout, retries)
+    resources = merged.get("resources")
+    if "resources" in given:
+        resources = normalize(resources)
+    memory_limit = merged.get("memory_limit")
+    if "memory_limit" in given:
+        memory_limit = parse_bytes(memory_limit)
+    return TaskOptions(timeout, retries, resources, memory_limit)
 
 
 def pickling_error(what: str, exc: BaseException) -> BaseException:

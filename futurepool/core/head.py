@@ -43,6 +43,7 @@ from ..protocol.messages import PROTOCOL_VERSION, MessageType
 from ..protocol.zap import Authenticator
 from ..store import serialize
 from . import startup, status
+from .resources import describe, normalize
 
 LOGGER = logging.getLogger("futurepool")
 
@@ -283,6 +284,7 @@ class Head:
             theirs, host, workers, pid, token = (hello["versions"], hello["host"],
                                                  int(hello["workers"]), int(hello["pid"]),
                                                  bytes(hello["token"]))
+            offer = normalize(hello.get("resources") or {}, "the node's resources")
         except Exception as exc:  # noqa: BLE001 - an authenticated peer, but a broken JOIN
             raise ProtocolError(f"a JOIN that does not decode: {exc!r}") from None
         known = self.by_token.get(token)
@@ -299,6 +301,7 @@ class Head:
             self._send(routing_id, MessageType.REFUSED, refusal.encode())
             return
         node = RemoteLink(self, routing_id, self.next_index, host, address, workers, pid, token)
+        node.resources = offer  # what tasks that ask for resources may hold there
         self.next_index += 1
         self.nodes[routing_id] = node
         self.by_token[token] = node
@@ -308,7 +311,8 @@ class Head:
         node.welcome = (pack_header(MessageType.WELCOME, 0, node.index),
                         serialize.dumps_plain(welcome))
         self._send(routing_id, MessageType.WELCOME, node.welcome[1], header=node.welcome[0])
-        LOGGER.info("%s joined with %d workers", node.describe(), workers)
+        LOGGER.info("%s joined with %d workers, offering %s", node.describe(), workers,
+                    describe(offer))
         self.owner._node_joined(node)
 
     # -- output ------------------------------------------------------------------

@@ -376,13 +376,11 @@ class NestedOwner:
         fn_id, fn_bytes = self.functions.get(fn)
         data, deps = serialize.dumps_arguments(args, kwargs, self.worker.store,
                                                context=self)
-        timeout = retries = 0
-        retry_timeouts = False
-        if options is not None:
-            timeout = options.timeout or 0.0
-            if options.max_retries is not None:
-                retries, retry_timeouts = options.max_retries, True
-        item = [local_id, fn_id, fn_bytes, name, data, (), timeout, retries, retry_timeouts]
+        # (None: the executor's max_retries, as for the driver's tasks)
+        options = (0.0, None, None, 0) if options is None else \
+            (options.timeout or 0.0, options.max_retries, options.request,
+             options.memory_limit or 0)
+        item = [local_id, fn_id, fn_bytes, name, data, (), options]
         with self.lock:
             self.pending[local_id] = future
             self.args[local_id] = data

@@ -44,6 +44,11 @@ itself (core.worker), but C code that holds the GIL shuts its threads out.
 So a worker also writes into its slot when a task with a limit must be gone
 for good, and each pass of the node's loop kills a worker still running that
 task past that time, marking the slot so the death reads as a timeout.
+Memory limits (``options(memory_limit=)``) likewise: the worker's watchdog
+reads its own RSS every 10 ms, and while a task with a limit runs the node
+reads that worker's every ``MEMORY_CHECK_INTERVAL`` too (``enforce_memory``),
+killing it past the limit with the slot marked, so the owner fails the task
+with TaskMemoryError before the kernel's OOM killer picks a victim.
 
 Liveness, both ways, without heartbeat traffic:
 * the driver holds the write end of the command pipe: end of file on it
@@ -74,11 +79,16 @@ from ..store import segments, serialize
 from .processes import (
     EXIT_INITIALIZER_FAILED,
     INITIALIZING,
+    INTERRUPT_MEMORY,
     INTERRUPT_TIMEOUT,
+    MEMORY_SLOT,
+    MEMORY_SLOT_OFFSET,
+    MEMORY_WATCH_SIGNAL,
     NODE_PROCESS_NAME,
     RUNNING_SLOT,
     SLOT_INTERRUPT,
     SLOT_INTERRUPT_OFFSET,
+    SLOT_SIZE,
     WORKER_PROCESS_NAME,
     child_pids,
     describe_status,
@@ -86,6 +96,7 @@ from .processes import (
     set_parent_death_signal,
     set_process_name,
 )
+from .resources import rss_of
 from .startup import become_worker_process
 from .worker import run_worker
 
@@ -131,7 +142,7 @@ class Node:
         worker_id = self.next_worker_id
         self.next_worker_id += 1
         node_pid = os.getpid()
-        slot = mmap.mmap(-1, RUNNING_SLOT.size)
+        slot = mmap.mmap(-1, SLOT_SIZE)
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
@@ -164,6 +175,7 @@ class Node:
             os.close(fd)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(MEMORY_WATCH_SIGNAL, signal.SIG_DFL)
         if self.inherited is not None:  # as the stdlib's forked workers, keep the driver's
             for signum, handler in self.inherited.get("signal_handlers", {}).items():
                 signal.signal(signum, handler)
@@ -188,10 +200,12 @@ class Node:
                 self.orphans.pop(pid, None)
                 continue
             task_id, attempt, interrupt, _kill_at = RUNNING_SLOT.unpack_from(slot)
+            _limit, peak = MEMORY_SLOT.unpack_from(slot, MEMORY_SLOT_OFFSET)
             slot.close()
             exitcode, signame = describe_status(status)
             self.report(MessageType.WORKER_EXITED,
-                        (worker_id, pid, exitcode, signame, task_id, attempt, interrupt))
+                        (worker_id, pid, exitcode, signame, task_id, attempt, interrupt,
+                         peak if interrupt == INTERRUPT_MEMORY else 0))
             if exitcode == EXIT_INITIALIZER_FAILED or task_id == INITIALIZING:
                 self.no_respawn = True  # a failing initializer breaks the pool: no storm
                 continue
@@ -255,6 +269,33 @@ class Node:
                 pass
         return due
 
+    def enforce_memory(self) -> float:
+        """Kill workers past their task's ``memory_limit``; when to look again (or inf).
+
+        The backstop of a worker's own watchdog (core.worker), which reads its
+        memory every 10 ms but cannot while C code holds the GIL (a large
+        allocation, a copy). Each look is one small read of ``/proc``, and
+        the node only looks this often while a task with a limit runs (the
+        worker wakes it with ``MEMORY_WATCH_SIGNAL`` when one starts).
+        """
+        due = math.inf
+        for pid, (_worker_id, _started, slot) in self.workers.items():
+            limit, _peak = MEMORY_SLOT.unpack_from(slot, MEMORY_SLOT_OFFSET)
+            if not limit:
+                continue
+            due = time.monotonic() + config.MEMORY_CHECK_INTERVAL
+            rss = rss_of(pid)
+            task_id, _attempt, interrupt, _kill_at = RUNNING_SLOT.unpack_from(slot)
+            if rss is None or rss <= limit or not task_id or interrupt:
+                continue
+            SLOT_INTERRUPT.pack_into(slot, SLOT_INTERRUPT_OFFSET, INTERRUPT_MEMORY)
+            MEMORY_SLOT.pack_into(slot, MEMORY_SLOT_OFFSET, limit, rss)
+            try:
+                os.kill(pid, signal.SIGKILL)  # our unreaped child: the pid is still its own
+            except ProcessLookupError:
+                pass
+        return due
+
     def top_up(self) -> None:
         """Start workers until there are as many as configured (unless backing off)."""
         if self.stopping or self.no_respawn:
@@ -310,7 +351,7 @@ class Node:
             # reaped: the pass that reaps a worker also sees what it left.
             children_left = self.reap()
             self.end_orphans()
-            kill_due = self.enforce_deadlines()
+            kill_due = min(self.enforce_deadlines(), self.enforce_memory())
             if self.stopping:
                 # Not before the last child is gone: the workers, and what they left.
                 if not children_left:
@@ -377,6 +418,8 @@ def serve(cmd_fd: int, event_fd: int, inherited=None) -> int:
     os.set_blocking(node.wakeup_w, False)
     signal.set_wakeup_fd(node.wakeup_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    # A worker starting a task with a memory_limit: look at it now (enforce_memory).
+    signal.signal(MEMORY_WATCH_SIGNAL, lambda *_: None)
     signal.signal(signal.SIGTERM, lambda *_: node.begin_stop(signal.SIGTERM))
     code = node.run()
     try:

@@ -59,6 +59,7 @@ from ..errors import (
     ObjectLostError,
     ObjectStoreFullError,
     ProtocolError,
+    TaskMemoryError,
     TaskTimeoutError,
     UnpicklingFailedError,
     WorkerCrashedError,
@@ -77,10 +78,12 @@ from .processes import (
     EXIT_INITIALIZER_FAILED,
     EXIT_START_FAILED,
     INITIALIZING,
+    INTERRUPT_MEMORY,
     INTERRUPT_TIMEOUT,
     WorkerProcess,
 )
 from .relay import RELAY_KINDS, Relay
+from .resources import Placement
 from .scheduler import Scheduler, WorkerSlot
 from .startup import FORK, check_not_importing_main
 
@@ -100,7 +103,8 @@ class Owner:
                  inherited_fds: list[int] = (), max_tasks_per_child: int | None = None,
                  max_retries: int = 0, initializer_name: str = "",
                  main_references=None, workers_on_demand: bool = False,
-                 listen: str | None = None, key_file: str | None = None):
+                 listen: str | None = None, key_file: str | None = None,
+                 resources: dict | None = None):
         self.max_workers = max_workers
         self.semantics = semantics  # startup.FORK or startup.SPAWN
         self.start_method = start_method
@@ -134,6 +138,8 @@ class Owner:
         self.listen = listen
         self.key_file = key_file
         self.head: Head | None = None
+        # Where tasks that ask for resources may run (core.resources).
+        self.placement = Placement(resources, bool(listen), max_workers > 0)
         self.output = OutputPrinter()  # what remote workers print
         self.started_at = time.time()
         self.completed = 0  # tasks whose worker reported an outcome
@@ -281,7 +287,8 @@ class Owner:
             retries = options.max_retries
             task = Task(future, fn_id, fn_bytes, serialize.describe_callable(fn), data, deps,
                         self.max_retries if retries is None else retries,
-                        options.timeout or 0.0, retries is not None)
+                        options.timeout or 0.0, retries is not None, options.request,
+                        options.memory_limit or 0)
         future._description = task.describe()
         future._stop_via = self.stop_hook
         future._task_id = task.task_id
@@ -554,16 +561,30 @@ class Owner:
         batches: dict[WorkerSlot, list] = {}
         ready, pick, estimate = self.ready, self.scheduler.pick, self.scheduler.estimate
         now = time.monotonic()
+        fitting = None  # for tasks that ask for resources: what each node holds now
+        waiting = []  # those that fit nowhere now: they keep their place in the queue
         while ready:
             task = ready[0]
             task.estimate = estimate(task.fn_id)
             worker = pick(task.estimate, now)
-            if worker is None:
+            if worker is None:  # no worker takes anything now, whatever it asks for
                 break
+            if task.resources is not None:  # only where its node has room
+                fitting = fitting or self.placement.round(self.scheduler)
+                worker = fitting.pick(task, now, worker)
+                if worker is None:
+                    ready.popleft()
+                    if task.future.cancelled():  # cancelled while it waited
+                        self.tasks.pop(task.task_id, None)
+                    else:
+                        waiting.append(task)
+                    continue
             ready.popleft()
             item = self._assign(task, worker, now)
             if item is not None:
                 batches.setdefault(worker, []).append(item)
+        if waiting:
+            ready.extendleft(reversed(waiting))
         for worker, items in batches.items():
             self._send_tasks(worker, MessageType.TASKS, items)
 
@@ -596,7 +617,8 @@ class Owner:
         if worker.link.remote:  # another host cannot map our segments: copy them in
             args = serialize.inline(args)
             deps = tuple((oid, serialize.inline(payload)) for oid, payload in deps)
-        return task.task_id, task.attempt, task.fn_id, fn_bytes, args, deps, task.timeout
+        return (task.task_id, task.attempt, task.fn_id, fn_bytes, args, deps, task.timeout,
+                task.limits())
 
     def _send_tasks(self, worker: WorkerSlot, kind: MessageType, items: list) -> None:
         try:
@@ -739,7 +761,7 @@ class Owner:
                     worker.quota += 1
 
     def _retry_timeout(self, task: Task) -> bool:
-        """Re-run a timed-out task if its options gave it retries; whether it was."""
+        """Re-run a timed-out (or memory-killed) task if its options gave it retries."""
         if not task.retry_timeouts or task.retries_left <= 0 or task.future.done():
             return False
         task.retries_left -= 1
@@ -804,11 +826,12 @@ class Owner:
                 self.processes_changed.notify_all()
 
     def _worker_exited(self, worker_id, pid, exitcode, signal_name, running_id=None,
-                       running_attempt=0, interrupt=0, detail="") -> None:
+                       running_attempt=0, interrupt=0, peak=0, detail="") -> None:
         """A worker died; ``running_id`` is what its slot said it ran (None: unknown).
 
         ``interrupt``: why that task was being interrupted (processes.INTERRUPT_*):
-        its worker killed itself because the task outlived the grace.
+        its worker killed itself because the task outlived the grace, or was
+        killed past its memory limit (``peak``: the bytes it was seen to hold).
         """
         self._process_gone(pid, exitcode, signal_name, worker_id)
         slot = self.scheduler.workers.get(worker_id)
@@ -838,10 +861,10 @@ class Owner:
         slot.alive = False
         # Results it sent just before dying may still be in flight: wait a moment.
         self._add_timer(config.DEATH_GRACE, lambda: self._bury(
-            slot, exitcode, signal_name, detail, running_id, running_attempt, interrupt))
+            slot, exitcode, signal_name, detail, running_id, running_attempt, interrupt, peak))
 
     def _bury(self, slot: WorkerSlot, exitcode, signal_name, detail, running_id,
-              running_attempt, interrupt=0) -> None:
+              running_attempt, interrupt=0, peak=0) -> None:
         if self.scheduler.workers.get(slot.worker_id) is slot:
             del self.scheduler.workers[slot.worker_id]
         if self.by_routing.get(slot.routing_id) is slot:
@@ -889,6 +912,11 @@ class Owner:
             if not self._retry_timeout(running):
                 self._settle_exception(running, TaskTimeoutError(
                     running.describe(), running.timeout, killed=True))
+            return
+        if interrupt == INTERRUPT_MEMORY:  # killed past its memory_limit
+            if not self._retry_timeout(running):
+                self._settle_exception(running, TaskMemoryError(
+                    running.describe(), running.memory_limit, peak, host))
             return
         self._crashed(running, slot, exitcode, signal_name, detail)
 

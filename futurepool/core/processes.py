@@ -35,6 +35,18 @@ SLOT_KILL_AT_OFFSET = 16
 INTERRUPT_NONE = 0
 INTERRUPT_TIMEOUT = 1
 INTERRUPT_STOP = 2
+INTERRUPT_MEMORY = 3
+#: After the running slot, ``(memory_limit, peak)`` in bytes (0: no limit): the
+#: worker writes the limit of a task that has one when it starts it (and 0 when
+#: it ends), so the node can watch the worker's memory too; whoever kills the
+#: worker past its limit writes the peak it saw, and marks ``INTERRUPT_MEMORY``.
+MEMORY_SLOT = struct.Struct("<QQ")
+MEMORY_SLOT_OFFSET = RUNNING_SLOT.size
+#: The size of the shared mmap per worker.
+SLOT_SIZE = RUNNING_SLOT.size + MEMORY_SLOT.size
+#: What a worker sends its node when it starts a task with a memory limit, so
+#: that the node starts watching at once rather than at its next heartbeat.
+MEMORY_WATCH_SIGNAL = signal.SIGUSR1
 #: ``task_id`` while the pool's initializer runs.
 INITIALIZING = (1 << 64) - 1
 

@@ -160,8 +160,8 @@ class Relay:
         owner = self.owner
         worker_id = slot.worker_id
         local = not slot.link.remote
-        for (local_id, fn_id, fn_bytes, fn_name, args, deps, timeout, retries,
-             retry_timeouts) in items:
+        for local_id, fn_id, fn_bytes, fn_name, args, deps, options in items:
+            timeout, retries, resources, memory_limit = options
             if fn_bytes:
                 self.functions[fn_id] = fn_bytes
             else:
@@ -172,7 +172,8 @@ class Relay:
             future = RelayFuture(self, worker_id, local_id)
             task = Task(future, fn_id, fn_bytes, fn_name, args,
                         {oid: _Resolved(payload) for oid, payload in deps},
-                        retries, timeout, retry_timeouts)
+                        owner.max_retries if retries is None else retries, timeout,
+                        retries is not None, resources, memory_limit)
             task.waiting = 0
             task.owner_id = worker_id
             self.tasks[(worker_id, local_id)] = task
@@ -291,8 +292,8 @@ class Relay:
             for index, task in enumerate(ready):
                 if index >= LEND_SCAN:
                     break
-                if task.owner_id != worker_id:
-                    continue
+                if task.owner_id != worker_id or task.resources is not None:
+                    continue  # (a task that asks for resources is placed by them)
                 if (worker_id, task.future.local_id) in awaited:
                     choice = index
                     break

@@ -46,6 +46,7 @@ from ..protocol.zap import HandshakeWatch
 from ..store import segments, serialize
 from .head import versions
 from .local_node import LocalNode
+from .resources import node_offer
 from .startup import SPAWN
 
 #: Exit codes of ``futurepool worker``.
@@ -63,8 +64,10 @@ class RemoteNode:
     """The ``futurepool worker`` process: serves one head after another."""
 
     def __init__(self, connect: str, keys, *, workers: int, once: bool = False,
-                 grace: float | None = None, log=print):
+                 grace: float | None = None, log=print, resources: dict | None = None):
         self.connect = connect
+        # What this host offers to tasks that ask for resources (core.resources).
+        self.resources = node_offer(resources)
         self.keys = keys
         self.workers = workers
         self.once = once
@@ -120,7 +123,8 @@ class RemoteNode:
             watch = HandshakeWatch(sock)
             sock.connect(self.connect)
             hello = {"versions": versions(), "host": socket.gethostname(),
-                     "workers": self.workers, "pid": os.getpid(), "token": token}
+                     "workers": self.workers, "pid": os.getpid(), "token": token,
+                     "resources": self.resources}
             if faults.flag("version-skew"):
                 hello["versions"]["cloudpickle"] += "+skew"  # tests: a mismatched host
             join = [pack_header(MessageType.JOIN), serialize.dumps_plain(hello)]
@@ -335,7 +339,7 @@ def _drain(fd: int) -> None:
 
 
 def main(connect: str, key_file: str | None, workers: int, once: bool, grace: float | None,
-         log=print) -> int:
+         log=print, resources: dict | None = None) -> int:
     """``futurepool worker``: returns the exit code."""
     try:
         keys = security.load_keys(key_file)
@@ -343,7 +347,8 @@ def main(connect: str, key_file: str | None, workers: int, once: bool, grace: fl
         log(f"futurepool worker: {exc}")
         return EXIT_REFUSED
     segments.sweep_dead_sessions((config.SHM_DIR, config.SPILL_DIR), config.SHM_PREFIX)
-    node = RemoteNode(connect, keys, workers=workers, once=once, grace=grace, log=log)
+    node = RemoteNode(connect, keys, workers=workers, once=once, grace=grace, log=log,
+                      resources=resources)
     os.set_blocking(node.wakeup_r, False)
     signal.set_wakeup_fd(node.wakeup_w)
     signal.signal(signal.SIGTERM, node.request_stop)

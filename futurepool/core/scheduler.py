@@ -56,8 +56,10 @@ class Scheduler:
     def estimate(self, fn_id: bytes) -> float:
         return self.run_time.get(fn_id, UNKNOWN_RUN_TIME)
 
-    def pick(self, estimate: float, now: float) -> WorkerSlot | None:
+    def pick(self, estimate: float, now: float, links=None) -> WorkerSlot | None:
         """The least loaded worker that may take a task of ``estimate`` seconds now.
+
+        ``links``: only workers of these nodes (where a task's resources fit).
 
         An idle worker always may. A busy one only while its queue stays
         within ``QUEUED_WORK_TARGET`` seconds of estimated work, and while its
@@ -71,6 +73,8 @@ class Scheduler:
             if not worker.alive or worker.frames or (worker.quota is not None
                                                      and worker.quota <= 0):
                 continue  # (a blocked worker only runs what it owns: core.relay)
+            if links is not None and worker.link not in links:
+                continue
             inflight = worker.inflight
             if inflight:
                 if worker.backlog + estimate > target or len(inflight) > limit:

@@ -46,6 +46,15 @@ slot tells it when the task must be gone, and it kills the worker a
 heartbeat after the watchdog would have); a stop waits for the C call.
 Workers own SIGALRM: a task that sets its own handler (``signal.alarm``)
 disables its timeout while that handler is in place.
+
+A task with a ``memory_limit`` is watched by the same watchdog: every
+``_WATCH_SECONDS`` it reads the worker's resident memory (``/proc/self/statm``,
+a few microseconds) and, past the limit, marks the slot ``INTERRUPT_MEMORY``
+with the peak it saw and kills its own process; no interrupt first (a task
+that has to free memory in ``finally`` blocks would only grow meanwhile).
+The node watches too, for C code that holds the GIL (core.node). A task
+given GPUs (``resources={"gpu": n}``) runs with ``CUDA_VISIBLE_DEVICES``
+naming them, restored when it ends (core.resources.TaskLimits).
 """
 
 from __future__ import annotations
@@ -78,14 +87,19 @@ from .processes import (
     EXIT_INITIALIZER_FAILED,
     EXIT_START_FAILED,
     INITIALIZING,
+    INTERRUPT_MEMORY,
     INTERRUPT_STOP,
     INTERRUPT_TIMEOUT,
+    MEMORY_SLOT,
+    MEMORY_SLOT_OFFSET,
+    MEMORY_WATCH_SIGNAL,
     RUNNING_SLOT,
     SLOT_INTERRUPT,
     SLOT_INTERRUPT_OFFSET,
     SLOT_KILL_AT,
     SLOT_KILL_AT_OFFSET,
 )
+from .resources import TaskLimits
 from .startup import importing, prepare_main
 
 # The stdlib logs initializer failures here; code (and CPython's tests) watch it.
@@ -180,6 +194,8 @@ class Worker:
         self.kill_at = None   # (task_id, attempt, why, monotonic time)
         self.limit = (0, None, 0.0)  # (task_id, fn, timeout): what TaskTimeoutError names
         self.timer_armed = False  # the interval timer may still fire (see _run)
+        self.limits = TaskLimits()  # the running task's memory_limit and GPUs
+        self.node_pid = os.getppid()
         self.main_thread = threading.get_ident()
         signal.signal(signal.SIGALRM, self._on_alarm)
         self.watchdog = threading.Thread(target=self._watch, name="futurepool-watchdog",
@@ -382,14 +398,23 @@ class Worker:
     # -- tasks ----------------------------------------------------------------
 
     def run_task(self, item) -> tuple:
-        task_id, attempt, fn_id, fn_bytes, args_bytes, deps, timeout = item
+        task_id, attempt, fn_id, fn_bytes, args_bytes, deps, timeout, limits = item
         RUNNING_SLOT.pack_into(self.slot, 0, task_id, attempt, 0, 0.0)
         self.raised = False
         self.interrupted = 0
         self.current = (task_id, attempt)
+        if limits is not None:  # memory_limit, GPUs (core.resources)
+            self.limits.begin(self.current, limits)
+            if limits[0]:  # the node watches too: wake it (core.node.enforce_memory)
+                MEMORY_SLOT.pack_into(self.slot, MEMORY_SLOT_OFFSET, limits[0], 0)
+                if os.getppid() == self.node_pid:  # (not whoever adopted us if it died)
+                    os.kill(self.node_pid, MEMORY_WATCH_SIGNAL)
         try:
             return self._run(task_id, attempt, fn_id, fn_bytes, args_bytes, deps, timeout)
         finally:
+            if limits is not None:
+                self.limits.end(limits)
+                MEMORY_SLOT.pack_into(self.slot, MEMORY_SLOT_OFFSET, 0, 0)
             self.current = None
             self.kill_at = None
             RUNNING_SLOT.pack_into(self.slot, 0, 0, 0, 0, 0.0)
@@ -514,6 +539,13 @@ class Worker:
                     and self.current == (kill[0], kill[1]):
                 # Say why in the slot first: the node reports it with the death.
                 SLOT_INTERRUPT.pack_into(self.slot, SLOT_INTERRUPT_OFFSET, kill[2])
+                os.kill(os.getpid(), signal.SIGKILL)
+            limits = self.limits
+            if limits.memory_limit and limits.over(self.current):
+                # Past its memory_limit: say so in the slot (with the peak), then die.
+                MEMORY_SLOT.pack_into(self.slot, MEMORY_SLOT_OFFSET, limits.memory_limit,
+                                      limits.peak)
+                SLOT_INTERRUPT.pack_into(self.slot, SLOT_INTERRUPT_OFFSET, INTERRUPT_MEMORY)
                 os.kill(os.getpid(), signal.SIGKILL)
             if self.lending or not self.lock.acquire(timeout=_WATCH_SECONDS):
                 continue  # (lending, the main thread reads the socket itself)
@@ -651,14 +683,17 @@ class Worker:
 
     def _run_inline(self, item) -> None:
         """Run a lent task on top of the blocked one, and restore the blocked one's state."""
+        limits = self.limits
         saved = (self.current, self.raised, self.interrupted, self.in_call, self.kill_at,
                  self.deadline, self.limit, self.stopping)
+        saved_limits = (limits.memory_limit, limits.peak, limits.task)
         slot = RUNNING_SLOT.unpack_from(self.slot, 0)
         try:
             outcome, keep = self.run_task(item)
         finally:
             (self.current, self.raised, self.interrupted, self.in_call, self.kill_at,
              self.deadline, self.limit, self.stopping) = saved
+            limits.memory_limit, limits.peak, limits.task = saved_limits
             RUNNING_SLOT.pack_into(self.slot, 0, *slot)
             if self.kill_at is not None and self.kill_at[2] == INTERRUPT_TIMEOUT:
                 # The blocked task's own time limit runs on.

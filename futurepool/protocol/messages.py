@@ -60,8 +60,8 @@ STATUS         client <-> head (tcp)      request: empty; answer: dict (futurepo
 ACK            both ways (tcp)            empty: carries only ``ack`` (nothing to send
                                           it along with)
 SUBMIT         owner worker -> head       [(local_id, fn_id, fn_bytes or b"", fn_name,
-                                           args, ((object_id, value), ..), timeout,
-                                           retries, retry_timeouts)]: tasks a task
+                                           args, ((object_id, value), ..), (timeout,
+                                           max_retries, resources, memory_limit))]: tasks a task
                                           submitted (core.nested, core.relay)
 OUTCOMES       head -> owner worker       [(local_id, status, payload)]: how they ended
 CANCEL         owner worker -> head       [local_id, ...]: cancel or stop (count 1)

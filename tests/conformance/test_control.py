@@ -1,5 +1,7 @@
 """Control over each task (issue 12, points 1–3): ``options()``, timeouts, ``Future.stop()``.
 
+Points 4 and 5 (resources, memory limits): ``test_resources.py``, ``test_memory_limit.py``.
+
 A futurepool extension, so these run against futurepool only. Timing bounds:
 the issue asks that a timeout take effect within 1 s of its deadline; the
 assertions allow ``MARGIN`` (2 s) so that a loaded CI machine does not fail
@@ -158,8 +160,7 @@ def test_options_is_a_view_and_leaves_the_executor_unchanged(executor):
 
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"timeuot": 1}, TypeError, "unexpected keyword argument 'timeuot'; it accepts timeout,"
-                                " max_retries"),
-    ({"resources": {"gpu": 1}}, TypeError, "'resources'"),
+                                " max_retries, resources, memory_limit"),
     ({"timeout": "1"}, TypeError, "timeout must be a number of seconds or None, got '1'"),
     ({"timeout": True}, TypeError, "timeout must be"),
     ({"timeout": 0}, ValueError, "timeout must be > 0 and finite, got 0"),
@@ -300,4 +301,4 @@ def test_pool_options_time_out_tasks_and_leave_the_pool_unchanged(pools):
     # The pool itself has no limit.
     assert bounded(pool.apply, C.sleep_for, (0.8,)) == 0.8
     with pytest.raises(TypeError, match="memory_limit"):
-        pool.options(memory_limit=1)
+        pool.options(memory_limt=1)

@@ -936,12 +936,13 @@ STDLIB_313_POOL = {
 }
 #: ... with these intended differences, and no other: imap and
 #: imap_unordered take ``buffersize`` (as they will in 3.16, gh-64192); the
-#: constructor takes keyword-only ``listen`` and ``key_file`` (the cluster);
+#: constructor takes keyword-only ``listen`` and ``key_file`` (the cluster) and
+#: ``resources`` (what this host offers, issue 12);
 #: map, imap and imap_unordered take keyword-only ``progress``
 #: (futurepool/progress.py).
 INTENDED_POOL = {
     "__init__": "(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None,"
-                " context=None, *, listen=None, key_file=None)",
+                " context=None, *, listen=None, key_file=None, resources=None)",
     "map": "(self, func, iterable, chunksize=None, *, progress=None)",
     "imap": "(self, func, iterable, chunksize=1, buffersize=None, *, progress=None)",
     "imap_unordered": "(self, func, iterable, chunksize=1, buffersize=None, *, progress=None)",
