@@ -152,6 +152,7 @@ class NestedFuture(Future):
         self._stop_via = owner.request_stop
         self._waiters = _LendingWaiters()
         self._waiters.owner = owner
+        self._parent = owner.worker.current  # (task id, attempt) that submitted it
 
     def __reduce__(self):
         if serialize.collect_references(self):
@@ -450,6 +451,13 @@ class NestedOwner:
             self._forget_locked(local_id)
             self.outgoing.setdefault(MessageType.CANCEL, []).append(local_id)
         self.worker.wake_flusher()
+
+    def cancel_children(self, task) -> None:
+        """``task`` (id, attempt) was stopped or timed out: so is what it submitted."""
+        with self.lock:
+            children = [f for f in self.pending.values() if f._parent == task]
+        for future in children:
+            future.cancel()
 
     def block(self, futures, done, timeout) -> bool:
         """Wait until ``done()``, lending this worker to what the futures need meanwhile.

@@ -145,6 +145,10 @@ class Worker:
         self.lending = False  # the main thread waits in lend(): it reads the socket
         self.deferred: list = []  # messages lend() leaves for the serve loop (STOP)
         self.stops: set = set()  # blocked tasks below the running one that were stopped
+        # The blocked tasks under the running one, oldest first: [(id, attempt), kill_at],
+        # and those whose timeout passed while a task above them ran.
+        self.frames: list = []
+        self.expired: set = set()
         self.ctx = zmq.Context(1)
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.SNDHWM, 0)
@@ -516,6 +520,8 @@ class Worker:
 
     def _interrupted(self, task_id, attempt, exc, took) -> tuple:
         """The outcome of an interrupted task, whatever it raised or returned."""
+        if self.nested.pending:  # what it submitted stops with it
+            self.nested.cancel_children((task_id, attempt))
         if self.interrupted == INTERRUPT_STOP:
             return (task_id, attempt, ResultStatus.STOPPED, b"", took)
         payload = serialize.dumps_exception(exc) if exc is not None else b""
@@ -550,6 +556,7 @@ class Worker:
             if self.lending or not self.lock.acquire(timeout=_WATCH_SECONDS):
                 continue  # (lending, the main thread reads the socket itself)
             nested_messages = []
+            below = []
             try:
                 messages = self._pull_locked()
                 for header, frames in messages:
@@ -557,13 +564,22 @@ class Worker:
                     if kind in _NESTED_KINDS:  # other threads of the task may wait on them
                         nested_messages.append((kind, frames))
                     elif kind != MessageType.INTERRUPT or not self._stop_running(frames):
-                        self.inbox.append((header, frames))
+                        task = tuple(serialize.loads(frames[1])) \
+                            if kind == MessageType.INTERRUPT else None
+                        if task is not None and any(f[0] == task for f in self.frames):
+                            below.append(task)  # blocked under the running task
+                        else:
+                            self.inbox.append((header, frames))
             except zmq.ZMQError:
                 pass  # the socket is closing: the main thread meets it too
             finally:
                 self.lock.release()
             for kind, frames in nested_messages:
                 self._nested_message(kind, frames)
+            for task in below:
+                self._stop_below(task)
+            if self.frames:
+                self._expire_frames()
 
     def _stop_running(self, frames) -> bool:
         """An INTERRUPT: stop the running task if it is the one; whether it was."""
@@ -608,6 +624,22 @@ class Worker:
         elif kind == MessageType.OWNER_DIED:
             self.nested.borrows.owners_died(items, lambda owner: f"worker {owner}")
 
+    def _stop_below(self, task) -> None:
+        """A blocked task under the running one was stopped: it raises when it is on top
+        again, and what it submitted is stopped now (which ends the tasks above it)."""
+        self.stops.add(task)
+        self.nested.cancel_children(task)
+
+    def _expire_frames(self) -> None:
+        """(Watchdog) a blocked task's timeout passed while a task above it runs: stop
+        what it submitted; its timer fires when it is on top again (``_run_inline``)."""
+        now = time.monotonic()
+        for task, kill in list(self.frames):
+            if kill is not None and kill[2] == INTERRUPT_TIMEOUT and task not in self.expired \
+                    and now >= kill[3] - config.INTERRUPT_GRACE:
+                self.expired.add(task)
+                self.nested.cancel_children(task)
+
     def lend(self, awaited: list, done, timeout) -> bool:
         """The running task waits until ``done()``: lend this worker meanwhile.
 
@@ -630,6 +662,7 @@ class Worker:
             self.queue.clear()
             self._send_locked(MessageType.WAITING, len(awaited),
                               serialize.dumps_plain((frame, awaited, returned)))
+        self.frames.append((frame, self.kill_at))
         try:
             while True:
                 self._lend_messages(messages, frame)
@@ -643,6 +676,8 @@ class Worker:
                 self.flush()
                 messages = self._receive(wait)
         finally:
+            self.frames.pop()
+            self.expired.discard(frame)
             with self.lock:
                 self._send_locked(MessageType.RESUMED, 0, b"")
                 self.inbox[:0] = self.deferred
@@ -664,8 +699,8 @@ class Worker:
                 task = tuple(serialize.loads(frames[1]))
                 if task == frame:
                     self._stop_running(frames)  # raises CancelledError here (SIGALRM)
-                else:
-                    self.stops.add(task)  # a task further down our stack
+                elif any(f[0] == task for f in self.frames):
+                    self._stop_below(task)  # a task further down our stack
             elif kind == MessageType.FREE:
                 self._take(kind, frames)
             else:  # STOP: for the serve loop, once the task is done
@@ -678,8 +713,17 @@ class Worker:
             self.stops.discard(frame)
             self.stopping = frame
             self.interrupted = INTERRUPT_STOP
+            SLOT_INTERRUPT.pack_into(self.slot, SLOT_INTERRUPT_OFFSET, INTERRUPT_STOP)
             self.raised = True
             raise CancelledError(f"task {frame[0]} was stopped by Future.stop()")
+        if frame in self.expired:  # its timeout passed while a task above it ran
+            self.expired.discard(frame)
+            self.interrupted = INTERRUPT_TIMEOUT
+            SLOT_INTERRUPT.pack_into(self.slot, SLOT_INTERRUPT_OFFSET, INTERRUPT_TIMEOUT)
+            self.raised = True
+            task_id, fn, timeout = self.limit
+            raise TaskTimeoutError(f"task {task_id} ({serialize.describe_callable(fn)})",
+                                   timeout)
 
     def _run_inline(self, item) -> None:
         """Run a lent task on top of the blocked one, and restore the blocked one's state."""
@@ -688,14 +732,17 @@ class Worker:
                  self.deadline, self.limit, self.stopping)
         saved_limits = (limits.memory_limit, limits.peak, limits.task)
         slot = RUNNING_SLOT.unpack_from(self.slot, 0)
+        self.lending = False  # the watchdog reads the socket while it runs
         try:
             outcome, keep = self.run_task(item)
         finally:
+            self.lending = True
             (self.current, self.raised, self.interrupted, self.in_call, self.kill_at,
              self.deadline, self.limit, self.stopping) = saved
             limits.memory_limit, limits.peak, limits.task = saved_limits
             RUNNING_SLOT.pack_into(self.slot, 0, *slot)
-            if self.kill_at is not None and self.kill_at[2] == INTERRUPT_TIMEOUT:
+            if self.kill_at is not None and self.kill_at[2] == INTERRUPT_TIMEOUT \
+                    and self.current not in self.expired:
                 # The blocked task's own time limit runs on.
                 signal.setitimer(signal.ITIMER_REAL, max(0.001, self.deadline - time.monotonic()))
                 self.timer_armed = True
