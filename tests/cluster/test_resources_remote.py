@@ -20,18 +20,8 @@ from futurepool import TaskMemoryError
 from futurepool.testing import netns
 
 from ..conformance import _control_tasks as C
+from ..conformance.test_resources import _no_devices_of_our_own, runs  # noqa: E402, F401
 from ._nodes import MY_NETNS, REPO, TIMEOUT, joined, start_worker, stop, where
-
-
-@pytest.fixture(autouse=True)
-def _no_devices_of_our_own(monkeypatch):
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-
-
-def runs(path) -> list[tuple[float, float, str]]:
-    with open(path) as file:
-        rows = [line.split() for line in file if line.strip()]
-    return sorted((float(start), float(end), devices) for start, end, devices in rows)
 
 
 def test_gpu_tasks_submitted_before_the_gpu_node_joins_wait_and_run_there(key_file,

@@ -20,6 +20,7 @@ from futurepool.errors import WorkerCrashedError
 from futurepool.testing import wait_until
 
 from . import _control_tasks as C
+from . import test_control
 from ._support import TIMEOUT
 
 LIMIT = 300 * 10**6
@@ -29,19 +30,8 @@ LIMIT = 300 * 10**6
 OVERSHOOT = 700 * 10**6
 
 
-@pytest.fixture
-def executor():
-    with futurepool.Executor(2) as executor:
-        executor.submit(C.getpid).result(TIMEOUT)  # warm: the node and workers are up
-        yield executor
-
-
-def notes(path) -> list[str]:
-    try:
-        with open(path) as file:
-            return file.read().split()
-    except FileNotFoundError:
-        return []
+executor = test_control.executor  # the same warm pool
+notes = test_control.notes
 
 
 def test_a_task_past_its_memory_limit_fails_with_task_memory_error(executor, tmp_path):
