@@ -237,7 +237,7 @@ class BorrowTable:
     def __init__(self, send, read):
         self.send = send
         self.read = read
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # (finalizers of ours may run inside)
         self.groups: dict[tuple, _Borrowed] = {}
 
     def borrow(self, owner_id: int, local_id: int, description: str) -> BorrowedFuture:
@@ -351,7 +351,7 @@ class NestedOwner:
     def __init__(self, worker):
         self.worker = worker
         self.worker_id = worker.worker_id
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # (finalizers of ours may run inside)
         self.ids = itertools.count(1)
         self.pending: dict[int, NestedFuture] = {}   # submitted, outcome not back
         self.args: dict[int, object] = {}            # their encoded arguments, until then

@@ -380,8 +380,8 @@ class Owner:
         while True:
             if self.commands:
                 self._drain_commands()
-                if self.frees:
-                    self._send_frees()
+            if self.frees:  # (posted by finalizers, or sent by owners of nested results)
+                self._send_frees()
             if self.ready:
                 self._dispatch()
                 if self.relay.blocked and self.ready:

@@ -179,3 +179,28 @@ def submit_count(n):
         batch = [ex.submit(square, 1) for _ in range(start, min(n, start + 1000))]
         total += sum(f.result() for f in batch)
     return total
+
+
+def borrow_note_and_die(future, note):
+    """Borrows a future another task returned, notes where its value is stored, dies."""
+    value = future.result(timeout=60)
+    inband, pieces = future._encoded
+    names = [piece.location.name for piece in (inband, *pieces) if hasattr(piece, "location")]
+    with open(note, "w") as file:
+        file.write("\n".join(names))
+    assert len(value) > 0
+    os._exit(3)
+
+
+def tree_dies_once(depth, directory):
+    """A tree of nested tasks whose worker dies once, two levels down."""
+    ex = futurepool.current_executor()
+    if depth == 0:
+        marker = os.path.join(directory, "died")
+        if not os.path.exists(marker):
+            with open(marker, "w"):
+                pass
+            os._exit(9)
+        return 1
+    futures = [ex.submit(tree_dies_once, depth - 1, directory) for _ in range(2)]
+    return 1 + sum(f.result(timeout=60) for f in futures)

@@ -39,7 +39,7 @@ def entries(executor) -> int:
 
 def test_fib_on_two_workers_passing_the_executor(executor):
     assert executor.submit(N.fib, 12, executor).result(TIMEOUT) == 144
-    wait_until(lambda: entries(executor) == 0, TIMEOUT)
+    assert wait_until(lambda: entries(executor) == 0, TIMEOUT)
 
 
 def test_fib_20_completes_on_two_workers():
@@ -147,7 +147,8 @@ def test_owner_death_fails_borrowers_with_owner_died_error(executor):
 
 def test_stop_reaches_the_children(executor, tmp_path):
     parent = executor.submit(N.parent_of_sleepers, str(tmp_path), 4, 30)
-    wait_until(lambda: any(p.name.startswith("started") for p in tmp_path.iterdir()), TIMEOUT)
+    assert wait_until(lambda: any(p.name.startswith("started") for p in tmp_path.iterdir()),
+                      TIMEOUT)
     assert parent.stop()
     # The children are cancelled or stopped with it: both workers are free again soon.
     started = time.monotonic()
@@ -155,7 +156,7 @@ def test_stop_reaches_the_children(executor, tmp_path):
     assert time.monotonic() - started < 10
     time.sleep(0.5)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("finished")]
-    wait_until(lambda: entries(executor) == 0, TIMEOUT)
+    assert wait_until(lambda: entries(executor) == 0, TIMEOUT)
 
 
 def test_a_timeout_reaches_the_children(executor, tmp_path):
@@ -172,7 +173,7 @@ def test_owner_death_cancels_its_children_and_max_retries_reruns_it(tmp_path):
     with futurepool.Executor(2, max_retries=1) as executor:
         result = executor.submit(N.parent_dies, str(tmp_path), 6, 0.2).result(TIMEOUT)
         assert result == (6, 2)
-        wait_until(lambda: entries(executor) == 0, TIMEOUT)
+        assert wait_until(lambda: entries(executor) == 0, TIMEOUT)
 
 
 def test_owner_death_without_retries_fails_the_parent(executor, tmp_path):
@@ -182,13 +183,14 @@ def test_owner_death_without_retries_fails_the_parent(executor, tmp_path):
     started = time.monotonic()
     assert executor.submit(N.fan_out, 10).result(TIMEOUT) == 285
     assert time.monotonic() - started < 4
-    wait_until(lambda: entries(executor) == 0, TIMEOUT)
+    assert wait_until(lambda: entries(executor) == 0, TIMEOUT)
 
 
 def test_shutdown_cancel_futures_cancels_nested_work(tmp_path):
     executor = futurepool.Executor(2)
     parent = executor.submit(N.parent_of_sleepers, str(tmp_path), 20, 0.5)
-    wait_until(lambda: any(p.name.startswith("started") for p in tmp_path.iterdir()), TIMEOUT)
+    assert wait_until(lambda: any(p.name.startswith("started") for p in tmp_path.iterdir()),
+                      TIMEOUT)
     started = time.monotonic()
     executor.shutdown(wait=True, cancel_futures=True)
     assert time.monotonic() - started < 10  # not 20 × 0.5 s / 2 workers of children
@@ -199,4 +201,45 @@ def test_shutdown_cancel_futures_cancels_nested_work(tmp_path):
 
 def test_the_driver_holds_no_entries_of_nested_tasks(executor):
     assert executor.submit(N.submit_count, 20_000).result(TIMEOUT * 4) == 20_000
-    wait_until(lambda: entries(executor) == 0 and not executor._owner.tasks, TIMEOUT)
+    assert wait_until(lambda: entries(executor) == 0 and not executor._owner.tasks, TIMEOUT)
+
+
+# --- reference counting across owners (FAULTS 25, 46) ---------------------------------------
+
+def _segment_names(future) -> list[str]:
+    inband, pieces = future._encoded
+    return [piece.location.name for piece in (inband, *pieces) if hasattr(piece, "location")]
+
+
+def _live(name: str) -> bool:
+    return os.path.exists(os.path.join(futurepool.config.SHM_DIR, name)) or \
+        os.path.exists(os.path.join(futurepool.config.SPILL_DIR, name))
+
+
+def test_a_borrowed_value_lives_while_borrowed_and_is_freed_after(executor):
+    inner = executor.submit(N.returns_big_future, 2 << 20).result(TIMEOUT)
+    assert len(inner.result(TIMEOUT)) == 2 << 20
+    names = _segment_names(inner)
+    assert names and all(_live(name) for name in names)
+    time.sleep(0.3)
+    assert all(_live(name) for name in names)  # the owner keeps it for its borrower
+    del inner
+    assert wait_until(lambda: not any(_live(name) for name in names), TIMEOUT)
+
+
+def test_a_borrower_that_crashes_releases_its_hold(executor, tmp_path):
+    note = tmp_path / "names"
+    outer = executor.submit(N.returns_big_future, 2 << 20)
+    dying = executor.submit(N.borrow_note_and_die, outer, str(note))
+    with pytest.raises(futurepool.WorkerCrashedError):
+        dying.result(TIMEOUT)
+    names = note.read_text().split()
+    assert names
+    del outer  # the driver's copy never decoded the future: only the dead borrower held it
+    assert wait_until(lambda: not any(_live(name) for name in names), TIMEOUT)
+
+
+def test_nested_tasks_killed_at_depth_are_retried(tmp_path):
+    with futurepool.Executor(2, max_retries=2) as executor:
+        assert executor.submit(N.tree_dies_once, 3, str(tmp_path)).result(TIMEOUT) == 15
+        assert wait_until(lambda: entries(executor) == 0, TIMEOUT)
