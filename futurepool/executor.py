@@ -620,7 +620,13 @@ class ExecutorOptions:
         return ExecutorOptions(self._executor, task_options(self._options, options))
 
     def __getattr__(self, name):
+        if name.startswith("__"):  # (pickle and copy look these up on a bare instance)
+            raise AttributeError(name)
         return getattr(self._executor, name)
+
+    def __reduce__(self):
+        # Passed to one of the executor's tasks: a handle with the same options.
+        return _nested.handle_with_options, (self._executor, self._options)
 
     def __repr__(self) -> str:
         return f"<{self._options!r} of {self._executor!r}>"

@@ -71,6 +71,11 @@ def current_executor():
     return _current.handle
 
 
+def handle_with_options(handle, options):
+    """Unpickling an ``options()`` view inside a task: the handle, with those options."""
+    return ExecutorHandle(handle._nested, options)
+
+
 def _executor_handle():
     """Unpickling an executor inside a task's arguments: this worker's handle."""
     return current_executor()
@@ -573,6 +578,8 @@ class ExecutorHandle(concurrent.futures.Executor):
         if not serialize.pickling_arguments():
             raise TypeError("a futurepool executor can only be passed as an argument of"
                             " one of its own tasks")
+        if self._options is not None:
+            return handle_with_options, (_executor_handle(), self._options)
         return _executor_handle, ()
 
     def submit(self, fn, /, *args, **kwargs):

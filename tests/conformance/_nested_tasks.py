@@ -204,3 +204,8 @@ def tree_dies_once(depth, directory):
         return 1
     futures = [ex.submit(tree_dies_once, depth - 1, directory) for _ in range(2)]
     return 1 + sum(f.result(timeout=60) for f in futures)
+
+
+def submit_through(view, x):
+    """``view`` is an ``options()`` view of the executor, passed to the task."""
+    return view.submit(square, x).result(timeout=60), repr(view)

@@ -243,3 +243,9 @@ def test_nested_tasks_killed_at_depth_are_retried(tmp_path):
     with futurepool.Executor(2, max_retries=2) as executor:
         assert executor.submit(N.tree_dies_once, 3, str(tmp_path)).result(TIMEOUT) == 15
         assert wait_until(lambda: entries(executor) == 0, TIMEOUT)
+
+
+def test_an_options_view_passed_to_a_task_keeps_its_options(executor):
+    value, shown = executor.submit(N.submit_through, executor.options(timeout=30), 3).result(
+        TIMEOUT)
+    assert value == 9 and "timeout=30" in shown
