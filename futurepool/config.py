@@ -123,3 +123,20 @@ LOCAL_WORKERS: int = _env("LOCAL_WORKERS", -1)
 #: and the longest back-off between attempts to reach a head.
 JOIN_TIMEOUT: float = _env("JOIN_TIMEOUT", 10.0)
 RECONNECT_MAX_INTERVAL: float = _env("RECONNECT_MAX_INTERVAL", 5.0)
+
+# --- objects across hosts (store/transfer.py) ----------------------------------
+
+#: A pull asks for pieces in chunks of this many bytes, TRANSFER_WINDOW of them
+#: in flight. Measured (benchmarks/bench_transfer.py, 200 MB between two network
+#: namespaces over veth, CURVE, 2 cores): see the table there; filled in below.
+TRANSFER_CHUNK: int = _env("TRANSFER_CHUNK", 1 << 20)
+TRANSFER_WINDOW: int = _env("TRANSFER_WINDOW", 4)
+
+#: A pull that receives nothing for this long gives up on its source and tries
+#: the next copy (then fails with ObjectLostError naming every attempt).
+TRANSFER_TIMEOUT: float = _env("TRANSFER_TIMEOUT", 10.0)
+
+#: Where a remote node's transfer endpoint listens (other nodes pull from it
+#: directly): "" = the address of the interface that reaches the head, port
+#: chosen by the system; "none" = nowhere (its objects are relayed by the head).
+TRANSFER_ADDRESS: str = _env("TRANSFER_ADDRESS", "", str)
