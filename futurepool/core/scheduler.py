@@ -52,8 +52,10 @@ class Scheduler:
     def estimate(self, fn_id: bytes) -> float:
         return self.run_time.get(fn_id, UNKNOWN_RUN_TIME)
 
-    def pick(self, estimate: float, now: float) -> WorkerSlot | None:
-        """The least loaded worker that may take a task of ``estimate`` seconds now.
+    def pick(self, estimate: float, now: float, held: dict | None = None) -> WorkerSlot | None:
+        """The worker that may take a task of ``estimate`` seconds now: least loaded, or
+        with ``held`` (bytes of the task's stored pieces per host), on the host holding
+        the most of them, then least loaded (core.directory: the rest is pulled).
 
         An idle worker always may. A busy one only while its queue stays
         within ``QUEUED_WORK_TARGET`` seconds of estimated work, and while its
@@ -63,6 +65,7 @@ class Scheduler:
         target = config.QUEUED_WORK_TARGET
         limit = config.MAX_QUEUE_DEPTH
         best = None
+        best_bytes = -1
         for worker in self.workers.values():
             if not worker.alive or (worker.quota is not None and worker.quota <= 0):
                 continue
@@ -72,6 +75,12 @@ class Scheduler:
                     continue
                 if now - worker.progress_at > target + 4 * inflight[0].estimate:
                     continue
+            if held is not None:
+                link = worker.link
+                here = held.get(link.index if link.remote else -1, 0)
+                if here > best_bytes or (here == best_bytes and worker.backlog < best.backlog):
+                    best, best_bytes = worker, here
+                continue
             if best is None or worker.backlog < best.backlog:
                 best = worker
                 if not inflight:

@@ -74,15 +74,14 @@ _VIEW_IDLE = 2.0
 
 
 class _Pull:
-    __slots__ = ("pull_id", "name", "nbytes", "spilled", "sources", "tried", "errors",
+    __slots__ = ("pull_id", "name", "nbytes", "sources", "tried", "errors",
                  "location", "seg", "tid", "route", "asked_source", "next_offset",
                  "outstanding", "received", "progress", "chunk", "window", "started")
 
-    def __init__(self, pull_id, name, nbytes, spilled, sources, location, seg):
+    def __init__(self, pull_id, nbytes, sources, location, seg):
         self.pull_id = pull_id
-        self.name = name
+        self.name = ""  # as the current source names it
         self.nbytes = nbytes
-        self.spilled = spilled
         self.sources = list(sources)
         self.tried = 0
         self.errors: list[str] = []
@@ -101,7 +100,7 @@ class _Pull:
 
 
 def describe_source(source) -> str:
-    index, address = source
+    index, address = source[:2]
     if index < 0:
         return "the head"
     return f"node {index} ({address})" if address else f"node {index} (relayed by the head)"
@@ -171,10 +170,7 @@ class Endpoint:
                 self.server.bind(bind)
                 self.address = self.server.getsockopt(zmq.LAST_ENDPOINT).decode()
             if hub is not None:
-                self.hub = self._socket(zmq.DEALER)
-                security.make_curve_client(self.hub, keys)
-                self.hub.connect(hub)
-                self._hello()
+                self._connect_hub(hub, node_index)
         except BaseException:
             self._close_sockets()
             raise
@@ -192,12 +188,17 @@ class Endpoint:
 
     # -- other threads -------------------------------------------------------------
 
-    def pull(self, pull_id: int, name: str, nbytes: int, spilled: bool, sources) -> None:
+    def pull(self, pull_id: int, nbytes: int, sources) -> None:
         """Copy a piece into this host's store from the first of ``sources`` that has it.
 
-        ``sources``: ``((node index or -1 for the head, transfer address or ""), ...)``.
+        ``sources``: ``((node index or -1 for the head, its transfer address or "",
+        the piece's name there, spilled), ...)``, tried in order.
         """
-        self._post(("pull", pull_id, name, int(nbytes), bool(spilled), tuple(sources)))
+        self._post(("pull", pull_id, int(nbytes), tuple(tuple(s) for s in sources)))
+
+    def join_hub(self, address: str, node_index: int) -> None:
+        """A node's: dial the head's endpoint (it asks for chunks, and relays, through it)."""
+        self._post(("hub", address, node_index))
 
     def drop(self, locations) -> None:
         """Remove pieces of this host's store (copies made here, or orphaned pieces)."""
@@ -212,16 +213,16 @@ class Endpoint:
         if self._thread.is_alive():
             self._post(("stop",))
             self._thread.join(timeout)
-        if not self._thread.is_alive():
+        if not self._thread.is_alive() and self._wake_r >= 0:
             self.writer.close()
             for fd in (self._wake_r, self._wake_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+                os.close(fd)
+            self._wake_r = self._wake_w = -1
 
     def _post(self, command) -> None:
         self._commands.append(command)
+        if self._wake_w < 0:
+            return  # closed
         try:
             os.write(self._wake_w, b"!")
         except (BlockingIOError, OSError):
@@ -255,7 +256,11 @@ class Endpoint:
                     if command[0] == "stop":
                         self._stopping = True
                         break
-                    self._start(*command[1:])
+                    if command[0] == "hub":
+                        self._connect_hub(*command[1:])
+                        poller.register(self.hub, zmq.POLLIN)
+                    else:
+                        self._start(*command[1:])
                 for sock in self._new_dealers:
                     poller.register(sock, zmq.POLLIN)
                 self._new_dealers.clear()
@@ -282,6 +287,13 @@ class Endpoint:
         self._dealers.clear()
         self.auth.close()
         self.ctx.term()
+
+    def _connect_hub(self, address: str, node_index: int) -> None:
+        self.node_index = node_index
+        self.hub = self._socket(zmq.DEALER)
+        security.make_curve_client(self.hub, self.keys)
+        self.hub.connect(address)
+        self._hello()
 
     def _hello(self) -> None:
         try:
@@ -442,13 +454,13 @@ class Endpoint:
 
     # -- pulling ---------------------------------------------------------------------
 
-    def _start(self, pull_id, name, nbytes, spilled, sources) -> None:
+    def _start(self, pull_id, nbytes, sources) -> None:
         try:
             location, seg = self.writer.reserve(nbytes)
         except Exception as exc:  # noqa: BLE001 - ObjectStoreFullError, an OSError
             self.on_done(pull_id, None, f"{type(exc).__name__}: {exc}")
             return
-        pull = _Pull(pull_id, name, nbytes, spilled, sources, location, seg)
+        pull = _Pull(pull_id, nbytes, sources, location, seg)
         self._next_source(pull, None)
 
     def _next_source(self, pull: _Pull, why: str | None) -> None:
@@ -458,7 +470,7 @@ class Endpoint:
         pull.outstanding.clear()
         pull.next_offset = pull.received = 0
         while pull.tried < len(pull.sources):
-            index, address = pull.sources[pull.tried]
+            index, address, pull.name = pull.sources[pull.tried][:3]
             pull.tried += 1
             if self.is_head:
                 peer = self._reverse.get(index)
@@ -470,6 +482,10 @@ class Endpoint:
             elif address:
                 pull.route, pull.asked_source = (self._dealer(address), None), -1
             else:  # the head's own store (-1), or a node nobody can dial: relayed
+                if self.hub is None:
+                    pull.errors.append(f"from {describe_source((index, address))}: not"
+                                       " connected to the head's transfer endpoint")
+                    continue
                 pull.route, pull.asked_source = (self.hub, None), index
             pull.tid = next(self._tids)
             pull.progress = time.monotonic()
