@@ -369,8 +369,12 @@ class Endpoint:
     def _send(self, route, frames) -> bool:
         sock, peer = route
         try:
+            # Zero-copy sends of our own buffers start pyzmq's process-wide garbage
+            # thread: not in the driver's process (its program would find a thread it
+            # did not start), where chunks are copied once into the message instead.
+            # (Frames received and passed on, as relays do, are never copied.)
             sock.send_multipart(frames if peer is None else [peer, *frames], zmq.NOBLOCK,
-                                copy=False)
+                                copy=self.is_head)
             return True
         except zmq.ZMQError:  # ROUTER_MANDATORY: that peer is gone
             return False
