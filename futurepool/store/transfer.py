@@ -127,11 +127,17 @@ class Endpoint:
             can dial: everything it needs or holds goes through the head).
         hub: a node's: the head endpoint's address; ``node_index`` its index there.
         on_done: ``on_done(pull_id, Location or None, why)``, on this thread.
+        zero_copy: send chunks without copying them (default: not in the head).
     """
 
     def __init__(self, keys, settings: StoreSettings, *, head: bool, bind: str | None,
-                 hub: str | None = None, node_index: int = -1, on_done=None):
+                 hub: str | None = None, node_index: int = -1, on_done=None,
+                 zero_copy: bool | None = None):
         self.keys = keys
+        # Zero-copy sends of our own buffers start pyzmq's process-wide garbage thread:
+        # not in the driver's process (its program would find a thread it did not
+        # start), where a chunk is copied once into its message instead.
+        self.zero_copy = not head if zero_copy is None else zero_copy
         self.settings = settings
         self.is_head = head
         self.node_index = node_index
@@ -369,12 +375,9 @@ class Endpoint:
     def _send(self, route, frames) -> bool:
         sock, peer = route
         try:
-            # Zero-copy sends of our own buffers start pyzmq's process-wide garbage
-            # thread: not in the driver's process (its program would find a thread it
-            # did not start), where chunks are copied once into the message instead.
             # (Frames received and passed on, as relays do, are never copied.)
             sock.send_multipart(frames if peer is None else [peer, *frames], zmq.NOBLOCK,
-                                copy=self.is_head)
+                                copy=not self.zero_copy)
             return True
         except zmq.ZMQError:  # ROUTER_MANDATORY: that peer is gone
             return False
