@@ -128,12 +128,12 @@ def make_array(nbytes):
     """A large result (bench_cluster objects): it stays in its node's store."""
     import numpy as np
 
-    return np.ones(nbytes, dtype=np.uint8)
+    return np.ones(nbytes // 8, dtype=np.float64)
 
 
 def sum_and_return(array):
     """The sum of a pulled array, and the array itself, back to the driver."""
-    return int(array.sum(dtype="uint64")), array
+    return float(array.sum()), array
 
 
 def hold(seconds):
