@@ -296,11 +296,14 @@ class ObjectDirectory:
                               serialize.dumps_plain([tuple(loc) for loc in locations]))
 
     def host_lost(self, host: int) -> None:
-        """A node is gone: its copies with it; pulls to it will never end."""
+        """A node is gone: its copies with it. Pulls to it will never end: forgotten
+        (the tasks held for them are its workers', which the owner buries and runs
+        elsewhere)."""
         for copies in self.copies.values():
             copies.pop(host, None)
         for pull_id in [p for p, wanted in self.pulls.items() if wanted.dest == host]:
-            self.pulled(host, pull_id, None, f"{self._describe(host)} was lost")
+            wanted = self.pulls.pop(pull_id)
+            self.by_piece.pop((wanted.name, host), None)
 
 
 def _blocks(task):

@@ -32,7 +32,10 @@ inside its TASKS message. A large one stays in the worker's store and only
 its location travels (``store.objects``). Either way the Future is the
 object table's entry: Python's reference counting frees a value when neither
 the user nor a pending task holds its Future, and a stored piece's Block then
-posts ``free`` here, which goes to the worker that wrote it.
+posts ``free`` here, which goes to the worker that wrote it. Across hosts,
+``core.directory`` records the copies pulled to other hosts, holds a task
+until its host has pulled what it lacks, places tasks where their bytes are,
+and frees every copy with the piece.
 """
 
 from __future__ import annotations
@@ -1041,6 +1044,8 @@ class Owner:
         self.store.pin_all()
         if self.node is not None:
             self._stop_node()
+        if self.head is not None:
+            self.head.transfer.close()  # nothing is written into the store any more
         self.store.close()
         if self.node is not None:
             self.node.close_events()

@@ -11,7 +11,10 @@
       ◄── TASKS / RESULTS ─────────────────────────────────────────── DEALER per worker
                                                                       (CURVE, node key)
 
-It dials out (no inbound port), registers, serves one session of one head
+It dials out (its control needs no inbound port; its transfer endpoint,
+``store.transfer``, listens so that other nodes pull its values directly,
+unless ``--transfer-address none``: then the head relays them), registers
+(JOIN names that endpoint), serves one session of one head
 (its workers dial the head too, each with the node key: tasks and results
 never wait for a hop through this process),
 and when the head goes away (BYE, or silence past ``NODE_TIMEOUT``) it drops
