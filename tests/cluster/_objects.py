@@ -25,3 +25,9 @@ def hold(seconds: float):
     """Keep a worker busy."""
     time.sleep(seconds)
     return os.readlink("/proc/self/ns/net")
+
+
+def pid_of(value, seconds: float = 0.0) -> int:
+    """Which process ran this (``value``: a large argument, only to be placed by)."""
+    time.sleep(seconds)
+    return os.getpid()
