@@ -200,6 +200,9 @@ class Endpoint:
         ``sources``: ``((node index or -1 for the head, its transfer address or "",
         the piece's name there, spilled), ...)``, tried in order.
         """
+        if not self._thread.is_alive():  # stopped (or failed): nobody would answer
+            self.on_done(pull_id, None, "the transfer endpoint stopped")
+            return
         self._post(("pull", pull_id, int(nbytes), tuple(tuple(s) for s in sources)))
 
     def join_hub(self, address: str, node_index: int) -> None:
