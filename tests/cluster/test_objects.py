@@ -187,11 +187,13 @@ def test_tasks_go_where_their_argument_is(hosts):
         assert {f.result(timeout=TIMEOUT)[0] for f in busy} == {hosts.ns(holder)}
 
 
-@pytest.mark.parametrize("second_copy", [True, False], ids=["retried", "lost"])
-def test_a_transfer_cut_in_flight(hosts, second_copy):
-    """FAULTS 43: the sender is killed mid-transfer. With another copy (the head's) the
-    pull starts again from it; without, the task fails with ObjectLostError. Never a hang;
-    the half-written segment is removed."""
+@pytest.mark.parametrize("cut, second_copy", [("kill", True), ("kill", False),
+                                              ("link_down", True)],
+                         ids=["killed-retried", "killed-lost", "link_down-retried"])
+def test_a_transfer_cut_in_flight(hosts, cut, second_copy):
+    """FAULTS 43: the sender is killed (or its link goes down) mid-transfer. With another
+    copy (the head's) the pull starts again from it; without, the task fails with
+    ObjectLostError. Never a hang; the half-written segment is removed."""
     with hosts.executor() as executor:
         future, block = made_on_node1(hosts, executor, 40 * MB)
         if second_copy:
@@ -203,7 +205,10 @@ def test_a_transfer_cut_in_flight(hosts, second_copy):
         task = executor.submit(where_total, future)
         assert wait_until(lambda: any("--2-" in n for n in hosts.files("node2")), TIMEOUT), \
             "node2 did not start receiving"
-        hosts.nodes["node1"].send_signal(signal.SIGKILL)
+        if cut == "kill":
+            hosts.nodes["node1"].send_signal(signal.SIGKILL)
+        else:
+            hosts.net.link_down("node1")
         if second_copy:
             where, total = task.result(timeout=TIMEOUT)
             assert where == hosts.ns("node2") and total == 7 * 40 * MB
@@ -215,6 +220,8 @@ def test_a_transfer_cut_in_flight(hosts, second_copy):
             assert not [n for n in hosts.files("node2") if "--2-" in n], \
                 "the half-written copy was left behind"
         assert time.monotonic() - started < TIMEOUT
+        if cut == "link_down":
+            hosts.net.link_up("node1")
         hosts.net.unshape("node1")
         stop(hosts.nodes.pop("node1"))
         assert wait_until(lambda: not hosts.files("node1"), TIMEOUT), hosts.files("node1")
