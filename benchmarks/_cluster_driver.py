@@ -3,6 +3,12 @@
 ``python _cluster_driver.py echo HOST`` binds a TCP port on HOST, prints it,
 and echoes what the one connection it accepts sends, until that closes.
 
+``python _cluster_driver.py floor-recv HOST NBYTES`` and ``python _cluster_driver.py
+floor-send tcp://HOST:PORT SERVER_KEY NBYTES CHUNK`` measure the floor of object
+transfers: pyzmq PUSH -> PULL over TCP with CURVE, NBYTES in chunks of CHUNK
+bytes. The receiver prints ``{"port", "key"}`` (its CURVE public key), then
+``{"seconds": ...}`` from the sender's first frame to the last byte.
+
 ``python _cluster_driver.py dask tcp://HOST:PORT`` and ``python
 _cluster_driver.py ray HOST:PORT NODE_IP`` connect a client (a
 ``distributed.Client``; ``ray.init(address=...)``) to a cluster that
@@ -57,6 +63,49 @@ def echo(host: str) -> int:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             while data := conn.recv(64):
                 conn.sendall(data)
+    return 0
+
+
+def floor_recv(host: str, nbytes: int) -> int:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    public, secret = zmq.curve_keypair()
+    sock.curve_server, sock.curve_secretkey, sock.curve_publickey = True, secret, public
+    port = sock.bind_to_random_port(f"tcp://{host}")
+    print(json.dumps({"port": port, "key": public.decode()}), flush=True)
+    if not sock.poll(ECHO_TIMEOUT * 1000):
+        return 1
+    sock.recv()  # the start frame
+    t0 = time.perf_counter()
+    received = 0
+    while received < nbytes:
+        received += len(sock.recv(copy=False).buffer)
+    print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+    sock.close(linger=0)
+    ctx.term()
+    return 0
+
+
+def floor_send(address: str, key: str, nbytes: int, chunk: int) -> int:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    public, secret = zmq.curve_keypair()
+    sock.curve_secretkey, sock.curve_publickey = secret, public
+    sock.curve_serverkey = key.encode()
+    sock.connect(address)
+    data = memoryview(bytearray(b"x" * chunk))
+    sock.send(b"start")
+    sent = 0
+    while sent < nbytes:
+        n = min(chunk, nbytes - sent)
+        sock.send(data[:n], copy=False)
+        sent += n
+    sock.close(linger=int(ECHO_TIMEOUT * 1000))
+    ctx.term()
     return 0
 
 
@@ -177,6 +226,10 @@ def main(argv: list[str]) -> int:
     role = argv[0]
     if role == "echo":
         return echo(argv[1])
+    if role == "floor-recv":
+        return floor_recv(argv[1], int(argv[2]))
+    if role == "floor-send":
+        return floor_send(argv[1], argv[2], int(argv[3]), int(argv[4]))
     if role == "dask":
         return serve(DaskDriver(argv[1], float(argv[2]) if len(argv) > 2 else 60.0))
     if role == "ray":

@@ -122,3 +122,22 @@ def swallow_noting_start(path):
             time.sleep(3600)
         except BaseException:  # noqa: BLE001, S110 - the point of the task
             pass
+
+
+def make_array(nbytes):
+    """A large result (bench_cluster objects): it stays in its node's store."""
+    import numpy as np
+
+    return np.ones(nbytes // 8, dtype=np.float64)
+
+
+def sum_and_return(array):
+    """The sum of a pulled array, and the array itself, back to the driver."""
+    return float(array.sum()), array
+
+
+def hold(seconds):
+    """Keeps a worker busy (bench_cluster objects: the next task goes to another node)."""
+    import time
+
+    time.sleep(seconds)

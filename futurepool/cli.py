@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> None:
              " what is detected (cpu: usable CPUs, mem: memory in bytes), which a name given"
              " here replaces. Quantities are numbers, or sizes with a unit (512MB, 2GiB)")
     worker.add_argument(
+        "--transfer-address", metavar="HOST", default=None,
+        help="where other hosts pull this host's values from: an address of this host, or"
+             " 'none' (they go through the head) (env FUTUREPOOL_TRANSFER_ADDRESS; default:"
+             " the address that reaches the head, port chosen by the system)")
+    worker.add_argument(
         "--once", action="store_true", default=_env_flag("FUTUREPOOL_ONCE"),
         help="exit when the head goes away instead of waiting for the next (env"
              " FUTUREPOOL_ONCE=1)")
@@ -122,6 +127,10 @@ def _worker(args) -> int:
     from .executor import _default_workers
 
     workers = int(args.workers) if args.workers else _default_workers()
+    if args.transfer_address is not None:
+        from . import config
+
+        config.TRANSFER_ADDRESS = args.transfer_address
     grace = float(args.grace) if args.grace is not None else None
     return remote_node.main(args.connect, args.key_file, workers, args.once, grace,
                             log=lambda line: print(line, file=sys.stderr, flush=True),

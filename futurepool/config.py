@@ -128,3 +128,25 @@ LOCAL_WORKERS: int = _env("LOCAL_WORKERS", -1)
 #: and the longest back-off between attempts to reach a head.
 JOIN_TIMEOUT: float = _env("JOIN_TIMEOUT", 10.0)
 RECONNECT_MAX_INTERVAL: float = _env("RECONNECT_MAX_INTERVAL", 5.0)
+
+# --- objects across hosts (store/transfer.py) ----------------------------------
+
+#: A pull asks for pieces in chunks of this many bytes, TRANSFER_WINDOW of them
+#: in flight. Measured with bench_cluster.py's objects scenario (200 MB made on
+#: node B, summed on C, returned to the driver; veth between namespaces, CURVE,
+#: 2 loaded cores; GB/s = 400 MB moved / seconds, median of 2):
+#: chunk x window 256K x4 0.25, 1M x4 0.33, 4M x4 0.33, 8M x4 0.32, 1M x2 0.34,
+#: 1M x8 0.27, 4M x2 0.30, 4M x8 0.30 (+-5..26%). Below 1 MiB the per-chunk
+#: round trips cost; above, nothing is gained and a lost source wastes more;
+#: a wider window only queues more behind the one encrypting I/O thread.
+TRANSFER_CHUNK: int = _env("TRANSFER_CHUNK", 1 << 20)
+TRANSFER_WINDOW: int = _env("TRANSFER_WINDOW", 4)
+
+#: A pull that receives nothing for this long gives up on its source and tries
+#: the next copy (then fails with ObjectLostError naming every attempt).
+TRANSFER_TIMEOUT: float = _env("TRANSFER_TIMEOUT", 10.0)
+
+#: Where a remote node's transfer endpoint listens (other nodes pull from it
+#: directly): "" = the address of the interface that reaches the head, port
+#: chosen by the system; "none" = nowhere (its objects are relayed by the head).
+TRANSFER_ADDRESS: str = _env("TRANSFER_ADDRESS", "", str)

@@ -42,13 +42,16 @@ from ..protocol.framing import decode_header, pack_header
 from ..protocol.messages import PROTOCOL_VERSION, MessageType
 from ..protocol.zap import Authenticator
 from ..store import serialize
+from ..store.objects import NODE_SHIFT
+from ..store.transfer import Endpoint
 from . import startup, status
+from .lifetime import weak_method
 from .resources import describe, normalize
 
 LOGGER = logging.getLogger("futurepool")
 
 #: Worker ids of remote node ``n`` start at ``(n + 1) << NODE_ID_SHIFT`` (local ones below).
-NODE_ID_SHIFT = 32
+NODE_ID_SHIFT = NODE_SHIFT
 
 #: Messages from remote workers (their own connections); the owner handles them as local ones.
 _WORKER_KINDS = frozenset({MessageType.READY, MessageType.RESULTS, MessageType.INIT_FAILED,
@@ -77,8 +80,10 @@ class RemoteLink:
     remote = True
 
     def __init__(self, head: Head, routing_id: bytes, index: int, host: str, address: str,
-                 workers: int, pid: int, token: bytes):
+                 workers: int, pid: int, token: bytes, transfer: str = ""):
         self.head = head
+        # Its transfer endpoint, which other nodes dial ("": none; the head relays).
+        self.transfer = transfer
         self.routing_id = routing_id
         self.index = index
         self.host = host
@@ -120,6 +125,14 @@ class RemoteLink:
         except zmq.ZMQError:
             pass
 
+    def send_control(self, kind: MessageType, body: bytes) -> None:
+        """To the node process itself (PULL, DROP), numbered and kept until acknowledged."""
+        header = self.control.stamp(kind, 0, 0, body, time.monotonic())
+        try:
+            self.head.transmit(self.routing_id, kind, header, body)
+        except zmq.ZMQError:
+            pass  # resent with its heartbeats (Head._resend), or the node is lost
+
     def describe(self) -> str:
         return f"node {self.index} ({self.host}, {self.address})"
 
@@ -160,6 +173,18 @@ class Head:
             self.auth.close()
             raise
         self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        # Objects move through their own endpoint (store.transfer): nodes pull pieces of
+        # the head's store from it, the head pulls theirs, and it relays between nodes.
+        host = listen[len("tcp://"):].rsplit(":", 1)[0]
+        post = weak_method(owner.post)
+        try:
+            self.transfer = Endpoint(keys, owner.store.settings, head=True,
+                                     bind=f"tcp://{host}:0",
+                                     on_done=lambda *done: post(("pulled", *done)))
+        except BaseException:
+            self.sock.close()
+            self.auth.close()
+            raise
         # futurepool status finds the heads of this host through this file.
         with open(os.path.join(owner.run_dir, "head"), "w") as file:
             file.write(self.address)
@@ -272,6 +297,9 @@ class Head:
                 self.routes.pop(node.routes.pop(event[0], b""), None)
                 self.owner.output.flush(node.host, event[0])
                 self.owner._worker_exited(*event, detail=f"It ran on {node.describe()}.")
+        elif kind == MessageType.PULLED:
+            for pull_id, location, why in serialize.loads(body):
+                self.owner.objects.pulled(node.index, pull_id, location, why)
         elif kind == MessageType.LEAVE:
             node.leaving = True
             self.owner._node_leaving(node)
@@ -285,6 +313,7 @@ class Head:
                                                  int(hello["workers"]), int(hello["pid"]),
                                                  bytes(hello["token"]))
             offer = normalize(hello.get("resources") or {}, "the node's resources")
+            transfer = str(hello.get("transfer") or "")
         except Exception as exc:  # noqa: BLE001 - an authenticated peer, but a broken JOIN
             raise ProtocolError(f"a JOIN that does not decode: {exc!r}") from None
         known = self.by_token.get(token)
@@ -300,13 +329,15 @@ class Head:
             LOGGER.warning("refused node %s (%s): %s", host, address, refusal)
             self._send(routing_id, MessageType.REFUSED, refusal.encode())
             return
-        node = RemoteLink(self, routing_id, self.next_index, host, address, workers, pid, token)
+        node = RemoteLink(self, routing_id, self.next_index, host, address, workers, pid, token,
+                          transfer)
         node.resources = offer  # what tasks that ask for resources may hold there
         self.next_index += 1
         self.nodes[routing_id] = node
         self.by_token[token] = node
         self.by_index[node.index] = node
-        welcome = dict(self.owner.remote_start[0], first_worker_id=node.first_worker_id)
+        welcome = dict(self.owner.remote_start[0], first_worker_id=node.first_worker_id,
+                       transfer_port=int(self.transfer.address.rsplit(":", 1)[1]))
         welcome["settings"] = dict(welcome["settings"], session=self.session.decode())
         node.welcome = (pack_header(MessageType.WELCOME, 0, node.index),
                         serialize.dumps_plain(welcome))
@@ -362,6 +393,11 @@ class Head:
 
     def _resend(self, node: RemoteLink, now: float) -> None:
         """What its workers have not acknowledged in time goes again; acks they wait for."""
+        try:  # what the node process itself has not acknowledged (PULL, DROP)
+            for header, body in node.control.due(now):
+                self.sock.send_multipart([node.routing_id, header, body], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
         for worker_id, channel in node.channels.items():
             if not channel.unacked and not channel.ack_pending:
                 continue
@@ -403,6 +439,7 @@ class Head:
         self.routes.clear()
         self.sock.close(linger=500)
         self.auth.close()
+        self.transfer.close()
 
 
 def session_for_nodes(owner) -> tuple[dict | None, str]:

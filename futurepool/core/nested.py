@@ -209,7 +209,7 @@ class BorrowedFuture(Future):
 class _Mapped:
     """A stored piece a borrowed value refers to: readable here, freed by its owner."""
 
-    __slots__ = ("location", "read")
+    __slots__ = ("location", "read", "__weakref__")
 
     def __init__(self, location: Location, read):
         self.location = location
@@ -441,12 +441,13 @@ class NestedOwner:
             self._discard(data)
 
     def _discard(self, data) -> None:
-        """Our own stored argument pieces: the task is over, nobody reads them now."""
+        """Our own stored argument pieces: the task is over. Freed through the head,
+        which also removes the copies other hosts pulled (core.directory)."""
         inband, pieces = data
-        free = self.worker.store.writer.free
+        frees = self.outgoing.setdefault(MessageType.FREE, [])
         for piece in (inband, *pieces):
             if type(piece) is Location:
-                free(piece)
+                frees.append(tuple(piece))
 
     def request_stop(self, local_id: int) -> None:
         """Cancel (or stop, if it started) a nested task: the head decides which."""

@@ -32,12 +32,16 @@ inside its TASKS message. A large one stays in the worker's store and only
 its location travels (``store.objects``). Either way the Future is the
 object table's entry: Python's reference counting frees a value when neither
 the user nor a pending task holds its Future, and a stored piece's Block then
-posts ``free`` here, which goes to the worker that wrote it.
+posts ``free`` here, which goes to the worker that wrote it. Across hosts,
+``core.directory`` records the copies pulled to other hosts, holds a task
+until its host has pulled what it lacks, places tasks where their bytes are,
+and frees every copy with the piece.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import heapq
 import itertools
 import logging
@@ -67,9 +71,10 @@ from ..errors import (
 from ..protocol.framing import decode_header, pack_header
 from ..protocol.messages import MessageType, ResultStatus
 from ..store import segments, serialize
-from ..store.objects import DriverStore
+from ..store.objects import DriverStore, remote
 from . import startup
 from .calls import Task, culprit, pickling_error
+from .directory import HEAD, ObjectDirectory
 from .head import Head, head_keys
 from .lifetime import RUN_DIR_PREFIX, close_fds, live_owners, sweep_run_dirs, weak_method
 from .local_node import LocalNode, LocalWorkers
@@ -180,6 +185,8 @@ class Owner:
         self.ctx = self.sock = self.poller = None
         self.run_dir = None
         self.frees: dict[WorkerSlot, list] = {}  # pieces to free, by the worker that wrote them
+        self.objects = ObjectDirectory(self)  # pieces across hosts (core.directory)
+        self.store.fetcher = weak_method(self.fetch_piece)
 
     # -- called from user threads ---------------------------------------------
 
@@ -302,6 +309,20 @@ class Owner:
     def free_piece(self, location) -> None:
         """A stored piece lost its last holder (called from finalizers, any thread)."""
         self.post(("free", location))
+
+    def fetch_piece(self, block):
+        """A piece of another host, pulled into this host's store for ``result()``
+        (blocking, in the caller's thread); its local Location. Raises ObjectLostError."""
+        future = concurrent.futures.Future()
+        self.post(("fetch", block, future))
+        while True:  # each transfer gives up by itself (config.TRANSFER_TIMEOUT per copy)
+            try:
+                return future.result(timeout=config.HEARTBEAT_INTERVAL)
+            except concurrent.futures.TimeoutError:
+                if self.thread is None or not self.thread.is_alive():
+                    raise ObjectLostError(
+                        f"The stored value {block.location.name} lives on another host and"
+                        " the executor stopped before it arrived.", block.location.name) from None
 
     def request_shutdown(self, cancel_futures: bool = False) -> None:
         self.post(("shutdown", cancel_futures))
@@ -433,6 +454,10 @@ class Owner:
                 self._dependency_done(command[1], command[2])
             elif kind == "free":
                 self._free(command[1])
+            elif kind == "pulled":  # from the head's transfer endpoint
+                self.objects.pulled(HEAD, *command[1:])
+            elif kind == "fetch":
+                self.objects.fetch(command[1], command[2])
             elif kind == "stop":
                 self._stop_task(command[1])
             elif kind == "relay":  # a future the driver borrowed: ask, or let go
@@ -529,9 +554,13 @@ class Owner:
         if location is None:  # the driver's own pieces, deferred by their Blocks
             self.store.writer.drain_frees()
             return
+        self.objects.free(location)  # its copies on other hosts
         slot = self.scheduler.workers.get(location.writer)
         if slot is None or not slot.alive:  # its writer is gone: nobody will reuse it
-            segments.unlink(location, self.store.settings.dirs)
+            if remote(location):
+                self.objects.orphan(location)  # its node removes it
+            else:
+                segments.unlink(location, self.store.settings.dirs)
         else:
             self.frees.setdefault(slot, []).append(tuple(location))
 
@@ -566,7 +595,7 @@ class Owner:
         while ready:
             task = ready[0]
             task.estimate = estimate(task.fn_id)
-            worker = pick(task.estimate, now)
+            worker = pick(task.estimate, now, self.objects.affinity(task))
             if worker is None:  # no worker takes anything now, whatever it asks for
                 break
             if task.resources is not None:  # only where its node has room
@@ -586,10 +615,11 @@ class Owner:
         if waiting:
             ready.extendleft(reversed(waiting))
         for worker, items in batches.items():
-            self._send_tasks(worker, MessageType.TASKS, items)
+            self._send_tasks(worker, items)
 
     def _assign(self, task: Task, worker: WorkerSlot, now: float):
-        """``task`` goes to ``worker``: its TASKS item (None: cancelled meanwhile)."""
+        """``task`` goes to ``worker``: its TASKS item (None: cancelled meanwhile, or held
+        until its node has pulled the stored pieces it lacks: core.directory)."""
         if not task.started:
             if not task.future.set_running_or_notify_cancel():
                 self.tasks.pop(task.task_id, None)
@@ -613,14 +643,11 @@ class Owner:
         worker.backlog += task.estimate
         if worker.quota is not None:
             worker.quota -= 1
-        args = task.args
-        if worker.link.remote:  # another host cannot map our segments: copy them in
-            args = serialize.inline(args)
-            deps = tuple((oid, serialize.inline(payload)) for oid, payload in deps)
-        return (task.task_id, task.attempt, task.fn_id, fn_bytes, args, deps, task.timeout,
-                task.limits())
+        return self.objects.place(worker, task, (task.task_id, task.attempt, task.fn_id,
+                                                 fn_bytes, task.args, deps, task.timeout,
+                                                 task.limits()))
 
-    def _send_tasks(self, worker: WorkerSlot, kind: MessageType, items: list) -> None:
+    def _send_tasks(self, worker: WorkerSlot, items: list, kind=MessageType.TASKS) -> None:
         try:
             worker.link.send(worker, kind, len(items), serialize.dumps_plain(items))
         except zmq.ZMQError:  # the worker is gone; its node will tell us how
@@ -632,7 +659,16 @@ class Owner:
         task.estimate = self.scheduler.estimate(task.fn_id)
         item = self._assign(task, worker, time.monotonic())
         if item is not None:
-            self._send_tasks(worker, MessageType.LEND, [item])
+            self._send_tasks(worker, [item], MessageType.LEND)
+
+    def _held_failed(self, worker: WorkerSlot, task: Task, error: BaseException) -> None:
+        """A task held for its pieces cannot get them (core.directory): it fails, unrun."""
+        if task in worker.inflight:
+            worker.inflight.remove(task)
+            worker.backlog -= task.estimate
+            if worker.quota is not None:
+                worker.quota += 1
+        self._settle_exception(task, error)
 
     def _requeue(self, worker: WorkerSlot, count: int) -> None:
         """Put the last ``count`` tasks sent to ``worker`` back at the head of the queue."""
@@ -992,6 +1028,7 @@ class Owner:
     def _node_lost(self, node, why: str) -> None:
         """Silent past its deadline, or gone: its workers are dead to us."""
         detail = f"It ran on {node.describe()}, which was lost: {why}."
+        self.objects.host_lost(node.index)
         for slot in self._remote_slots(node):
             if node.leaving:  # it said so first: nothing of it counts as a crash
                 self._hand_back(slot, keep_running=False)
@@ -1077,6 +1114,8 @@ class Owner:
         self.store.pin_all()
         if self.node is not None:
             self._stop_node()
+        if self.head is not None:
+            self.head.transfer.close()  # nothing is written into the store any more
         self.store.close()
         if self.node is not None:
             self.node.close_events()

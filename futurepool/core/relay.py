@@ -13,10 +13,12 @@ head keeps only what placement needs, and only while the task is out::
      behind the blocked one)
     GET/VALUE/RELEASE ◄───────►  passed between a borrower and the owner
 
-Stored results travel as locations: a piece a worker on this host wrote is
-handed over to the owner (``Block.hand_over``), which frees it (FREE, routed
-to its writer) when its last holder drops it; an owner or borrower on another
-host gets the bytes instead.
+Stored results travel as locations, never as bytes through the head. The
+head's Block of a nested result stays in :attr:`Relay.handed` until its owner
+frees it (FREE): the Block, not the owner, decides when the piece and every
+copy of it go (``core.directory``). A piece the owner wrote itself (its
+arguments, a ``put``) stays the owner's to free. A receiver on another host
+than the piece gets a copy pulled to its host first (``ObjectDirectory.deliver``).
 
 When an owner dies, its tasks that have not run are dropped, the ones
 running are stopped, and the processes that borrowed its futures hear
@@ -33,6 +35,7 @@ from ..store import segments, serialize
 from ..store.objects import Block
 from ..store.segments import Location
 from .calls import Task
+from .directory import HEAD, host_of_link
 from .nested import BorrowTable, _Mapped
 
 LOGGER = logging.getLogger("futurepool")
@@ -95,13 +98,13 @@ class RelayFuture:
 class _Resolved:
     """A dependency the owner worker resolved before it sent the task."""
 
-    __slots__ = ("payload",)
+    __slots__ = ("_encoded",)
 
     def __init__(self, payload):
-        self.payload = payload
+        self._encoded = payload
 
     def _payload(self):
-        return self.payload
+        return self._encoded
 
 
 class Relay:
@@ -112,6 +115,8 @@ class Relay:
         self.tasks: dict[tuple, Task] = {}  # (owner worker id, its id) -> task
         self.functions: dict[bytes, bytes] = {}  # every function a worker sent us once
         self.outgoing: dict[int, dict] = {}  # worker id -> kind -> items, sent by flush()
+        # Name sent to an owner -> (the Block keeping the piece, the owner): until it frees.
+        self.handed: dict[str, tuple] = {}
         self.blocked: dict[int, object] = {}  # worker id -> its slot, while a task waits
         self.borrowers: dict[int, set] = {}  # owner id -> who asked it for values
         self.borrowed: dict[int, set] = {}  # borrower worker id -> {(owner, id)} it holds
@@ -144,7 +149,10 @@ class Relay:
                 self._cancel(slot.worker_id, local_id)
         elif kind == MessageType.FREE:
             for location in items:
-                self.owner._free(Location(*location))
+                held = self.handed.pop(location[0], None)
+                if held is None:  # a piece it wrote itself
+                    self.owner._free(Location(*location))
+                # (else the Block goes now, and with it the piece and its copies)
         elif kind == MessageType.GET:
             for owner_id, local_id in items:
                 self._get(slot.worker_id, owner_id, local_id)
@@ -159,16 +167,14 @@ class Relay:
     def _submit(self, slot, items) -> None:
         owner = self.owner
         worker_id = slot.worker_id
-        local = not slot.link.remote
         for local_id, fn_id, fn_bytes, fn_name, args, deps, options in items:
             timeout, retries, resources, memory_limit = options
             if fn_bytes:
                 self.functions[fn_id] = fn_bytes
             else:
                 fn_bytes = self.functions[fn_id]
-            if local:  # its stored pieces, readable here (and copied for other hosts)
-                args = self._readable(args)
-                deps = tuple((oid, self._readable(payload)) for oid, payload in deps)
+            args = self._held(args)  # its pieces, as pieces the directory can place
+            deps = tuple((oid, self._held(payload)) for oid, payload in deps)
             future = RelayFuture(self, worker_id, local_id)
             task = Task(future, fn_id, fn_bytes, fn_name, args,
                         {oid: _Resolved(payload) for oid, payload in deps},
@@ -184,17 +190,21 @@ class Relay:
             owner.tasks[task.task_id] = task
             owner.ready.append(task)
 
-    def _readable(self, payload):
-        """Location tuples in ``payload`` as pieces this process can read (``view()``)."""
+    def _held(self, payload):
+        """A worker's encoded value with each location as the piece the head knows:
+        the Block of a result handed to it, or (its own piece) a reference."""
         if type(payload) is bytes:
             return payload
         inband, pieces = payload
-        wrap = self._wrap
-        return wrap(inband), tuple(wrap(piece) for piece in pieces)
+        hold = self._hold
+        return hold(inband), tuple(hold(piece) for piece in pieces)
 
-    def _wrap(self, piece):
+    def _hold(self, piece):
         if type(piece) is bytes or type(piece) is Block or type(piece) is _Mapped:
             return piece
+        held = self.handed.get(piece[0])
+        if held is not None:
+            return held[0]
         return _Mapped(Location(*piece), self.read)
 
     def _waiting(self, slot, frame, awaited, returned) -> None:
@@ -240,10 +250,56 @@ class Relay:
     def report(self, future: RelayFuture, status, payload) -> None:
         """A nested task's outcome, for its owner (batched until :meth:`flush`)."""
         self.tasks.pop((future.owner_id, future.local_id), None)
-        self._send(future.owner_id, MessageType.OUTCOMES, (future.local_id, status, payload))
+        self._deliver(future.owner_id, MessageType.OUTCOMES, (future.local_id, status),
+                      payload, hand=True)
+
+    def _deliver(self, worker_id: int, kind: MessageType, fields: tuple, payload,
+                 hand: bool = False) -> None:
+        """Queue ``(*fields, payload)`` for a worker (or the driver), once every stored
+        piece of ``payload`` is on its host; ``hand``: it owns the pieces from now on."""
+        if type(payload) is bytes:
+            self._send(worker_id, kind, (*fields, payload))
+            return
+        if worker_id == DRIVER:
+            dest = HEAD
+        else:
+            slot = self.owner.scheduler.workers.get(worker_id)
+            if slot is None:
+                return  # gone: the pieces go with the payload
+            dest = host_of_link(slot.link)
+        pieces = [self._hold(piece) for piece in (payload[0], *payload[1])]
+        located: list = [None] * len(pieces)
+        waiting = [len(pieces)]
+
+        def arrived(index, location, error):
+            if waiting[0] <= 0:
+                return  # failed already
+            if error is not None:
+                waiting[0] = 0
+                self._send(worker_id, kind, (*fields[:-1], ResultStatus.ERROR,
+                                             serialize.dumps_exception(error)))
+                return
+            located[index] = location if type(location) is bytes else tuple(location)
+            waiting[0] -= 1
+            if waiting[0]:
+                return
+            if hand:  # kept until it frees what we sent
+                for piece, sent in zip(pieces, located):
+                    if type(piece) is Block:
+                        self.handed[sent[0]] = (piece, worker_id)
+            self._send(worker_id, kind, (*fields, (located[0], tuple(located[1:]))))
+
+        for index, piece in enumerate(pieces):
+            if type(piece) is bytes:
+                arrived(index, piece, None)
+                continue
+            self.owner.objects.deliver(
+                piece, dest, lambda location, error, i=index: arrived(i, location, error))
 
     def _send(self, worker_id: int, kind: MessageType, item) -> None:
         if worker_id == DRIVER:
+            if kind == MessageType.VALUE:
+                self.driver_borrows.valued([item])
             return
         self.outgoing.setdefault(worker_id, {}).setdefault(kind, []).append(item)
 
@@ -253,8 +309,6 @@ class Relay:
         for worker_id, kinds in outgoing.items():
             slot = workers.get(worker_id)
             for kind, items in kinds.items():
-                if kind in (MessageType.OUTCOMES, MessageType.VALUE):
-                    items = [self._portable(slot, item) for item in items]
                 if slot is None:
                     continue  # gone: what it would have got is freed with the items
                 try:
@@ -262,17 +316,6 @@ class Relay:
                 except Exception:  # noqa: BLE001 - it just left; its node tells us how
                     LOGGER.debug("could not send %s to worker %d", kind.name, worker_id,
                                  exc_info=True)
-
-    def _portable(self, slot, item):
-        """An outcome whose stored pieces the receiving worker can read."""
-        payload = item[-1]
-        if type(payload) is bytes:
-            return item
-        if slot is not None and slot.link.remote:  # another host: the bytes
-            payload = serialize.inline(self._readable(payload))
-        else:  # this host: the location (a Block's the receiver frees from now on)
-            payload = _locations(payload)
-        return (*item[:-1], payload)
 
     # -- placement: a blocked worker runs its own tasks ---------------------------------
 
@@ -329,6 +372,8 @@ class Relay:
                 future.state = _CANCELLED
                 self.owner._stop_task(task.task_id)
         self.outgoing.pop(worker_id, None)
+        for name in [name for name, held in self.handed.items() if held[1] == worker_id]:
+            del self.handed[name]  # what it held of results goes (the Blocks free it)
         for borrower in self.borrowers.pop(worker_id, ()):
             if borrower == DRIVER:
                 self.driver_borrows.owners_died([worker_id], self._describe_owner(slot))
@@ -360,10 +405,12 @@ class Relay:
         self._send(owner_id, MessageType.GET, (borrower, local_id))
 
     def _value(self, owner_id: int, borrower: int, local_id: int, status, payload) -> None:
-        if borrower == DRIVER:
+        if borrower == DRIVER and type(payload) is bytes:
             self.driver_borrows.valued([(owner_id, local_id, status, payload)])
+        elif borrower == DRIVER:  # once its pieces are on this host
+            self._deliver(DRIVER, MessageType.VALUE, (owner_id, local_id, status), payload)
         else:
-            self._send(borrower, MessageType.VALUE, (owner_id, local_id, status, payload))
+            self._deliver(borrower, MessageType.VALUE, (owner_id, local_id, status), payload)
 
     def _driver_send(self, kind: MessageType, key) -> None:
         """The driver's borrow table (any thread): to the I/O thread."""
@@ -375,22 +422,6 @@ class Relay:
             self._get(DRIVER, owner_id, local_id)
         else:
             self._send(owner_id, MessageType.RELEASE, (DRIVER, local_id))
-
-
-def _location(piece):
-    """A stored piece as a location tuple; a Block is handed over (no longer freed here)."""
-    if type(piece) is bytes:
-        return piece
-    if type(piece) is Block:
-        return tuple(piece.hand_over())
-    if type(piece) is _Mapped:
-        return tuple(piece.location)
-    return tuple(piece)
-
-
-def _locations(payload):
-    inband, pieces = payload
-    return _location(inband), tuple(_location(piece) for piece in pieces)
 
 
 #: What workers send the relay (as owners, blocked tasks, borrowers).

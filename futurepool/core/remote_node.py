@@ -11,7 +11,10 @@
       ◄── TASKS / RESULTS ─────────────────────────────────────────── DEALER per worker
                                                                       (CURVE, node key)
 
-It dials out (no inbound port), registers, serves one session of one head
+It dials out (its control needs no inbound port; its transfer endpoint,
+``store.transfer``, listens so that other nodes pull its values directly,
+unless ``--transfer-address none``: then the head relays them), registers
+(JOIN names that endpoint), serves one session of one head
 (its workers dial the head too, each with the node key: tasks and results
 never wait for a hop through this process),
 and when the head goes away (BYE, or silence past ``NODE_TIMEOUT``) it drops
@@ -27,6 +30,7 @@ Everything here runs on its main thread, which owns its socket.
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import signal
@@ -44,6 +48,8 @@ from ..protocol.framing import decode_header, pack_header
 from ..protocol.messages import MessageType
 from ..protocol.zap import HandshakeWatch
 from ..store import segments, serialize
+from ..store.objects import NODE_SHIFT
+from ..store.transfer import Endpoint, local_address
 from .head import versions
 from .local_node import LocalNode
 from .resources import node_offer
@@ -111,7 +117,17 @@ class RemoteNode:
         sock = ctx.socket(zmq.DEALER)
         watch = None
         session = None
+        endpoint = None
+        pulled = _Pulled()
         try:
+            # This session's store, and its transfer endpoint (store.transfer): other
+            # nodes pull what it holds from there; it is announced in JOIN.
+            store = segments.new_settings(
+                config.SHM_DIR, config.SPILL_DIR, config.SHM_PREFIX, config.STORE_CAPACITY,
+                config.STORE_FRACTION, config.STORE_POOL_BYTES, config.INLINE_THRESHOLD,
+                writers=self.workers + 1)
+            endpoint = Endpoint(self.keys, store, head=False,
+                                bind=transfer_bind(self.connect), on_done=pulled.done)
             sock.setsockopt(zmq.LINGER, 1000)
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
@@ -124,19 +140,26 @@ class RemoteNode:
             sock.connect(self.connect)
             hello = {"versions": versions(), "host": socket.gethostname(),
                      "workers": self.workers, "pid": os.getpid(), "token": token,
-                     "resources": self.resources}
+                     "resources": self.resources,
+                     "transfer": endpoint.address or ""}
             if faults.flag("version-skew"):
                 hello["versions"]["cloudpickle"] += "+skew"  # tests: a mismatched host
             join = [pack_header(MessageType.JOIN), serialize.dumps_plain(hello)]
             welcome = self._await_welcome(sock, watch, join)
             if welcome is None:
                 return False
-            session = _Session(self, sock, welcome, token, watch)
+            head_host = self.connect[len("tcp://"):].rsplit(":", 1)[0]
+            endpoint.join_hub(f"tcp://{head_host}:{welcome['transfer_port']}",
+                              (welcome["first_worker_id"] >> NODE_SHIFT) - 1)
+            session = _Session(self, sock, welcome, token, watch, store, endpoint, pulled)
             session.serve()
             return True
         finally:
             if session is not None:
                 session.close()
+            if endpoint is not None:
+                endpoint.close()
+            pulled.close()
             if watch is not None:
                 watch.close()
             sock.close(linger=0)
@@ -189,19 +212,18 @@ class RemoteNode:
 class _Session:
     """One head's session on this host: its node, its workers, its files."""
 
-    def __init__(self, remote: RemoteNode, sock, welcome: dict, token: bytes, watch):
+    def __init__(self, remote: RemoteNode, sock, welcome: dict, token: bytes, watch, store,
+                 endpoint: Endpoint, pulled: _Pulled):
         self.remote = remote
+        self.endpoint = endpoint
+        self.pulled = pulled
         self.sock = sock
         self.token = token
         self.watch = watch
         self.welcome = welcome
         self.run_dir = tempfile.mkdtemp(prefix=f"futurepool-{os.getpid()}-",
                                         dir=config.TMPDIR if len(config.TMPDIR) < 60 else "/tmp")
-        self.store = segments.new_settings(
-            config.SHM_DIR, config.SPILL_DIR, config.SHM_PREFIX, config.STORE_CAPACITY,
-            config.STORE_FRACTION, config.STORE_POOL_BYTES,
-            # Values travel inside messages until node-to-node pulls exist.
-            1 << 62, writers=remote.workers)
+        self.store = store
         settings = dict(welcome["settings"])
         settings.update(
             # Each worker dials the head itself, with the node key: tasks and results take
@@ -247,7 +269,7 @@ class _Session:
     def serve(self) -> None:
         remote, sock, node = self.remote, self.sock, self.node
         poller = zmq.Poller()
-        for what in (sock, node.event_fd, remote.wakeup_r, self.watch.socket):
+        for what in (sock, node.event_fd, remote.wakeup_r, self.watch.socket, self.pulled.read_fd):
             poller.register(what, zmq.POLLIN)
         next_heartbeat = 0.0
         while True:
@@ -257,6 +279,11 @@ class _Session:
                         return
                 elif what == remote.wakeup_r:
                     _drain(remote.wakeup_r)
+                elif what == self.pulled.read_fd:
+                    _drain(self.pulled.read_fd)
+                    done = self.pulled.take()
+                    if done:
+                        self._send(MessageType.PULLED, serialize.dumps_plain(done))
                 elif what == node.event_fd:
                     if not self._from_node():
                         return
@@ -306,9 +333,15 @@ class _Session:
                 header = decode_header(frames[0])
             except ProtocolError:
                 continue
-            for kind in self.channel.receive(header.seq, header.ack, header.kind):
+            for kind, body in self.channel.receive(header.seq, header.ack,
+                                                   (header.kind, frames[1:])):
                 if kind == MessageType.BYE:
                     return False
+                if kind == MessageType.PULL:  # copy pieces here (store.transfer)
+                    for pull_id, nbytes, sources in serialize.loads(body[0]):
+                        self.endpoint.pull(pull_id, nbytes, sources)
+                elif kind == MessageType.DROP:
+                    self.endpoint.drop(serialize.loads(body[0]))
         return True
 
     def _from_node(self) -> bool:
@@ -326,8 +359,51 @@ class _Session:
         node.close_commands()
         node.wait(config.SHUTDOWN_TIMEOUT)
         node.close_events()
+        self.endpoint.close()  # no pull writes into the store any more
         segments.remove_files(self.store.dirs, self.store.session + "-")
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+class _Pulled:
+    """Pulls the transfer endpoint finished, for the session's thread to report (PULLED)."""
+
+    def __init__(self):
+        self.read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._done: collections.deque = collections.deque()
+
+    def done(self, pull_id: int, location, why: str) -> None:  # the endpoint's thread
+        self._done.append((pull_id, None if location is None else tuple(location), why))
+        try:
+            os.write(self._write_fd, b"!")
+        except (BlockingIOError, OSError):
+            pass
+
+    def take(self) -> list:
+        done = []
+        while self._done:
+            done.append(self._done.popleft())
+        return done
+
+    def close(self) -> None:
+        if self.read_fd >= 0:
+            os.close(self.read_fd)
+            os.close(self._write_fd)
+            self.read_fd = self._write_fd = -1
+
+
+def transfer_bind(connect: str) -> str | None:
+    """Where this node's transfer endpoint listens (config.TRANSFER_ADDRESS), or None."""
+    wanted = config.TRANSFER_ADDRESS.strip()
+    if wanted.lower() == "none":
+        return None
+    if not wanted:
+        wanted = local_address(connect)
+    if wanted.startswith("tcp://"):
+        return wanted if wanted.rsplit(":", 1)[-1].isdigit() and wanted.count(":") >= 2 \
+            else wanted + ":0"
+    return f"tcp://[{wanted}]:0" if ":" in wanted else f"tcp://{wanted}:0"
 
 
 def _drain(fd: int) -> None:

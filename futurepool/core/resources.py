@@ -318,7 +318,7 @@ class Round:
         else:
             links = {link for link, offer in self.offers.items()
                      if fits(request, offer, self.held[link])}
-            worker = self.scheduler.pick(task.estimate, now, links) if links else None
+            worker = self.scheduler.pick(task.estimate, now, links=links) if links else None
         if worker is None:
             self.unfit.add(request)  # workers only get busier in one pass
             self._warn_if_hopeless(task)

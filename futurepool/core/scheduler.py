@@ -56,8 +56,13 @@ class Scheduler:
     def estimate(self, fn_id: bytes) -> float:
         return self.run_time.get(fn_id, UNKNOWN_RUN_TIME)
 
-    def pick(self, estimate: float, now: float, links=None) -> WorkerSlot | None:
-        """The least loaded worker that may take a task of ``estimate`` seconds now.
+    def pick(self, estimate: float, now: float, held: dict | None = None,
+             links=None) -> WorkerSlot | None:
+        """The worker that may take a task of ``estimate`` seconds now: least loaded, or
+        with ``held`` (bytes of the task's stored pieces per host), on the host holding
+        the most of them, then least loaded (core.directory: the rest is pulled).
+
+        ``links``: only workers of these nodes (where a task's resources fit).
 
         ``links``: only workers of these nodes (where a task's resources fit).
 
@@ -69,6 +74,7 @@ class Scheduler:
         target = config.QUEUED_WORK_TARGET
         limit = config.MAX_QUEUE_DEPTH
         best = None
+        best_bytes = -1
         for worker in self.workers.values():
             if not worker.alive or worker.frames or (worker.quota is not None
                                                      and worker.quota <= 0):
@@ -81,6 +87,12 @@ class Scheduler:
                     continue
                 if now - worker.progress_at > target + 4 * inflight[0].estimate:
                     continue
+            if held is not None:
+                link = worker.link
+                here = held.get(link.index if link.remote else -1, 0)
+                if here > best_bytes or (here == best_bytes and worker.backlog < best.backlog):
+                    best, best_bytes = worker, here
+                continue
             if best is None or worker.backlog < best.backlog:
                 best = worker
                 if not inflight:

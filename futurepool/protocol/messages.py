@@ -59,6 +59,13 @@ BYE            head -> remote node        empty: the session is over
 STATUS         client <-> head (tcp)      request: empty; answer: dict (futurepool status)
 ACK            both ways (tcp)            empty: carries only ``ack`` (nothing to send
                                           it along with)
+PULL           head -> remote node        [(pull_id, name, nbytes, spilled, sources)]:
+                                          copy these stored pieces into this node's store;
+                                          sources: ((node index or -1 for the head,
+                                          transfer address or ""), ...), tried in order
+PULLED         remote node -> head        [(pull_id, Location tuple or None, why not)]
+DROP           head -> remote node        [Location tuple, ...]: copies (or pieces whose
+                                          writer is gone) to remove from its store
 SUBMIT         owner worker -> head       [(local_id, fn_id, fn_bytes or b"", fn_name,
                                            args, ((object_id, value), ..), (timeout,
                                            max_retries, resources, memory_limit))]: tasks a task
@@ -78,6 +85,23 @@ RELEASE        borrower -> head -> owner  [(owner_or_borrower_id, local_id), ...
 OWNER_DIED     head -> borrower           [owner worker id, ...]
 =============  =========================  =====================================
 
+Object transfers (``store.transfer``) have their own sockets: each node's
+transfer endpoint (a CURVE ROUTER, when it has an address) and the head's
+(which also relays for nodes nobody can dial). Bodies there are never
+pickled: a fixed ``struct`` and a name, or raw bytes.
+
+=================  =====================  ========================================
+type               direction              frames after the header
+=================  =====================  ========================================
+CHUNK_REQUEST      puller -> holder       CHUNK_BODY (source, offset, length,
+                                          nbytes) + the piece's name (utf-8);
+                                          ident: the transfer, count: the chunk
+CHUNK              holder -> puller       the chunk's bytes (ident, count: as asked)
+CHUNK_ERROR        holder -> puller       utf-8 text: why it cannot be served
+TRANSFER_HELLO     node -> head endpoint  b"<node index>": this connection is that
+                                          node's, for the head to ask it for chunks
+=================  =====================  ========================================
+
 Over TCP, each remote worker has its own connection to the head (the node
 keeps only the control messages); a worker's header ident is its worker id,
 and the head routes to the connection that last introduced itself for it.
@@ -88,7 +112,7 @@ from __future__ import annotations
 import enum
 import struct
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 MAGIC = b"fp"
 HEADER = struct.Struct("<2sBBIQII")
 
@@ -119,18 +143,29 @@ class MessageType(enum.IntEnum):
     BYE = 25
     STATUS = 26
     ACK = 27
-    SUBMIT = 30
-    OUTCOMES = 31
-    CANCEL = 32
-    WAITING = 33
-    RESUMED = 34
-    RETURN = 35
-    LEND = 36
-    GET = 37
-    VALUE = 38
-    RELEASE = 39
-    OWNER_DIED = 40
+    PULL = 28
+    PULLED = 29
+    DROP = 30
+    CHUNK_REQUEST = 40
+    CHUNK = 41
+    CHUNK_ERROR = 42
+    TRANSFER_HELLO = 43
+    SUBMIT = 50
+    OUTCOMES = 51
+    CANCEL = 52
+    WAITING = 53
+    RESUMED = 54
+    RETURN = 55
+    LEND = 56
+    GET = 57
+    VALUE = 58
+    RELEASE = 59
+    OWNER_DIED = 60
 
+
+#: A CHUNK_REQUEST's body: source (-1: the store of whoever is asked; a node index:
+#: relay to that node), offset, length, the piece's whole size; the name follows.
+CHUNK_BODY = struct.Struct("<qQQQ")
 
 _KNOWN_TYPES = frozenset(int(t) for t in MessageType)
 

@@ -18,19 +18,31 @@ from __future__ import annotations
 import threading
 import weakref
 
+from ..errors import ObjectLostError
 from . import segments
 from .segments import Location, SegmentWriter, StoreSettings
 
 DRIVER = -1  # the writer id of the driver's own segments
+#: Writer ids from ``1 << NODE_SHIFT`` up are workers of remote nodes (node ``n``'s
+#: from ``(n + 1) << NODE_SHIFT``): their pieces live in that host's store.
+NODE_SHIFT = 32
+
+
+def remote(location: Location) -> bool:
+    """Whether a piece lives in another host's store (it must be pulled to be read here)."""
+    return location.writer >= 1 << NODE_SHIFT
 
 
 class Block:
     """The driver's handle of one stored piece; frees it when collected."""
 
-    __slots__ = ("location", "_store", "_pinned", "__weakref__")
+    __slots__ = ("location", "local", "_store", "_pinned", "__weakref__")
 
     def __init__(self, location: Location, store: DriverStore):
         self.location = location
+        # Where it is readable here: the location itself, or for a piece of another
+        # host, the copy pulled into this host's store (None until pulled).
+        self.local = None if remote(location) else location
         self._store = store
         self._pinned = None
 
@@ -41,11 +53,18 @@ class Block:
         pinned = self._pinned
         if pinned is not None:
             return pinned
-        return segments.read(self.location, self._store.settings.dirs)
+        local = self.local
+        if local is None:  # on another host: pulled into this host's store first
+            local = self._store.fetch(self)
+        return segments.read(local, self._store.settings.dirs)
 
     def pin(self) -> None:
-        """Map it now, so that it stays readable after the session's files are removed."""
-        if self._pinned is None:
+        """Map it now, so that it stays readable after the session's files are removed.
+
+        A piece of another host that was never pulled is not pulled now: it
+        goes with that host's session (reading it later raises ObjectLostError).
+        """
+        if self._pinned is None and self.local is not None:
             try:
                 self._pinned = self.view()
             except Exception:  # noqa: BLE001 - already lost: reading will say so
@@ -81,6 +100,9 @@ class DriverStore:
         self.threshold = settings.threshold
         self.writer = SegmentWriter(settings, DRIVER)
         self._on_free = on_free
+        # Pulls a piece of another host into this store (the owner's, with a head):
+        # ``fetcher(block) -> Location``; raises ObjectLostError.
+        self.fetcher = None
         self._blocks: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
         self.closed = False
@@ -99,6 +121,17 @@ class DriverStore:
         with self._lock:
             self._blocks[location.name] = block
         return block
+
+    def fetch(self, block: Block) -> Location:
+        """Pull a piece of another host into this store (blocking); its local Location."""
+        fetcher = self.fetcher
+        if fetcher is None or self.closed:
+            raise ObjectLostError(
+                f"The stored value {block.location.name} ({block.location.nbytes:,} bytes)"
+                " lives on another host and this executor can no longer pull it (it was"
+                " shut down).", block.location.name)
+        block.local = fetcher(block)
+        return block.local
 
     def live_names(self) -> set[str]:
         with self._lock:

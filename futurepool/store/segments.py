@@ -159,6 +159,61 @@ class SegmentWriter:
                 self._mapped.popitem(last=False)[1].mm.close()
         return Location(seg.name, nbytes, False, self.writer)
 
+    def reserve(self, nbytes: int) -> tuple[Location, _Segment]:
+        """A segment for ``nbytes`` that the caller fills (a transfer writes chunks into
+        ``segment.mm``); then :meth:`commit` it, or :meth:`abort` it (removed at once).
+
+        Space is reserved as for :meth:`write` (``posix_fallocate``): past the
+        store's capacity the segment is a file in the spill directory, mapped
+        the same way; ObjectStoreFullError when neither has room.
+        """
+        if self._deferred:
+            self.drain_frees()
+        seg = self._take(nbytes)
+        if seg is None:
+            seg = self._create(nbytes)
+        if seg is not None:
+            return Location(seg.name, nbytes, False, self.writer), seg
+        name = self._next_name()
+        path = os.path.join(self.settings.spill_dir, name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, max(nbytes, 1))
+            except OSError as exc:
+                if exc.errno in _NO_ROOM:
+                    raise ObjectStoreFullError(
+                        f"Could not receive a value of {nbytes:,} bytes: shared memory"
+                        f" ({self.settings.shm_dir}) is at the store's capacity and the spill"
+                        f" directory {self.settings.spill_dir} is full"
+                        f" ({os.strerror(exc.errno)}). Nothing was kept.") from None
+                raise
+            mm = mmap.mmap(fd, max(nbytes, 1))
+        except BaseException:
+            _unlink_quietly(path)
+            raise
+        finally:
+            os.close(fd)
+        return Location(name, nbytes, True, self.writer), _Segment(name, max(nbytes, 1), mm)
+
+    def commit(self, location: Location, seg: _Segment) -> None:
+        """A reserved segment is complete: readers may map it; :meth:`free` frees it."""
+        if location.spilled:
+            seg.mm.close()
+            return
+        with self._lock:
+            self._mapped[seg.name] = seg
+            while len(self._mapped) > _MAX_MAPPED:
+                self._mapped.popitem(last=False)[1].mm.close()
+
+    def abort(self, location: Location, seg: _Segment) -> None:
+        """A reserved segment will not be completed: remove it now (nobody maps it yet)."""
+        try:
+            seg.mm.close()
+        except BufferError:  # a view of it is still alive: the unlink frees it later
+            pass
+        _unlink_quietly(_path(location, self.settings.dirs))
+
     def cached(self, exporter, nbytes: int):
         """The block already holding ``exporter``'s buffer, if one is alive (and whole)."""
         entry = self._by_exporter.get((id(exporter), nbytes))

@@ -1,0 +1,589 @@
+"""Stored pieces between hosts: chunked, windowed pulls over CURVE, straight into a segment.
+
+::
+
+    puller (node C, or the head)                          holder (node B, or the head)
+    ────────────────────────────                          ────────────────────────────
+    reserve a segment of `nbytes` in its store
+    CHUNK_REQUEST(t, i, offset, length) x window ──────► map the piece read-only (shared
+                                                         lock: its writer cannot reuse it)
+    recv_into(segment[offset:offset + length]) ◄──────── CHUNK(t, i): a zero-copy slice
+      each chunk that lands asks for the next one
+    all bytes there: commit, report the Location
+    CHUNK_ERROR, or no chunk for TRANSFER_TIMEOUT:
+      abort (the segment is unlinked), next source; none left: report why
+
+Routes. Every host runs one :class:`Endpoint`: a thread with its own zmq
+context, CURVE on every socket, a ZAP handler admitting only the cluster's
+keys (FAULTS.md §1b: a forged chunk is unpickled by its reader, so data
+sockets are as sensitive as control):
+
+* a node with an address binds a ROUTER there (node keypair) and other
+  nodes dial it: the **direct** path, node to node;
+* every node also dials the **head's endpoint** (a ROUTER with the head's
+  keypair) and says TRANSFER_HELLO: the head then asks it for chunks over
+  that connection (the node need not be reachable), serves pieces of the
+  head's own store to it, and **relays**: a CHUNK_REQUEST naming a node as
+  its source is passed to that node's connection, and its CHUNK back, chunk
+  by chunk (never the whole object staged at the head).
+
+Integrity: CURVE authenticates every message (Poly1305), so a chunk arrives
+whole and unaltered or not at all; the puller checks each chunk's length and
+the total. A request must name a piece of the session of the store it asks
+(``<session>-...``), within that piece's size: nothing else of the host is
+readable through it.
+
+Threads: the endpoint's sockets, pulls and relays belong to its thread;
+other threads call :meth:`Endpoint.pull` (queued, wakes the thread) and
+:meth:`Endpoint.drop` (the segment writer is thread-safe). A finished pull
+is reported through ``on_done(pull_id, location or None, why)``, called on
+the endpoint's thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+
+import zmq
+
+from .. import config
+from ..errors import ObjectLostError, ProtocolError
+from ..protocol import security
+from ..protocol.framing import decode_header, pack_header
+from ..protocol.messages import CHUNK_BODY, MessageType
+from ..protocol.zap import Authenticator
+from . import segments
+from .segments import Location, SegmentWriter, StoreSettings
+
+LOGGER = logging.getLogger("futurepool")
+
+#: The writer id of copies a transfer made (segment names ``<session>--2-<n>``).
+COPY_WRITER = -2
+#: Largest chunk a holder serves (a guard; pullers ask for config.TRANSFER_CHUNK).
+MAX_CHUNK = 64 << 20
+#: Pieces a holder keeps mapped between requests (each holds a shared lock).
+_MAX_VIEWS = 16
+#: Seconds a holder keeps an idle piece mapped.
+_VIEW_IDLE = 2.0
+
+
+class _Pull:
+    __slots__ = ("pull_id", "name", "nbytes", "sources", "tried", "errors",
+                 "location", "seg", "tid", "route", "asked_source", "next_offset",
+                 "outstanding", "received", "progress", "chunk", "window", "started")
+
+    def __init__(self, pull_id, nbytes, sources, location, seg):
+        self.pull_id = pull_id
+        self.name = ""  # as the current source names it
+        self.nbytes = nbytes
+        self.sources = list(sources)
+        self.tried = 0
+        self.errors: list[str] = []
+        self.location = location
+        self.seg = seg
+        self.tid = 0
+        self.route = None  # (socket, routing id or None)
+        self.asked_source = -1
+        self.next_offset = 0
+        self.outstanding: set[int] = set()
+        self.received = 0
+        self.progress = 0.0
+        self.chunk = max(1, config.TRANSFER_CHUNK)
+        self.window = max(1, config.TRANSFER_WINDOW)
+        self.started = time.monotonic()
+
+
+def describe_source(source) -> str:
+    index, address = source[:2]
+    if index < 0:
+        return "the head"
+    return f"node {index} ({address})" if address else f"node {index} (relayed by the head)"
+
+
+def local_address(toward: str) -> str:
+    """The address of this host's interface that reaches ``toward`` (``tcp://HOST:PORT``)."""
+    host, _, port = toward[len("tcp://"):].rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, int(port or 9)))  # no packet is sent: only a route is chosen
+        return probe.getsockname()[0]
+
+
+class Endpoint:
+    """One host's transfer endpoint (module docstring); ``head``: the head's, which relays.
+
+    Args:
+        keys: the cluster's :class:`~futurepool.protocol.security.ClusterKeys`.
+        settings: the store pulled pieces are written into and served from.
+        head: whether this is the head's endpoint.
+        bind: ``tcp://HOST:0``-style address to listen on, or None (a node nobody
+            can dial: everything it needs or holds goes through the head).
+        hub: a node's: the head endpoint's address; ``node_index`` its index there.
+        on_done: ``on_done(pull_id, Location or None, why)``, on this thread.
+        zero_copy: send chunks without copying them (default: not in the head).
+    """
+
+    def __init__(self, keys, settings: StoreSettings, *, head: bool, bind: str | None,
+                 hub: str | None = None, node_index: int = -1, on_done=None,
+                 zero_copy: bool | None = None):
+        self.keys = keys
+        # Zero-copy sends of our own buffers start pyzmq's process-wide garbage thread:
+        # not in the driver's process (its program would find a thread it did not
+        # start), where a chunk is copied once into its message instead.
+        self.zero_copy = not head if zero_copy is None else zero_copy
+        self.settings = settings
+        self.is_head = head
+        self.node_index = node_index
+        self.on_done = on_done or (lambda *_: None)
+        self.prefix = settings.session + "-"
+        self.writer = SegmentWriter(settings, COPY_WRITER)
+        self.ctx = zmq.Context(1)
+        self.auth = Authenticator(self.ctx, security.admitted_keys(
+            keys, security.Role.HEAD if head else security.Role.NODE))
+        self.server = None
+        self.address = None
+        self.hub = None
+        self._dealers: dict[str, zmq.Socket] = {}  # address -> DEALER to that node
+        self._by_socket: dict[zmq.Socket, str] = {}
+        self._new_dealers: list[zmq.Socket] = []  # to add to the poller
+        self._commands: collections.deque = collections.deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._tids = itertools.count(1)
+        self._pulls: dict[int, _Pull] = {}    # by transfer id (one per attempt)
+        self._relays: dict[int, tuple] = {}   # head: relay id -> (sock, peer, tid, chunk, when)
+        self._reverse: dict[int, bytes] = {}  # head: node index -> its connection's routing id
+        self._views: collections.OrderedDict[str, list] = collections.OrderedDict()
+        self._stopping = False
+        self.dropped = 0   # malformed messages from authenticated peers
+        self.refusals = 0  # requests naming what this host does not hold
+        self.relayed = 0   # chunks passed on (head)
+        try:
+            if bind is not None:
+                self.server = self._socket(zmq.ROUTER)
+                self.server.setsockopt(zmq.ROUTER_MANDATORY, 1)
+                security.make_curve_server(
+                    self.server, keys, role=security.Role.HEAD if head else security.Role.NODE)
+                self.auth.watch(self.server)
+                self.server.bind(bind)
+                self.address = self.server.getsockopt(zmq.LAST_ENDPOINT).decode()
+            if hub is not None:
+                self._connect_hub(hub, node_index)
+        except BaseException:
+            self._close_sockets()
+            raise
+        self._thread = threading.Thread(target=self._run, name="futurepool-transfer",
+                                        daemon=True)
+        self._thread.start()
+
+    def _socket(self, kind) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, max(MAX_CHUNK, 2 * config.TRANSFER_CHUNK) + 4096)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        return sock
+
+    # -- other threads -------------------------------------------------------------
+
+    def pull(self, pull_id: int, nbytes: int, sources) -> None:
+        """Copy a piece into this host's store from the first of ``sources`` that has it.
+
+        ``sources``: ``((node index or -1 for the head, its transfer address or "",
+        the piece's name there, spilled), ...)``, tried in order.
+        """
+        if not self._thread.is_alive():  # stopped (or failed): nobody would answer
+            self.on_done(pull_id, None, "the transfer endpoint stopped")
+            return
+        self._post(("pull", pull_id, int(nbytes), tuple(tuple(s) for s in sources)))
+
+    def join_hub(self, address: str, node_index: int) -> None:
+        """A node's: dial the head's endpoint (it asks for chunks, and relays, through it)."""
+        self._post(("hub", address, node_index))
+
+    def drop(self, locations) -> None:
+        """Remove pieces of this host's store (copies made here, or orphaned pieces)."""
+        for location in locations:
+            location = Location(*location)
+            if not location.name.startswith(self.prefix) or "/" in location.name:
+                continue  # never anything outside this session's store
+            self.writer.free(location)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread; pulls in progress are aborted (their segments removed)."""
+        if self._thread.is_alive():
+            self._post(("stop",))
+            self._thread.join(timeout)
+        if not self._thread.is_alive() and self._wake_r >= 0:
+            self.writer.close()
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+            self._wake_r = self._wake_w = -1
+
+    def _post(self, command) -> None:
+        self._commands.append(command)
+        if self._wake_w < 0:
+            return  # closed
+        try:
+            os.write(self._wake_w, b"!")
+        except (BlockingIOError, OSError):
+            pass  # full: it wakes anyway; closed: it is gone
+
+    # -- the thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        for sock in self.auth.sockets:
+            poller.register(sock, zmq.POLLIN)
+        for sock in (self.server, self.hub):
+            if sock is not None:
+                poller.register(sock, zmq.POLLIN)
+        next_tick = 0.0
+        try:
+            while not self._stopping:
+                for what, _ in poller.poll(config.HEARTBEAT_INTERVAL * 500):
+                    if what == self._wake_r:
+                        try:
+                            os.read(self._wake_r, 4096)
+                        except BlockingIOError:
+                            pass
+                    elif what is self.server or what is self.hub or what in self._by_socket:
+                        self._drain(what)
+                    else:
+                        self.auth.handle()
+                while self._commands:
+                    command = self._commands.popleft()
+                    if command[0] == "stop":
+                        self._stopping = True
+                        break
+                    if command[0] == "hub":
+                        self._connect_hub(*command[1:])
+                        poller.register(self.hub, zmq.POLLIN)
+                    else:
+                        self._start(*command[1:])
+                for sock in self._new_dealers:
+                    poller.register(sock, zmq.POLLIN)
+                self._new_dealers.clear()
+                now = time.monotonic()
+                self._check_progress(now)
+                if now >= next_tick:
+                    next_tick = now + config.HEARTBEAT_INTERVAL
+                    self.auth.tick()
+                    self._expire_views(now)
+                    if self.hub is not None:
+                        self._hello()  # again: a re-dialled connection is a new peer there
+        except BaseException:  # noqa: BLE001 - never die silently: fail what is pending
+            LOGGER.critical("futurepool transfer thread failed", exc_info=True)
+        finally:
+            for pull in list(self._pulls.values()):
+                self._end(pull, None, "the transfer endpoint stopped")
+            self._views.clear()
+            self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        for sock in (self.server, self.hub, *self._dealers.values()):
+            if sock is not None:
+                sock.close(linger=0)
+        self._dealers.clear()
+        self.auth.close()
+        self.ctx.term()
+
+    def _connect_hub(self, address: str, node_index: int) -> None:
+        self.node_index = node_index
+        self.hub = self._socket(zmq.DEALER)
+        security.make_curve_client(self.hub, self.keys)
+        self.hub.connect(address)
+        self._hello()
+
+    def _hello(self) -> None:
+        try:
+            self.hub.send_multipart([pack_header(MessageType.TRANSFER_HELLO),
+                                     b"%d" % self.node_index], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def _dealer(self, address: str) -> zmq.Socket:
+        sock = self._dealers.get(address)
+        if sock is None:
+            sock = self._socket(zmq.DEALER)
+            security.make_curve_client(sock, self.keys, role=security.Role.NODE,
+                                       server=security.Role.NODE)
+            sock.connect(address)
+            self._dealers[address] = sock
+            self._by_socket[sock] = address
+            self._new_dealers.append(sock)
+        return sock
+
+    # -- input ---------------------------------------------------------------------
+
+    def _drain(self, sock: zmq.Socket) -> None:
+        router = sock is self.server
+        for _ in range(10000):
+            try:
+                first = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            peer = None
+            if router:
+                peer = first
+                if not sock.getsockopt(zmq.RCVMORE):
+                    self.dropped += 1
+                    continue
+                first = sock.recv()
+            try:
+                header = decode_header(first)
+            except ProtocolError as exc:
+                self.dropped += 1
+                LOGGER.warning("transfer: dropped a malformed message: %s", exc)
+                self._skip(sock)
+                continue
+            kind = header.kind
+            try:
+                if kind == MessageType.CHUNK:
+                    self._chunk(sock, header)
+                elif kind == MessageType.CHUNK_REQUEST:
+                    self._serve(sock, peer, header, self._rest(sock))
+                elif kind == MessageType.CHUNK_ERROR:
+                    self._chunk_error(header, self._rest(sock))
+                elif kind == MessageType.TRANSFER_HELLO and router and self.is_head:
+                    self._reverse[int(self._rest(sock))] = peer
+                else:
+                    self.dropped += 1
+                    self._skip(sock)
+            except (ValueError, UnicodeDecodeError) as exc:
+                self.dropped += 1
+                LOGGER.warning("transfer: dropped a malformed %s: %s", kind.name, exc)
+                self._skip(sock)
+
+    @staticmethod
+    def _rest(sock) -> bytes:
+        body = sock.recv() if sock.getsockopt(zmq.RCVMORE) else b""
+        Endpoint._skip(sock)
+        return body
+
+    @staticmethod
+    def _skip(sock) -> None:
+        while sock.getsockopt(zmq.RCVMORE):
+            sock.recv(copy=False)
+
+    def _send(self, route, frames) -> bool:
+        sock, peer = route
+        try:
+            # (Frames received and passed on, as relays do, are never copied.)
+            sock.send_multipart(frames if peer is None else [peer, *frames], zmq.NOBLOCK,
+                                copy=not self.zero_copy)
+            return True
+        except zmq.ZMQError:  # ROUTER_MANDATORY: that peer is gone
+            return False
+
+    # -- holding: serve chunks (and relay, at the head) -----------------------------
+
+    def _serve(self, sock, peer, header, body: bytes) -> None:
+        source, offset, length, nbytes = CHUNK_BODY.unpack_from(body)
+        name = body[CHUNK_BODY.size:].decode()
+        route = (sock, peer)
+        if source >= 0:
+            if self.is_head:
+                self._relay(route, header, source, body)
+            else:
+                self._refuse(route, header, "a node relays nothing")
+            return
+        if length > MAX_CHUNK or offset + length > nbytes or length == 0:
+            self._refuse(route, header, f"chunk {offset}+{length} outside {nbytes} bytes")
+            return
+        try:
+            view = self._view(name, nbytes)
+        except (ObjectLostError, PermissionError, ValueError, OSError) as exc:
+            self._refuse(route, header, str(exc))
+            return
+        self._send(route, [pack_header(MessageType.CHUNK, header.count, header.ident),
+                           view[offset:offset + length]])
+        if offset + length == nbytes:  # the last chunk: let the writer reuse it when freed
+            self._views.pop(name, None)
+
+    def _refuse(self, route, header, why: str) -> None:
+        self.refusals += 1
+        self._send(route, [pack_header(MessageType.CHUNK_ERROR, header.count, header.ident),
+                           why.encode()[:1000]])
+
+    def _view(self, name: str, nbytes: int) -> memoryview:
+        if not name.startswith(self.prefix) or "/" in name or name.endswith(".free"):
+            raise PermissionError(f"{name!r} is not a piece of this host's session")
+        entry = self._views.get(name)
+        if entry is not None and len(entry[0]) >= nbytes:
+            entry[1] = time.monotonic()
+            self._views.move_to_end(name)
+            return entry[0]
+        view = None
+        for spilled in (False, True):
+            try:
+                view = segments.read(Location(name, nbytes, spilled, 0), self.settings.dirs)
+                break
+            except ObjectLostError:
+                continue
+            except ValueError:  # mmap: the file is shorter than asked
+                raise ValueError(f"{name} holds fewer than {nbytes:,} bytes") from None
+        if view is None:
+            raise ObjectLostError(f"{name} is not held here (freed, or never written)", name)
+        self._views[name] = [view, time.monotonic()]
+        while len(self._views) > _MAX_VIEWS:
+            self._views.popitem(last=False)
+        return view
+
+    def _expire_views(self, now: float) -> None:
+        for name in [n for n, (_, used) in self._views.items() if now - used > _VIEW_IDLE]:
+            del self._views[name]
+        for rid in [r for r, entry in self._relays.items()
+                    if now - entry[4] > 2 * config.TRANSFER_TIMEOUT]:
+            del self._relays[rid]
+
+    def _relay(self, route, header, source: int, body: bytes) -> None:
+        target = self._reverse.get(source)
+        if target is None:
+            self._refuse(route, header, f"node {source} has no transfer connection to the head")
+            return
+        rid = next(self._tids)
+        self._relays[rid] = (route[0], route[1], header.ident, header.count, time.monotonic())
+        _, offset, length, nbytes = CHUNK_BODY.unpack_from(body)
+        ok = self._send((self.server, target), [
+            pack_header(MessageType.CHUNK_REQUEST, header.count, rid),
+            CHUNK_BODY.pack(-1, offset, length, nbytes) + body[CHUNK_BODY.size:]])
+        if not ok:
+            del self._relays[rid]
+            self._reverse.pop(source, None)
+            self._refuse(route, header, f"node {source} is not connected to the head")
+
+    # -- pulling ---------------------------------------------------------------------
+
+    def _start(self, pull_id, nbytes, sources) -> None:
+        try:
+            location, seg = self.writer.reserve(nbytes)
+        except Exception as exc:  # noqa: BLE001 - ObjectStoreFullError, an OSError
+            self.on_done(pull_id, None, f"{type(exc).__name__}: {exc}")
+            return
+        pull = _Pull(pull_id, nbytes, sources, location, seg)
+        self._next_source(pull, None)
+
+    def _next_source(self, pull: _Pull, why: str | None) -> None:
+        if why is not None:
+            pull.errors.append(f"from {describe_source(pull.sources[pull.tried - 1])}: {why}")
+        self._pulls.pop(pull.tid, None)
+        pull.outstanding.clear()
+        pull.next_offset = pull.received = 0
+        while pull.tried < len(pull.sources):
+            index, address, pull.name = pull.sources[pull.tried][:3]
+            pull.tried += 1
+            if self.is_head:
+                peer = self._reverse.get(index)
+                if peer is None:
+                    pull.errors.append(f"from {describe_source((index, address))}: it has no"
+                                       " transfer connection to the head")
+                    continue
+                pull.route, pull.asked_source = (self.server, peer), -1
+            elif address:
+                pull.route, pull.asked_source = (self._dealer(address), None), -1
+            else:  # the head's own store (-1), or a node nobody can dial: relayed
+                if self.hub is None:
+                    pull.errors.append(f"from {describe_source((index, address))}: not"
+                                       " connected to the head's transfer endpoint")
+                    continue
+                pull.route, pull.asked_source = (self.hub, None), index
+            pull.tid = next(self._tids)
+            pull.progress = time.monotonic()
+            self._pulls[pull.tid] = pull
+            if self._ask(pull):
+                return
+            self._pulls.pop(pull.tid, None)
+            pull.errors.append(f"from {describe_source((index, address))}: not connected")
+        self._end(pull, None, "; ".join(pull.errors) or "no copy to pull from")
+
+    def _ask(self, pull: _Pull) -> bool:
+        """Keep ``window`` chunks requested; False if the route is gone."""
+        name = pull.name.encode()
+        while len(pull.outstanding) < pull.window and pull.next_offset < pull.nbytes:
+            offset = pull.next_offset
+            length = min(pull.chunk, pull.nbytes - offset)
+            index = offset // pull.chunk
+            if not self._send(pull.route, [
+                    pack_header(MessageType.CHUNK_REQUEST, index, pull.tid),
+                    CHUNK_BODY.pack(pull.asked_source, offset, length, pull.nbytes) + name]):
+                return False
+            pull.outstanding.add(index)
+            pull.next_offset = offset + length
+        return True
+
+    def _chunk(self, sock, header) -> None:
+        if not sock.getsockopt(zmq.RCVMORE):
+            self.dropped += 1
+            return
+        tid, index = header.ident, header.count
+        pull = self._pulls.get(tid)
+        if pull is None:
+            relay = self._relays.pop(tid, None) if self.is_head else None
+            frame = sock.recv(copy=False)
+            self._skip(sock)
+            if relay is not None:  # a chunk for a node that asked through us: pass it on
+                rsock, rpeer, rtid, rindex, _ = relay
+                self.relayed += 1
+                self._send((rsock, rpeer), [pack_header(MessageType.CHUNK, rindex, rtid), frame])
+            return  # else: late, for an attempt given up on
+        if index not in pull.outstanding:
+            self._skip(sock)
+            return
+        offset = index * pull.chunk
+        length = min(pull.chunk, pull.nbytes - offset)
+        with memoryview(pull.seg.mm) as whole, whole[offset:offset + length] as target:
+            got = sock.recv_into(target)
+        self._skip(sock)
+        if got != length:
+            self._next_source(pull, f"chunk {index} had {got:,} bytes, expected {length:,}")
+            return
+        pull.outstanding.discard(index)
+        pull.received += length
+        pull.progress = time.monotonic()
+        if pull.received == pull.nbytes:
+            self._end(pull, pull.location, "")
+        elif not self._ask(pull):
+            self._next_source(pull, "not connected")
+
+    def _chunk_error(self, header, body: bytes) -> None:
+        tid = header.ident
+        pull = self._pulls.get(tid)
+        if pull is not None:
+            self._next_source(pull, body.decode(errors="replace"))
+            return
+        relay = self._relays.pop(tid, None) if self.is_head else None
+        if relay is not None:
+            rsock, rpeer, rtid, rindex, _ = relay
+            self._send((rsock, rpeer), [pack_header(MessageType.CHUNK_ERROR, rindex, rtid), body])
+
+    def _check_progress(self, now: float) -> None:
+        limit = config.TRANSFER_TIMEOUT
+        for pull in [p for p in self._pulls.values() if now - p.progress > limit]:
+            self._next_source(pull, f"no data for {limit:g} s (the holder died, froze or"
+                                    " is cut off)")
+
+    def _end(self, pull: _Pull, location, why: str) -> None:
+        self._pulls.pop(pull.tid, None)
+        if location is None:
+            self.writer.abort(pull.location, pull.seg)  # nothing half-written stays
+        else:
+            self.writer.commit(pull.location, pull.seg)
+            took = time.monotonic() - pull.started
+            LOGGER.debug("pulled %s (%d bytes) in %.3f s", pull.name, pull.nbytes, took)
+        try:
+            self.on_done(pull.pull_id, location, why)
+        except Exception:  # noqa: BLE001 - a callback must not stop the endpoint
+            LOGGER.exception("transfer: reporting pull %d", pull.pull_id)
+
+
+__all__ = ["COPY_WRITER", "Endpoint", "local_address", "describe_source"]

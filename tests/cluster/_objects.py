@@ -1,0 +1,33 @@
+"""What tasks run in the objects-across-hosts tests (importable on every node).
+
+Values are ``bytearray`` (pickled out of band with protocol 5, so a large one
+is a stored piece, as a NumPy array is) so that no third-party package is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def make(nbytes: int, value: int = 7) -> bytearray:
+    """A large result: it stays in the store of the node that ran this."""
+    return bytearray([value]) * nbytes
+
+
+def where_total(array, seconds: float = 0.0):
+    """Which network namespace this ran in, and the sum of ``array`` (all 7s)."""
+    time.sleep(seconds)
+    return os.readlink("/proc/self/ns/net"), 7 * array.count(7)
+
+
+def hold(seconds: float):
+    """Keep a worker busy."""
+    time.sleep(seconds)
+    return os.readlink("/proc/self/ns/net")
+
+
+def pid_of(value, seconds: float = 0.0) -> int:
+    """Which process ran this (``value``: a large argument, only to be placed by)."""
+    time.sleep(seconds)
+    return os.getpid()
