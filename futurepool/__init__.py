@@ -26,6 +26,7 @@ from .executor import Executor, ProcessPoolExecutor, current_executor  # noqa: E
 from .future import Future  # noqa: E402
 from .pool import Pool  # noqa: E402
 from .progress import as_completed  # noqa: E402
+from .reduce import reduce_as_completed  # noqa: E402
 
 __all__ = [
     "Executor",
@@ -46,4 +47,5 @@ __all__ = [
     "WorkerCrashedError",
     "as_completed",
     "current_executor",
+    "reduce_as_completed",
 ]

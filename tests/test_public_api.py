@@ -26,6 +26,7 @@ PUBLIC_NAMES = sorted(
         "UnsatisfiableResourcesError",
         "as_completed",
         "current_executor",
+        "reduce_as_completed",
     ]
 )
 

@@ -209,3 +209,23 @@ def tree_dies_once(depth, directory):
 def submit_through(view, x):
     """``view`` is an ``options()`` view of the executor, passed to the task."""
     return view.submit(square, x).result(timeout=60), repr(view)
+
+
+def slow_value(x, seconds):
+    time.sleep(seconds)
+    return x
+
+
+def concat(a, b):
+    return a + b
+
+
+def reduce_children(n):
+    """Inside a task: reduce nested futures as they complete."""
+    ex = futurepool.current_executor()
+    futures = [ex.submit(square, i) for i in range(n)]
+    return futurepool.reduce_as_completed(ex, add, futures).result(timeout=60)
+
+
+def concat_strings(a, b):
+    return "" + a + b  # ints: TypeError
