@@ -14,8 +14,8 @@
 Everything here runs on the owner's I/O thread, which polls :attr:`Head.sockets`
 and calls :meth:`Head.handle` and, every loop, :meth:`Head.tick`. The owner
 never learns TCP: it sends to a worker through the worker's link, and hears
-of workers through the callbacks this module makes (``_worker_message``,
-``_worker_started``, ``_worker_exited``).
+of workers through the callbacks this module makes (``Owner._worker_message``,
+and ``core.membership`` for nodes joining, leaving, lost, and workers exiting).
 
 Trust: bodies from a node are unpickled (worker results, exceptions), so
 only peers holding the cluster's key get a frame through (FAULTS.md §1b):
@@ -296,13 +296,13 @@ class Head:
                 node.channels.pop(event[0], None)
                 self.routes.pop(node.routes.pop(event[0], b""), None)
                 self.owner.output.flush(node.host, event[0])
-                self.owner._worker_exited(*event, detail=f"It ran on {node.describe()}.")
+                self.owner.membership.worker_exited(*event, detail=f"It ran on {node.describe()}.")
         elif kind == MessageType.PULLED:
             for pull_id, location, why in serialize.loads(body):
                 self.owner.objects.pulled(node.index, pull_id, location, why)
         elif kind == MessageType.LEAVE:
             node.leaving = True
-            self.owner._node_leaving(node)
+            self.owner.membership.node_leaving(node)
         elif kind == MessageType.BYE:
             self._lost(node, "it left")
 
@@ -344,7 +344,7 @@ class Head:
         self._send(routing_id, MessageType.WELCOME, node.welcome[1], header=node.welcome[0])
         LOGGER.info("%s joined with %d workers, offering %s", node.describe(), workers,
                     describe(offer))
-        self.owner._node_joined(node)
+        self.owner.membership.node_joined(node)
 
     # -- output ------------------------------------------------------------------
 
@@ -427,7 +427,7 @@ class Head:
         for routing_id in node.routes.values():
             self.routes.pop(routing_id, None)
         LOGGER.warning("lost %s: %s", node.describe(), why)
-        self.owner._node_lost(node, why)
+        self.owner.membership.node_lost(node, why)
 
     def close(self) -> None:
         """Tell every node the session is over; close the socket, then the authenticator."""

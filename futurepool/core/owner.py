@@ -11,8 +11,9 @@
     Future.cancel ───┘                 ├─ RESULTS ◄──────────────────────────────┘
                                        │   set the Future (bytes kept encoded)
     Executor.shutdown ── 'shutdown' ──►├─ WORKER_EXITED ◄── event pipe ───────── node
-                                       └─ fail the dead worker's task (after a grace),
-                                          requeue the ones it had not started
+                                       └─ core.membership: fail the dead worker's task
+                                          (after a grace), requeue the ones it had not
+                                          started; restart a dead node
 
 Who owns which state: every attribute below the "I/O thread only" line
 belongs to the I/O thread; user threads only append to ``commands`` and
@@ -20,6 +21,13 @@ call :meth:`wake`, which never blocks (an eventfd write, and only when the
 thread is about to sleep: cpython gh-105829 is the hang this avoids). The
 zmq socket and the node's pipes are the I/O thread's alone. Futures are
 completed by the I/O thread, so done-callbacks run there, as in the stdlib.
+
+Roles: this module admits tasks, dispatches them and settles their results.
+Its helpers, each holding the owner and running on its I/O thread, do the
+rest: ``core.membership`` (workers, the local node and remote hosts coming
+and going, and stopping them at close), ``core.relay`` (tasks that tasks
+submit), ``core.directory`` (stored pieces across hosts) and ``core.head``
+(the cluster's socket).
 
 Lifetime: the thread holds the executor only by weak reference; when the
 executor is collected, or ``shutdown`` is called, or the interpreter exits,
@@ -63,12 +71,11 @@ from ..errors import (
     ObjectLostError,
     ObjectStoreFullError,
     ProtocolError,
-    TaskMemoryError,
     TaskTimeoutError,
     UnpicklingFailedError,
     WorkerCrashedError,
 )
-from ..protocol.framing import decode_header, pack_header
+from ..protocol.framing import decode_header
 from ..protocol.messages import MessageType, ResultStatus
 from ..store import segments, serialize
 from ..store.objects import DriverStore, remote
@@ -78,15 +85,9 @@ from .directory import HEAD, ObjectDirectory
 from .head import Head, head_keys
 from .lifetime import RUN_DIR_PREFIX, close_fds, live_owners, sweep_run_dirs, weak_method
 from .local_node import LocalNode, LocalWorkers
+from .membership import Membership
 from .output import OutputPrinter
-from .processes import (
-    EXIT_INITIALIZER_FAILED,
-    EXIT_START_FAILED,
-    INITIALIZING,
-    INTERRUPT_MEMORY,
-    INTERRUPT_TIMEOUT,
-    WorkerProcess,
-)
+from .processes import WorkerProcess
 from .relay import RELAY_KINDS, Relay
 from .resources import Placement
 from .scheduler import Scheduler, WorkerSlot
@@ -94,7 +95,6 @@ from .startup import FORK, check_not_importing_main
 
 LOGGER = logging.getLogger("futurepool")
 
-_HOST = os.uname().nodename
 #: Worker names by start method, as the stdlib's process classes name them.
 _PROCESS_NAMES = {"fork": "ForkProcess", "spawn": "SpawnProcess",
                   "forkserver": "ForkServerProcess"}
@@ -178,14 +178,13 @@ class Owner:
         self.timer_seq = itertools.count()
         self.stopping = False
         self.terminating = False  # terminate_workers(), kill_workers(), Ctrl-C
-        self.start_failures = 0
-        self.node_restarts = 0
         self.node: LocalNode | None = None
         self.node_settings: dict | None = None
         self.ctx = self.sock = self.poller = None
         self.run_dir = None
         self.frees: dict[WorkerSlot, list] = {}  # pieces to free, by the worker that wrote them
         self.objects = ObjectDirectory(self)  # pieces across hosts (core.directory)
+        self.membership = Membership(self)  # workers and nodes coming and going
         self.store.fetcher = weak_method(self.fetch_piece)
 
     # -- called from user threads ---------------------------------------------
@@ -381,20 +380,7 @@ class Owner:
             self.head = Head(self, self.ctx, self.listen, head_keys(self.listen, self.key_file))
             for sock in self.head.sockets:
                 self.poller.register(sock, zmq.POLLIN)
-        self._configure_node()
-
-    def _configure_node(self) -> None:
-        """The node waits for this: the socket is bound, workers may dial it."""
-        self.poller.register(self.node.event_fd, zmq.POLLIN)
-        # Worker ids name sockets and segments: a restarted node must not reuse any.
-        self.node.configure({**self.node_settings, "workers": self.requested,
-                             "first_worker_id": self.node_restarts << 20})
-
-    def _restart_node(self) -> None:
-        """A new node after the last one died (forked from here under fork semantics)."""
-        self.node = LocalNode(self.semantics, self.inherited_fds, self.inherited)
-        self.node.start(resource_tracker._resource_tracker._fd)
-        self._configure_node()
+        self.membership.configure_node()
 
     def _loop(self) -> None:
         sock, wake_fd, poll = self.sock, self.wake_fd, self.poller.poll
@@ -425,7 +411,7 @@ class Owner:
                 elif what == wake_fd:
                     os.eventfd_read(wake_fd)
                 elif self.node is not None and what == self.node.event_fd:
-                    self._read_node_events()
+                    self.membership.read_node_events()
                 elif self.head is not None:
                     self.head.handle(what)
             if self.timers:
@@ -473,7 +459,7 @@ class Owner:
                 self.stopping = self.terminating = True
                 self._cancel_pending(commit_head=False)
                 # Nothing will run what is left: fail it (running ones fail as
-                # their workers die, in _bury).
+                # their workers die: Membership._bury).
                 for task in self.ready:
                     self._settle_exception(task, CancelledError(
                         "the workers were stopped (terminate_workers(), kill_workers() or"
@@ -516,7 +502,7 @@ class Owner:
             return
         for worker in self.scheduler.workers.values():
             if task in worker.inflight:
-                # It settles when the worker reports it STOPPED, or dies (_bury).
+                # It settles when the worker reports it STOPPED, or dies (Membership._bury).
                 try:
                     worker.link.send(worker, MessageType.INTERRUPT, 1,
                                      serialize.dumps_plain((task.task_id, task.attempt)))
@@ -707,15 +693,11 @@ class Owner:
                 self._results(worker, serialize.loads(body))
         elif kind == MessageType.READY:
             worker_id, pid, tasks_left = serialize.loads(body)
-            slot = WorkerSlot(worker_id, routing_id, pid, tasks_left, link)
-            if not link.remote:
-                self.by_routing[routing_id] = slot
-            self.scheduler.workers[worker_id] = slot
-            self.start_failures = 0
+            self.membership.worker_ready(link, routing_id, worker_id, pid, tasks_left)
         elif kind == MessageType.INIT_FAILED:
-            self._initializer_failed(worker_id, serialize.loads_exception(body))
+            self.membership.initializer_failed(worker_id, serialize.loads_exception(body))
         elif kind == MessageType.START_FAILED:
-            self._start_failed(worker_id, None, serialize.loads_exception(body))
+            self.membership.start_failed(worker_id, None, serialize.loads_exception(body))
         elif kind == MessageType.OUTPUT and link.remote:
             self.output.write(link.host, worker_id, count, body)
         elif kind in RELAY_KINDS:  # tasks that tasks submit, and their futures
@@ -728,7 +710,7 @@ class Owner:
     def _results(self, worker: WorkerSlot, results) -> None:
         self._settle_results(worker, results)
         if not worker.alive and worker.link.remote and not worker.inflight:
-            self._release_if_drained(worker.link)
+            self.membership.release_if_drained(worker.link)
 
     def _settle_results(self, worker: WorkerSlot, results) -> None:
         inflight = worker.inflight
@@ -813,228 +795,6 @@ class Owner:
         except BaseException:  # noqa: BLE001 - already cancelled, or a callback failed
             LOGGER.debug("could not fail %s", task.describe(), exc_info=True)
 
-    def _start_failed(self, worker_id: int, pid, exc: BaseException) -> None:
-        """A worker could not import the main script (spawn semantics): the pool is broken."""
-        if self.broken is not None:
-            return
-        error = WorkerCrashedError(
-            "starting a worker", exitcode=EXIT_START_FAILED,
-            detail=f"Worker {worker_id} could not start: importing the main script as"
-                   f" __mp_main__, as workers of the '{self.start_method}' start method do,"
-                   f" raised {type(exc).__name__}: {exc}")
-        error.__cause__ = exc
-        self._break(error)
-
-    def _initializer_failed(self, worker_id: int, exc: BaseException) -> None:
-        if self.broken is not None:
-            return
-        error = InitializerError(
-            f"The pool's initializer {self.initializer_name} failed in worker {worker_id}"
-            f" with {type(exc).__name__}: {exc}. As with the stdlib's ProcessPoolExecutor, a"
-            " pool whose initializer fails cannot run tasks: fix the initializer and create a"
-            " new executor.")
-        error.__cause__ = exc
-        self._break(error)
-
-    # -- the node and dead workers -------------------------------------------
-
-    def _read_node_events(self) -> None:
-        for kind, body in self.node.read_events():
-            if kind == MessageType.WORKER_STARTED:
-                self._worker_started(*body)
-            elif kind == MessageType.WORKER_EXITED:
-                self._worker_exited(*body)
-        if self.node.gone:
-            self._node_died()
-
-    def _worker_started(self, worker_id: int, pid: int) -> None:
-        name = f"{self.node_settings['process_name']}-{worker_id + 1}"
-        with self.processes_changed:
-            self.processes[pid] = WorkerProcess(worker_id, pid, name)
-            self.processes_changed.notify_all()
-
-    def _process_gone(self, pid, exitcode, signal_name, worker_id=None) -> None:
-        with self.processes_changed:
-            process = self.processes.get(pid)
-            if process is not None and worker_id in (None, process.worker_id):
-                del self.processes[pid]
-                process._exited(exitcode, signal_name)
-                self.processes_changed.notify_all()
-
-    def _worker_exited(self, worker_id, pid, exitcode, signal_name, running_id=None,
-                       running_attempt=0, interrupt=0, peak=0, detail="") -> None:
-        """A worker died; ``running_id`` is what its slot said it ran (None: unknown).
-
-        ``interrupt``: why that task was being interrupted (processes.INTERRUPT_*):
-        its worker killed itself because the task outlived the grace, or was
-        killed past its memory limit (``peak``: the bytes it was seen to hold).
-        """
-        self._process_gone(pid, exitcode, signal_name, worker_id)
-        slot = self.scheduler.workers.get(worker_id)
-        if exitcode == EXIT_START_FAILED:
-            # Its START_FAILED message, with the real exception, may still be in flight.
-            self._add_timer(config.DEATH_GRACE, lambda: self._start_failed(
-                worker_id, pid, RuntimeError("the worker exited while importing the main"
-                                             " script")))
-            return
-        if exitcode == EXIT_INITIALIZER_FAILED or running_id == INITIALIZING:
-            how = "failed" if exitcode == EXIT_INITIALIZER_FAILED else \
-                f"ended its process with {signal_name or f'EXIT({exitcode})'}"
-            # Its INIT_FAILED message, with the real exception, may still be in flight.
-            self._add_timer(config.DEATH_GRACE, lambda: self._initializer_failed(
-                worker_id, RuntimeError(f"the initializer {how}")))
-            return
-        if slot is None:  # died before saying READY
-            self.start_failures += 1
-            hopeless = self.start_failures >= config.MAX_START_FAILURES
-            if hopeless and not self.scheduler.has_capacity():
-                self._break(WorkerCrashedError(
-                    "starting a worker", worker_id, pid, _HOST, exitcode, signal_name,
-                    detail=f"{self.start_failures} workers in a row died before they could take"
-                           " a task; the pool's initializer, if any, is the likely cause. See"
-                           " their stderr above."))
-            return
-        slot.alive = False
-        # Results it sent just before dying may still be in flight: wait a moment.
-        self._add_timer(config.DEATH_GRACE, lambda: self._bury(
-            slot, exitcode, signal_name, detail, running_id, running_attempt, interrupt, peak))
-
-    def _bury(self, slot: WorkerSlot, exitcode, signal_name, detail, running_id,
-              running_attempt, interrupt=0, peak=0) -> None:
-        if self.scheduler.workers.get(slot.worker_id) is slot:
-            del self.scheduler.workers[slot.worker_id]
-        if self.by_routing.get(slot.routing_id) is slot:
-            del self.by_routing[slot.routing_id]
-        self.frees.pop(slot, None)
-        host = slot.link.host
-        if not slot.link.remote:
-            # What it kept for reuse or was writing when it died; stored results
-            # the owner holds stay readable (the files outlive their writer).
-            segments.remove_files(self.store.settings.dirs,
-                                  f"{self.store.settings.session}-{slot.worker_id}-",
-                                  keep=self.store.live_names())
-        blocked = self.relay.blocked_tasks(slot)  # running too, under the last one
-        self.relay.worker_gone(slot)
-        if not slot.inflight:
-            return
-        if self.terminating:  # stopped on purpose: nothing is retried or moved
-            detail = "The workers were stopped by terminate_workers(), kill_workers() or Ctrl-C."
-            for task in slot.inflight:
-                self._settle_exception(task, WorkerCrashedError(
-                    task.describe(), slot.worker_id, slot.pid, host, exitcode, signal_name,
-                    detail=detail))
-            slot.inflight.clear()
-            return
-        if running_id is None:  # the node died too: blame the oldest task sent
-            running = slot.inflight.popleft()
-        else:
-            running = next((t for t in slot.inflight
-                            if t.task_id == running_id and t.attempt == running_attempt), None)
-            if running is not None:
-                slot.inflight.remove(running)
-        crashed = [task for task in slot.inflight if (task.task_id, task.attempt) in blocked]
-        for task in crashed:
-            slot.inflight.remove(task)
-        # Never started (or finished, result lost with the worker): run them elsewhere.
-        self._requeue(slot, len(slot.inflight))
-        for task in crashed:
-            self._crashed(task, slot, exitcode, signal_name, detail)
-        if running is None:
-            return
-        if running.future.done():  # stopped by Future.stop(): it is cancelled already
-            self.tasks.pop(running.task_id, None)
-            return
-        if interrupt == INTERRUPT_TIMEOUT:  # killed past its timeout's grace
-            if not self._retry_timeout(running):
-                self._settle_exception(running, TaskTimeoutError(
-                    running.describe(), running.timeout, killed=True))
-            return
-        if interrupt == INTERRUPT_MEMORY:  # killed past its memory_limit
-            if not self._retry_timeout(running):
-                self._settle_exception(running, TaskMemoryError(
-                    running.describe(), running.memory_limit, peak, host))
-            return
-        self._crashed(running, slot, exitcode, signal_name, detail)
-
-    def _crashed(self, task: Task, slot: WorkerSlot, exitcode, signal_name, detail) -> None:
-        """``task`` was running in ``slot``'s worker, which died: retry it, or fail it."""
-        if task.future.done():
-            self.tasks.pop(task.task_id, None)
-            return
-        task.deaths += 1
-        if task.retries_left > 0:
-            task.retries_left -= 1
-            task.attempt += 1
-            self.ready.appendleft(task)
-            return
-        self._settle_exception(task, WorkerCrashedError(
-            task.describe(), slot.worker_id, slot.pid, slot.link.host, exitcode, signal_name,
-            deaths=task.deaths, detail=detail))
-
-    def _node_died(self) -> None:
-        self.poller.unregister(self.node.event_fd)
-        self.node.close_events()
-        self.node.close_commands()
-        code = self.node.process.wait()
-        for pid in list(self.processes):
-            self._process_gone(pid, None, "SIGKILL")
-        for slot in list(self.scheduler.workers.values()):
-            self._worker_exited(slot.worker_id, slot.pid, None, "SIGKILL",
-                                detail=f"Its node process (pid {self.node.pid}) died"
-                                       f" ({code}), taking its workers with it.")
-        if self.terminating or (self.stopping and not self.tasks):
-            return
-        self.node_restarts += 1
-        if self.node_restarts > 3:
-            self._break(WorkerCrashedError("the pool", detail="The node process died 4 times."))
-        else:
-            self._restart_node()
-
-    # -- remote nodes (core.head calls these) ---------------------------------
-
-    def _node_joined(self, node) -> None:
-        self._count_workers()
-
-    def _count_workers(self) -> None:
-        """``executor._max_workers``: this host's workers and every joined node's."""
-        executor = self.executor_ref()
-        if executor is not None and self.head is not None:
-            executor._max_workers = self.max_workers + self.head.slots
-
-    def _remote_slots(self, node) -> list[WorkerSlot]:
-        return [slot for slot in self.scheduler.workers.values() if slot.link is node]
-
-    def _node_leaving(self, node) -> None:
-        """It is draining (SIGTERM): nothing new for it; what has not started runs elsewhere."""
-        for slot in self._remote_slots(node):
-            slot.alive = False
-            self._hand_back(slot, keep_running=True)
-        self._count_workers()
-        self._release_if_drained(node)
-
-    def _hand_back(self, slot: WorkerSlot, keep_running: bool) -> None:
-        """Queue ``slot``'s tasks elsewhere, as new attempts (a late result is dropped)."""
-        keep = 1 if keep_running and slot.inflight else 0
-        while len(slot.inflight) > keep:
-            task = slot.inflight.pop()
-            slot.backlog -= task.estimate
-            task.attempt += 1
-            self.ready.appendleft(task)
-
-    def _release_if_drained(self, node) -> None:
-        if node.leaving and not any(slot.inflight for slot in self._remote_slots(node)):
-            self.head.release(node)
-
-    def _node_lost(self, node, why: str) -> None:
-        """Silent past its deadline, or gone: its workers are dead to us."""
-        detail = f"It ran on {node.describe()}, which was lost: {why}."
-        self.objects.host_lost(node.index)
-        for slot in self._remote_slots(node):
-            if node.leaving:  # it said so first: nothing of it counts as a crash
-                self._hand_back(slot, keep_running=False)
-            self._worker_exited(slot.worker_id, slot.pid, None, None, None, 0, detail=detail)
-        self._count_workers()
-
     # -- timers ---------------------------------------------------------------
 
     def _add_timer(self, delay: float, action) -> None:
@@ -1069,51 +829,13 @@ class Owner:
             return fresh
         return CancelledError(f"the pool stopped: {error!r}")
 
-    def _stop_node(self) -> None:
-        """Let the workers leave by themselves, then the node; kill what lingers.
-
-        Workers exit cleanly on STOP (flushing, e.g., multiprocessing queues
-        that tasks wrote to); a worker that says READY only now is told too.
-        """
-        if self.sock is not None:
-            for slot in self.by_routing.values():
-                self._send_stop(slot.routing_id)
-        node = self.node
-        node.stop()
-        deadline = time.monotonic() + config.SHUTDOWN_TIMEOUT
-        while self.sock is not None and node.process.poll() is None \
-                and time.monotonic() < deadline:
-            if self.sock.poll(10):
-                try:
-                    frames = self.sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    continue
-                if len(frames) >= 2 and frames[0] not in self.by_routing:
-                    self.by_routing[frames[0]] = None
-                    self._send_stop(frames[0])
-        node.close_commands()
-        node.wait(config.SHUTDOWN_TIMEOUT + 1)
-        # The node reported every exit before it left: let the process handles know.
-        if not node.gone:
-            for kind, body in node.read_events():
-                if kind == MessageType.WORKER_EXITED:
-                    self._process_gone(*body[1:4])
-        for pid in list(self.processes):
-            self._process_gone(pid, None, None)
-
-    def _send_stop(self, routing_id: bytes) -> None:
-        try:
-            self.sock.send_multipart([routing_id, pack_header(MessageType.STOP)], zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass  # already gone
-
     def _close(self) -> None:
         self.stopping = True
         # The node removes the session's segments as it exits: keep what the
         # user can still read mapped first (the pages outlive the unlink).
         self.store.pin_all()
         if self.node is not None:
-            self._stop_node()
+            self.membership.stop_node()
         if self.head is not None:
             self.head.transfer.close()  # nothing is written into the store any more
         self.store.close()

@@ -11,8 +11,9 @@ quick, results already computed wait to travel in one message. A function
 not yet timed, or a slow one, first flushes what is held. Past speed does
 not promise the next call's, so a flusher thread sends whatever is still
 held ``_HOLD_SECONDS`` after holding began, even while the main thread is
-stuck in a task. The socket and the outbox are shared by the threads under
-``self.lock``.
+stuck in a task. The socket (``core.worker_link``: a DEALER to the owner,
+and over TCP the channel that numbers and resends messages) and the outbox
+are shared by the threads under ``self.lock``.
 
 Interrupting a task (a ``timeout`` from ``options()``, or ``Future.stop()``)::
 
@@ -73,10 +74,7 @@ from concurrent.futures import CancelledError
 import zmq
 
 from .. import config
-from ..errors import ObjectStoreFullError, ProtocolError, ResultPicklingError, TaskTimeoutError
-from ..protocol import faults, security
-from ..protocol.channel import Channel
-from ..protocol.framing import decode_header, pack_header
+from ..errors import ObjectStoreFullError, ResultPicklingError, TaskTimeoutError
 from ..protocol.messages import MessageType, ResultStatus
 from ..store import serialize
 from ..store.objects import WorkerStore
@@ -101,6 +99,7 @@ from .processes import (
 )
 from .resources import TaskLimits
 from .startup import importing, prepare_main
+from .worker_link import WorkerLink
 
 # The stdlib logs initializer failures here; code (and CPython's tests) watch it.
 LOGGER = logging.getLogger("concurrent.futures")
@@ -116,11 +115,6 @@ _WATCH_SECONDS = 0.01
 _WATCH_IDLE_SECONDS = 0.05
 #: The interval timer fires on time; the monotonic clock may read a hair earlier.
 _CLOCK_SLACK = 0.005
-
-
-def routing_id(worker_id: int) -> bytes:
-    """A local worker's identity on its owner's ipc socket."""
-    return b"w%d" % worker_id
 
 
 class Worker:
@@ -149,33 +143,8 @@ class Worker:
         # and those whose timeout passed while a task above them ran.
         self.frames: list = []
         self.expired: set = set()
-        self.ctx = zmq.Context(1)
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
-        keys = settings.get("cluster_keys")
-        # Over TCP, messages are numbered and kept until acknowledged (protocol.channel).
-        self.channel: Channel | None = None
-        self.faults = None
-        self.next_resend = 0.0
-        self.monitor = None
-        if keys is None:
-            self.sock.setsockopt(zmq.ROUTING_ID, routing_id(worker_id))
-        else:
-            # A remote host's worker dials the head itself, with the node key. The head
-            # gives each connection a routing id of its own (identities reused across
-            # re-dials are handed over unreliably by libzmq: zeromq/libzmq#2892); after
-            # every handshake the worker says who it is and which session it serves.
-            security.make_curve_client(self.sock, security.ClusterKeys(*keys))
-            self.channel = Channel(config.RESEND_AFTER)
-            self.faults = faults.plan()
-            self.hello = settings["session"].encode()
-            self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-            self.handshakes = 0
-        self.sock.connect(settings["owner_address"])
-        if self.channel is not None:  # queued: the first thing the head hears from us
-            self.sock.send_multipart([self.channel.plain(MessageType.ACK, 0, worker_id),
-                                      self.hello])
+        # The socket to the owner (core.worker_link), shared under self.lock.
+        self.link = WorkerLink(worker_id, settings, self.lock)
         # On a remote host: what the worker prints goes to the driver (core.output).
         self.capture = OutputCapture(self._send_output) if settings.get("forward_output") \
             else None
@@ -184,7 +153,6 @@ class Worker:
         self.flusher.start()
         # Interrupts (module docstring). The main thread writes the per-task state;
         # the watchdog and the SIGALRM handler only read it.
-        self.inbox: list = []  # messages the watchdog read while a task ran (under lock)
         # Tasks are being served: the watchdog watches. Idle, it looks every
         # _WATCH_IDLE_SECONDS; ``wakeup`` only hurries it at close.
         self.serving = False
@@ -208,118 +176,7 @@ class Worker:
 
     def _send_output(self, stream: int, data: bytes) -> None:
         with self.lock:
-            self._send_locked(MessageType.OUTPUT, stream, data)
-
-    # -- the wire (callers hold self.lock) -------------------------------------------
-
-    def _send_locked(self, kind: MessageType, count: int, body: bytes) -> None:
-        channel = self.channel
-        if channel is None:
-            self.sock.send_multipart([pack_header(kind, count, self.worker_id), body])
-            return
-        header = channel.stamp(kind, count, self.worker_id, body, time.monotonic())
-        plan = self.faults
-        if plan is not None:
-            if plan.drop(kind):
-                return  # tests: as if a broken connection lost it; the channel resends it
-            if plan.delay(kind):
-                time.sleep(plan.delay(kind))
-        self.sock.send_multipart([header, body])
-
-    def _resend_locked(self, now: float) -> None:
-        """Over TCP: send again what the owner has not acknowledged in time."""
-        if now < self.next_resend:
-            return
-        self._greet_locked()  # (a zmq poll: not on every flush)
-        self.next_resend = now + config.HEARTBEAT_INTERVAL
-        for header, body in self.channel.due(now):
-            self.sock.send_multipart([header, body])
-
-    def _greet_locked(self) -> None:
-        """After each (re)connection: who this worker is, for the head to route to it."""
-        monitor = self.monitor
-        handshakes = 0
-        while monitor.poll(0):
-            monitor.recv_multipart()
-            handshakes += 1
-        self.handshakes += handshakes
-        if handshakes and self.handshakes > 1:  # the first was introduced at connect
-            self.sock.send_multipart([self.channel.plain(MessageType.ACK, 0, self.worker_id),
-                                      self.hello])
-            # What the broken connection held may be lost: send it now, not when due.
-            for header, body in self.channel.rewind(time.monotonic()):
-                self.sock.send_multipart([header, body])
-
-    def _send_ack_locked(self) -> None:
-        self.sock.send_multipart([self.channel.plain(MessageType.ACK, 0, self.worker_id), b""])
-
-    def _pull_locked(self) -> list:
-        """What arrived, as ``(header, frames)``, in order (over TCP: once each)."""
-        sock, channel = self.sock, self.channel
-        messages = self.inbox
-        self.inbox = []
-        while sock.get(zmq.EVENTS) & zmq.POLLIN:
-            frames = sock.recv_multipart()
-            try:
-                header = decode_header(frames[0])
-            except ProtocolError as exc:  # logged and dropped, as every reader does
-                LOGGER.warning("futurepool worker %d dropped a malformed message: %s",
-                               self.worker_id, exc)
-                continue
-            if channel is None:
-                messages.append((header, frames))
-            else:  # in order, once (a duplicate or an early one: nothing)
-                messages.extend(channel.receive(header.seq, header.ack, (header, frames)))
-        return messages
-
-    def _receive(self, timeout: float | None = None) -> list:
-        """The next messages from the owner (blocking, or ``[]`` after ``timeout``
-        seconds). Over TCP, overdue messages are sent again meanwhile."""
-        sock, lock, channel = self.sock, self.lock, self.channel
-        if channel is None:
-            with lock:  # the outbox is empty: the flusher has nothing to send
-                if self.inbox:
-                    return self._pull_locked()
-                if timeout is not None:
-                    return self._pull_locked() if sock.poll(timeout * 1000) else []
-                frames = sock.recv_multipart()
-                return [(decode_header(frames[0]), frames)]
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self.monitor, zmq.POLLIN)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with lock:
-                if self.inbox:
-                    return self._pull_locked()
-                wait = config.HEARTBEAT_INTERVAL
-                if deadline is not None:
-                    wait = min(wait, deadline - time.monotonic())
-                    if wait <= 0:
-                        return []
-                if channel.unacked:  # wake when the oldest is due, not a tick later
-                    wait = min(wait, max(0.01, next(iter(channel.unacked.values()))[4]
-                                         - time.monotonic()))
-                    self.next_resend = 0.0
-                if channel.ack_pending:  # a duplicate came: the owner missed our ack
-                    self._send_ack_locked()
-                ready = dict(poller.poll(wait * 1000))
-                if sock in ready:
-                    messages = self._pull_locked()
-                    if messages:
-                        return messages
-                if self.monitor in ready:  # dialled again: introduce ourselves at once
-                    self._greet_locked()
-                self._resend_locked(time.monotonic())
-
-    def _settle_channel(self) -> None:
-        """Before exiting: wait (bounded) until the owner has what this worker sent."""
-        deadline = time.monotonic() + 4 * config.RESEND_AFTER
-        while self.channel.unacked and time.monotonic() < deadline:
-            if self.sock.poll(config.HEARTBEAT_INTERVAL * 1000):
-                header = decode_header(self.sock.recv_multipart()[0])
-                self.channel.receive(header.seq, header.ack, None)
-            self._resend_locked(time.monotonic())
+            self.link.send_locked(MessageType.OUTPUT, stream, data)
 
     def close(self) -> None:
         if self.capture is not None:
@@ -329,16 +186,7 @@ class Worker:
         self.wakeup.set()
         self.flusher.join()
         self.watchdog.join(1.0)
-        if self.channel is not None:
-            try:
-                self._settle_channel()
-            except (zmq.ZMQError, ProtocolError):
-                pass  # the head is gone, or sent garbage: nothing more to deliver
-            self.sock.disable_monitor()
-            self.monitor.close(linger=0)
-        # Linger so the last results reach the owner before the process exits.
-        self.sock.close(linger=5000)
-        self.ctx.term()
+        self.link.close()
         self.store.close()
 
     def _flush_late(self) -> None:
@@ -373,7 +221,7 @@ class Worker:
 
     def _send_failure(self, kind: MessageType, exc: BaseException) -> None:
         with self.lock:
-            self._send_locked(kind, 0, serialize.dumps_exception(exc))
+            self.link.send_locked(kind, 0, serialize.dumps_exception(exc))
 
     def initialize(self, inherited) -> bool:
         """Run the pool's initializer: from memory (fork semantics) or unpickled (spawn)."""
@@ -558,7 +406,7 @@ class Worker:
             nested_messages = []
             below = []
             try:
-                messages = self._pull_locked()
+                messages = self.link.pull_locked()
                 for header, frames in messages:
                     kind = header.kind
                     if kind in _NESTED_KINDS:  # other threads of the task may wait on them
@@ -569,7 +417,7 @@ class Worker:
                         if task is not None and any(f[0] == task for f in self.frames):
                             below.append(task)  # blocked under the running task
                         else:
-                            self.inbox.append((header, frames))
+                            self.link.inbox.append((header, frames))
             except zmq.ZMQError:
                 pass  # the socket is closing: the main thread meets it too
             finally:
@@ -657,10 +505,10 @@ class Worker:
         self.flush()  # the awaited tasks reach the head before we say we wait
         with self.lock:
             self.lending = True
-            messages = self._pull_locked()
+            messages = self.link.pull_locked()
             returned = [(item[0], item[1]) for item in self.queue]
             self.queue.clear()
-            self._send_locked(MessageType.WAITING, len(awaited),
+            self.link.send_locked(MessageType.WAITING, len(awaited),
                               serialize.dumps_plain((frame, awaited, returned)))
         self.frames.append((frame, self.kill_at))
         try:
@@ -674,13 +522,13 @@ class Worker:
                     if wait <= 0:
                         return True
                 self.flush()
-                messages = self._receive(wait)
+                messages = self.link.receive(wait)
         finally:
             self.frames.pop()
             self.expired.discard(frame)
             with self.lock:
-                self._send_locked(MessageType.RESUMED, 0, b"")
-                self.inbox[:0] = self.deferred
+                self.link.send_locked(MessageType.RESUMED, 0, b"")
+                self.link.inbox[:0] = self.deferred
                 self.deferred = []
                 self.lending = False
 
@@ -707,7 +555,7 @@ class Worker:
                 self.deferred.append((header, frames))
         if returned:
             with self.lock:
-                self._send_locked(MessageType.RETURN, len(returned),
+                self.link.send_locked(MessageType.RETURN, len(returned),
                                   serialize.dumps_plain(returned))
         if frame in self.stops:  # stopped while a task above it ran
             self.stops.discard(frame)
@@ -759,13 +607,13 @@ class Worker:
         with self.lock:
             if self.nested.outgoing:  # what tasks submitted goes before their results
                 for kind, items in self.nested.take_outgoing().items():
-                    self._send_locked(kind, len(items), serialize.dumps_plain(items))
+                    self.link.send_locked(kind, len(items), serialize.dumps_plain(items))
             if self.outbox:
-                self._send_locked(MessageType.RESULTS, len(self.outbox),
+                self.link.send_locked(MessageType.RESULTS, len(self.outbox),
                                   serialize.dumps_plain(self.outbox))
                 self.outbox = []
-            if self.channel is not None and self.channel.unacked:
-                self._resend_locked(time.monotonic())
+            if self.link.channel is not None and self.link.channel.unacked:
+                self.link.resend_locked(time.monotonic())
 
     def should_hold(self) -> bool:
         """Whether computed results may wait for the next queued task."""
@@ -777,11 +625,11 @@ class Worker:
 
     def serve(self) -> None:
         tasks_left = self.settings.get("max_tasks_per_child") or 0
-        sock, lock = self.sock, self.lock
-        channel = self.channel
+        link, lock = self.link, self.lock
+        channel = link.channel
         with lock:
-            self._send_locked(MessageType.READY, 0,
-                              serialize.dumps_plain((self.worker_id, os.getpid(), tasks_left)))
+            link.send_locked(MessageType.READY, 0,
+                             serialize.dumps_plain((self.worker_id, os.getpid(), tasks_left)))
         while True:
             if not self.queue:
                 self.serving = False
@@ -795,17 +643,17 @@ class Worker:
                     # Unmap what gets unlinked meanwhile (its pages would stay allocated).
                     while reader.has_idle():
                         with lock:
-                            if self.inbox or sock.poll(_IDLE_CHECK_MS):
+                            if link.inbox or link.sock.poll(_IDLE_CHECK_MS):
                                 break
                         reader.release_idle()
-                if not self._accept(self._receive()):
+                if not self._accept(link.receive()):
                     return
             if self.queue:
                 self.serving = True  # the watchdog notices within _WATCH_IDLE_SECONDS
             while self.queue:
                 # Take what else arrived without blocking, so batches stay full.
                 with lock:
-                    messages = self._pull_locked()
+                    messages = link.pull_locked()
                 if messages and not self._accept(messages):
                     self.flush()
                     return
@@ -815,7 +663,7 @@ class Worker:
                 if channel is not None and channel.ack_pending and not self.outbox \
                         and self.run_time.get(item[2], 1.0) >= _QUICK_SECONDS:
                     with lock:  # no result will carry the ack soon: the owner would resend
-                        self._send_ack_locked()
+                        link.send_ack_locked()
                 outcome, keep = self.run_task(item)
                 with lock:
                     if not self.outbox:
