@@ -66,6 +66,7 @@ import logging
 import multiprocessing.util
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -113,6 +114,11 @@ _IDLE_CHECK_MS = 200
 _WATCH_SECONDS = 0.01
 #: How often an idle watchdog looks whether a task started (a stop's extra delay).
 _WATCH_IDLE_SECONDS = 0.05
+#: Tasks one worker may have blocked on its stack, each running a lent task on top; a
+#: task blocked deeper waits without lending its worker (others run what it awaits).
+_MAX_LEND_DEPTH = 400
+#: Python frames one level of lending adds (measured: 8), with room for the task's own.
+_FRAMES_PER_LEND = 24
 #: The interval timer fires on time; the monotonic clock may read a hair earlier.
 _CLOCK_SLACK = 0.005
 
@@ -142,6 +148,7 @@ class Worker:
         # The blocked tasks under the running one, oldest first: [(id, attempt), kill_at],
         # and those whose timeout passed while a task above them ran.
         self.frames: list = []
+        self.recursion_limit = sys.getrecursionlimit()  # the task's own, before lending
         self.expired: set = set()
         # The socket to the owner (core.worker_link), shared under self.lock.
         self.link = WorkerLink(worker_id, settings, self.lock)
@@ -499,8 +506,13 @@ class Worker:
         thread): the caller then waits as usual.
         """
         frame = self.current
-        if frame is None or threading.get_ident() != self.main_thread:
+        if frame is None or threading.get_ident() != self.main_thread \
+                or len(self.frames) >= _MAX_LEND_DEPTH:
             return False
+        # Each task lent runs on top of the blocked ones, in this thread's stack.
+        needed = self.recursion_limit + _FRAMES_PER_LEND * (len(self.frames) + 1)
+        if sys.getrecursionlimit() < needed:
+            sys.setrecursionlimit(needed)
         deadline = None if timeout is None else time.monotonic() + timeout
         self.flush()  # the awaited tasks reach the head before we say we wait
         with self.lock:
@@ -509,7 +521,7 @@ class Worker:
             returned = [(item[0], item[1]) for item in self.queue]
             self.queue.clear()
             self.link.send_locked(MessageType.WAITING, len(awaited),
-                              serialize.dumps_plain((frame, awaited, returned)))
+                                  serialize.dumps_plain((frame, awaited, returned)))
         self.frames.append((frame, self.kill_at))
         try:
             while True:

@@ -229,3 +229,10 @@ def reduce_children(n):
 
 def concat_strings(a, b):
     return "" + a + b  # ints: TypeError
+
+
+def chain(n):
+    """Each task waits for the next: n tasks blocked on one another."""
+    if n == 0:
+        return 0
+    return futurepool.current_executor().submit(chain, n - 1).result(timeout=120) + 1

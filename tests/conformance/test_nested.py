@@ -249,3 +249,9 @@ def test_an_options_view_passed_to_a_task_keeps_its_options(executor):
     value, shown = executor.submit(N.submit_through, executor.options(timeout=30), 3).result(
         TIMEOUT)
     assert value == 9 and "timeout=30" in shown
+
+
+def test_a_chain_of_300_waiting_tasks_on_one_worker():
+    """Each blocked task runs the next on top of itself: 300 deep in one thread."""
+    with futurepool.Executor(max_workers=1) as executor:
+        assert executor.submit(N.chain, 300).result(TIMEOUT * 4) == 300
