@@ -163,20 +163,6 @@ def decode(data, view):
                                          for piece in pieces])
 
 
-def inline(data):
-    """``data`` (:func:`encode`'s) with its stored pieces copied in, as bytes.
-
-    For a process on another host, which cannot map this host's segments.
-    """
-    if type(data) is bytes:
-        return data
-    inband, pieces = data
-    if type(inband) is not bytes:
-        inband = bytes(inband.view())
-    return inband, tuple(piece if type(piece) is bytes else bytes(piece.view())
-                         for piece in pieces)
-
-
 def dumps_result(obj, store=None):
     """Encode a task's result in the worker: C pickle first, cloudpickle if needed.
 
