@@ -34,7 +34,8 @@ failure answers ``{"error": "..."}``. ``time.monotonic()`` is the system's
 CLOCK_MONOTONIC, so the benchmark compares it with its own. The script runs
 under whichever interpreter has the system installed (Ray's may be a venv of
 its own) and imports nothing of futurepool; ``_tasks`` (the task is
-``_tasks.noop``, by reference) and ``_harness`` come from ``PYTHONPATH``.
+``_tasks.noop``, by reference), ``_harness`` and ``_helpers`` (the loop that
+answers commands) come from ``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import time
 
 import _tasks
 from _harness import latency_stats
+from _helpers import serve
 
 #: Seconds the echo server waits for its connection, and for each message.
 ECHO_TIMEOUT = 60.0
@@ -184,42 +186,37 @@ class RayDriver:
         self.ray.shutdown()
 
 
-def serve(driver) -> int:
-    print(json.dumps({"hello": driver.version}), flush=True)
-    for line in sys.stdin:
-        command = json.loads(line)
-        op, timeout = command["op"], command.get("timeout", 60.0)
-        try:
-            if op == "ready":
-                driver.ready(command["workers"], timeout)
-                answer = {}
-            elif op == "throughput":
-                answer = {"value": driver.throughput(command["n"], timeout)}
-            elif op == "latency":
-                deadline = time.monotonic() + timeout
-                samples = []
-                for _ in range(command["n"]):
-                    t0 = time.perf_counter()
-                    driver.one(max(0.001, deadline - time.monotonic()))
-                    samples.append(time.perf_counter() - t0)
-                value, extras = latency_stats(samples)
-                answer = {"value": value, **extras}
-            elif op == "queue":
-                driver.queue()
-                answer = {}
-            elif op == "collect":
-                driver.collect(timeout)
-                answer = {"at": time.monotonic()}
-            elif op == "close":
-                driver.close()
-                print(json.dumps({}), flush=True)
-                return 0
-            else:
-                answer = {"error": f"unknown op {op!r}"}
-        except Exception as exc:  # reported to the benchmark, which fails the cell
-            answer = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}
-        print(json.dumps(answer), flush=True)
-    return 0
+def _ready(driver, command: dict, timeout: float) -> None:
+    driver.ready(command["workers"], timeout)
+
+
+def _throughput(driver, command: dict, timeout: float) -> dict:
+    return {"value": driver.throughput(command["n"], timeout)}
+
+
+def _latency(driver, command: dict, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    samples = []
+    for _ in range(command["n"]):
+        t0 = time.perf_counter()
+        driver.one(max(0.001, deadline - time.monotonic()))
+        samples.append(time.perf_counter() - t0)
+    value, extras = latency_stats(samples)
+    return {"value": value, **extras}
+
+
+def _queue(driver, command: dict, timeout: float) -> None:
+    driver.queue()
+
+
+def _collect(driver, command: dict, timeout: float) -> dict:
+    driver.collect(timeout)
+    return {"at": time.monotonic()}
+
+
+#: The commands besides "close" (see the table above).
+OPS = {"ready": _ready, "throughput": _throughput, "latency": _latency, "queue": _queue,
+       "collect": _collect}
 
 
 def main(argv: list[str]) -> int:
@@ -231,9 +228,9 @@ def main(argv: list[str]) -> int:
     if role == "floor-send":
         return floor_send(argv[1], argv[2], int(argv[3]), int(argv[4]))
     if role == "dask":
-        return serve(DaskDriver(argv[1], float(argv[2]) if len(argv) > 2 else 60.0))
+        return serve(DaskDriver(argv[1], float(argv[2]) if len(argv) > 2 else 60.0), OPS)
     if role == "ray":
-        return serve(RayDriver(argv[1], argv[2]))
+        return serve(RayDriver(argv[1], argv[2]), OPS)
     print(f"unknown role {role!r}: echo, dask or ray", file=sys.stderr)
     return 2
 

@@ -521,35 +521,15 @@ class Suite:
         rows, errors = [], []
         table = [(s, res, s is sc) for sc in scenarios for s, res in sc.rows_of(results[sc.name])]
         for s, res, own in table:
-            row = [s.name]
-            for i in impls:
-                r = res[i.name]
-                if r.error:
-                    row.append("error: " + r.error[:28] + ("..." if len(r.error) > 28 else ""))
-                    if own:  # once per scenario, not again for its extra rows
-                        errors.append(f"{s.name}/{i.label}: {r.error}")
-                elif not r.samples:
-                    row.append("-")
-                else:
-                    text = _fmt(r.median, s.unit)
-                    for k in s.show:
-                        if k in r.extras:
-                            text += f" ({k} {_fmt(statistics.median(r.extras[k]), '')})"
-                    row.append(text + (f" +-{r.spread:.0%}" if len(r.samples) > 1 else ""))
+            # Errors are listed once per scenario, not again for its extra rows.
+            row = [s.name] + self._result_cells(s, res, impls, errors if own else [])
             for i in others:
                 ratio = self._ratio(s, res, i.name)
                 row.append("-" if ratio is None else f"{ratio:.2f}x")
                 if has_target and i is subject:
                     row.append(_verdict(s, res[i.name].median, ratio))
             rows.append(row)
-        widths = [max(len(r[c]) for r in [head] + rows) for c in range(len(head))]
-        line = lambda r: "  ".join(
-            x.ljust(w) if c == 0 else x.rjust(w) for c, (x, w) in enumerate(zip(r, widths))
-        )
-        print(line(head))
-        print("  ".join("-" * w for w in widths))
-        for r in rows:
-            print(line(r))
+        print_rows(head, rows)
         print(
             f"\nRatios: > 1 means better than {base} (rates: impl/{base}; times: {base}/impl)."
             " +-N% is half the min-max range of the repeats."
@@ -558,6 +538,35 @@ class Suite:
         for e in errors:
             print(f"error in {e}")
         print(flush=True)
+
+    def _result_cells(self, s: Scenario, res: dict, impls, errors: list) -> list[str]:
+        """One table cell per implementation for scenario (row) ``s``; the errors
+        worth listing under the table go to ``errors``."""
+        cells = []
+        for i in impls:
+            r = res[i.name]
+            if r.error:
+                text, listed = self._error_cell(r)
+                cells.append(text)
+                if listed:
+                    errors.append(f"{s.name}/{i.label}: {r.error}")
+            elif not r.samples:
+                cells.append("-")
+            else:
+                cells.append(self._value_cell(s, r))
+        return cells
+
+    def _error_cell(self, r: Result) -> tuple[str, bool]:
+        """The cell of a failed result, and whether to list its error under the table."""
+        return "error: " + r.error[:28] + ("..." if len(r.error) > 28 else ""), True
+
+    def _value_cell(self, s: Scenario, r: Result) -> str:
+        """The cell of a measured result: median, extras shown, spread."""
+        text = _fmt(r.median, s.unit)
+        for k in s.show:
+            if k in r.extras:
+                text += f" ({k} {_fmt(statistics.median(r.extras[k]), '')})"
+        return text + (f" +-{r.spread:.0%}" if len(r.samples) > 1 else "")
 
     def _write_json(self, args, scenarios, impls, results, interrupted) -> None:
         out = {
@@ -658,6 +667,20 @@ class Suite:
 
 
 # -- helpers -----------------------------------------------------------------
+
+
+def print_rows(head: list[str], rows: list[list[str]]) -> None:
+    """A table: ``head``, a rule, ``rows``; the first column left-aligned, the others right."""
+    widths = [max(len(r[c]) for r in [head] + rows) for c in range(len(head))]
+
+    def line(r):
+        return "  ".join(x.ljust(w) if c == 0 else x.rjust(w)
+                         for c, (x, w) in enumerate(zip(r, widths)))
+
+    print(line(head))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print(line(r))
 
 
 def _fmt(value: float, unit: str) -> str:

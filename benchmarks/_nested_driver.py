@@ -21,18 +21,18 @@ Every command carries ``"timeout"`` (seconds), which bounds its waits; a
 failure answers ``{"error": "..."}``. The benchmark kills this process, and
 every process carrying its tag, when an answer does not come in time. The
 script runs under whichever interpreter has the system installed (Ray's is a
-venv of its own) and imports nothing of futurepool; ``_nested_tasks`` comes
-from ``PYTHONPATH``.
+venv of its own) and imports nothing of futurepool; ``_nested_tasks`` and
+``_helpers`` (the loop that answers commands) come from ``PYTHONPATH``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
 import _nested_tasks as tasks
+from _helpers import serve
 
 
 class RayDriver:
@@ -89,37 +89,31 @@ class DaskDriver:
         self.cluster.close(timeout=5)
 
 
-def serve(driver) -> int:
-    print(json.dumps({"hello": driver.version}), flush=True)
-    for line in sys.stdin:
-        command = json.loads(line)
-        op, timeout = command["op"], command.get("timeout", 60.0)
-        try:
-            if op == "ready":
-                driver.ready(timeout)
-                answer = {}
-            elif op in ("fib", "fan_out"):
-                t0 = time.perf_counter()
-                value = getattr(driver, op)(command["n"], timeout)
-                answer = {"value": value, "seconds": time.perf_counter() - t0}
-            elif op == "close":
-                driver.close()
-                print(json.dumps({}), flush=True)
-                return 0
-            else:
-                answer = {"error": f"unknown op {op!r}"}
-        except Exception as exc:  # reported to the benchmark, which fails the cell
-            answer = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]}
-        print(json.dumps(answer), flush=True)
-    return 0
+def _ready(driver, command: dict, timeout: float) -> None:
+    driver.ready(timeout)
+
+
+def _timed(op: str):
+    """The op that runs ``driver.op(n)`` and answers its value and seconds."""
+
+    def run(driver, command: dict, timeout: float) -> dict:
+        t0 = time.perf_counter()
+        value = getattr(driver, op)(command["n"], timeout)
+        return {"value": value, "seconds": time.perf_counter() - t0}
+
+    return run
+
+
+#: The commands besides "close" (see the table above).
+OPS = {"ready": _ready, "fib": _timed("fib"), "fan_out": _timed("fan_out")}
 
 
 def main(argv: list[str]) -> int:
     role, workers = argv[0], int(argv[1])
     if role == "ray":
-        return serve(RayDriver(workers))
+        return serve(RayDriver(workers), OPS, max_error=500)
     if role == "dask":
-        return serve(DaskDriver(workers))
+        return serve(DaskDriver(workers), OPS, max_error=500)
     print(f"unknown role {role!r}: ray or dask", file=sys.stderr)
     return 2
 

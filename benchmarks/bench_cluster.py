@@ -31,7 +31,6 @@ import io
 import json
 import os
 import secrets
-import select
 import shutil
 import signal
 import socket
@@ -46,11 +45,12 @@ import _harness  # noqa: E402 - the script's own folder is sys.path[0]
 
 _harness.use_this_checkout()
 
+import _helpers  # noqa: E402
 import _tasks  # noqa: E402
-import psutil  # noqa: E402
 from _harness import Skip, Suite, Target, _fmt  # noqa: E402
+from _helpers import JsonLines  # noqa: E402
 
-from futurepool.testing import kill_processes, tagged_processes, wait_until  # noqa: E402
+from futurepool.testing import wait_until  # noqa: E402
 
 #: The helper processes: TCP echo server, Dask and Ray drivers.
 DRIVER = os.path.join(_harness.HERE, "_cluster_driver.py")
@@ -72,8 +72,6 @@ LINK_ROUND_TRIPS = 3
 VERSUS_OTHERS = 10.0
 #: Seconds between polls while a node joins.
 POLL = 0.005
-#: Seconds a helper process gets to answer past the timeout its command carries.
-DRIVER_SLACK = 5.0
 #: Seconds a cell's processes get to exit on their own (then SIGTERM, then
 #: as long again before SIGKILL); the harness's close backstop is 10 s.
 STOP_GRACE = 2.0
@@ -113,12 +111,7 @@ CONTEXT: Context | None = None
 
 
 def _tail(path: str) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            lines = f.read().strip().splitlines()
-    except OSError:
-        return ""
-    return " | ".join(lines[-LOG_LINES:])
+    return _helpers.tail(path, LOG_LINES)
 
 
 class Processes:
@@ -161,94 +154,16 @@ class Processes:
             raise RuntimeError(f"{what} exited with {proc.returncode}: {_tail(self.log(what))}")
 
     def stop(self) -> None:
-        """SIGTERM what this cell started and wait STOP_GRACE; SIGKILL what is left.
-
-        Besides the processes started here: every process carrying the cell's
-        tag (Ray's daemons and Dask's workers, wherever they are in the process
-        tree) and their children, which Ray starts with an environment of their
-        own, remembered from the first look on (they outlive their parent).
-        """
-        known = {}
-
-        def left() -> list:
-            for proc in tagged_processes(RUN_TAG, self.tag):
-                known.setdefault(proc.pid, proc)
-                with contextlib.suppress(psutil.Error):
-                    for child in proc.children(recursive=True):
-                        known.setdefault(child.pid, child)
-            return [proc for proc in known.values() if _running(proc)]
-
-        for p in self.popens:
-            if p.poll() is None:
-                p.terminate()
-        for proc in left():
-            with contextlib.suppress(psutil.Error):
-                proc.terminate()
-        if wait_until(lambda: all(p.poll() is not None for p in self.popens) and not left(),
-                      STOP_GRACE):
-            return
-        deadline = time.monotonic() + STOP_GRACE
-        while (procs := left()) and time.monotonic() < deadline:  # a daemon may start another
-            kill_processes(procs, timeout=max(0.1, deadline - time.monotonic()))
-        for p in self.popens:
-            if p.poll() is None:
-                p.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(STOP_GRACE)
-
-
-def _running(proc) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-class JsonLines:
-    """One helper process's stdout, read a JSON line at a time within a deadline."""
-
-    def __init__(self, procs: Processes, proc: subprocess.Popen, what: str):
-        self.procs, self.proc, self.what = procs, proc, what
-        self.buffer = b""
-
-    def read(self, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        fd = self.proc.stdout.fileno()
-        while True:
-            line, newline, rest = self.buffer.partition(b"\n")
-            if newline:
-                self.buffer = rest
-                if line.startswith(b"{"):  # libraries may print lines of their own
-                    return json.loads(line)
-                continue
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no answer from the {self.what} within {timeout:.0f} s:"
-                                   f" {_tail(self.procs.log(self.what))}")
-            if select.select([fd], [], [], left)[0]:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        self.proc.wait(STOP_GRACE)
-                    raise RuntimeError(f"the {self.what} closed its output (exit code"
-                                       f" {self.proc.poll()}): {_tail(self.procs.log(self.what))}")
-                self.buffer += chunk
-
-    def call(self, op: str, timeout: float, **fields) -> dict:
-        self.proc.stdin.write((json.dumps({"op": op, "timeout": timeout, **fields}) + "\n")
-                              .encode())
-        self.proc.stdin.flush()
-        answer = self.read(timeout + DRIVER_SLACK)
-        if "error" in answer:
-            raise RuntimeError(f"{self.what} {op}: {answer['error']}")
-        return answer
+        """SIGTERM what this cell started, and every process with its tag; SIGKILL
+        what is left after STOP_GRACE (see _helpers.stop)."""
+        _helpers.stop(self.popens, RUN_TAG, self.tag, STOP_GRACE)
 
 
 def _helper(procs: Processes, member: str, what: str, python: str, *args,
             env=None) -> JsonLines:
     proc = procs.start(member, what, [python, DRIVER, *args], stdin=subprocess.PIPE,
                        stdout=subprocess.PIPE, env=env)
-    return JsonLines(procs, proc, what)
+    return JsonLines(proc, what, lambda: _tail(procs.log(what)), STOP_GRACE)
 
 
 # --- the systems under test ----------------------------------------------------------------

@@ -44,8 +44,8 @@ from _harness import Suite, Target  # noqa: E402
 
 #: The limit each measured task gets: short, so 100 of them take seconds.
 LIMIT = 0.1
-
-
+#: Alternating rounds (plain submit, then through options) of the *-cost scenarios.
+ROUNDS = 5
 
 
 suite = Suite(
@@ -105,20 +105,27 @@ def late_kill(cell):
     return _lateness(cell, _tasks.swallow_noting_start)
 
 
+def _cost(cell, name: str, **options) -> tuple[float, dict]:
+    """No-op tasks/s through ``options(**options).submit`` over plain submit, in
+    ROUNDS alternating rounds on one executor: the ratio of the medians, and both
+    rates (``submit`` and ``name``)."""
+    n = cell.size(2_000, 500)
+    ex = cell.make(warm=True)
+    view = ex.options(**options)
+    plain, through = [], []
+    for _ in range(ROUNDS):
+        plain.append(_harness.submit_all(ex, _tasks.noop, n, cell))
+        through.append(_harness.submit_all(view, _tasks.noop, n, cell))
+    rate, rate_with = statistics.median(plain), statistics.median(through)
+    return rate_with / rate, {"submit": rate, name: rate_with}
+
+
 @suite.scenario("options-cost", unit="x", higher_is_better=True, timeout=120,
                 target=Target(0.9, on="value"), show=("submit", "options"))
 def options_cost(cell):
     """No-op tasks/s through options(timeout=60).submit over plain submit
     (alternating rounds on one executor); rates in tasks/s alongside."""
-    n = cell.size(2_000, 500)
-    ex = cell.make(warm=True)
-    view = ex.options(timeout=60)
-    plain, options = [], []
-    for _ in range(5):
-        plain.append(_harness.submit_all(ex, _tasks.noop, n, cell))
-        options.append(_harness.submit_all(view, _tasks.noop, n, cell))
-    rate, rate_with = statistics.median(plain), statistics.median(options)
-    return rate_with / rate, {"submit": rate, "options": rate_with}
+    return _cost(cell, "options", timeout=60)
 
 
 @suite.scenario("resources-cost", unit="x", higher_is_better=True, timeout=120,
@@ -128,15 +135,7 @@ def resources_cost(cell):
     submit (alternating rounds on one executor); rates in tasks/s alongside. Each
     such task is placed by what its node's queued and running tasks hold; the
     host has room for thousands, so this is the cost of placing, not of waiting."""
-    n = cell.size(2_000, 500)
-    ex = cell.make(warm=True)
-    view = ex.options(resources={"mem": "1MB"})  # room for thousands: the cost of placing
-    plain, placed = [], []
-    for _ in range(5):
-        plain.append(_harness.submit_all(ex, _tasks.noop, n, cell))
-        placed.append(_harness.submit_all(view, _tasks.noop, n, cell))
-    rate, rate_with = statistics.median(plain), statistics.median(placed)
-    return rate_with / rate, {"submit": rate, "resources": rate_with}
+    return _cost(cell, "resources", resources={"mem": "1MB"})
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import gc
 import json
 import os
 import secrets
-import select
 import shutil
 import statistics
 import subprocess
@@ -48,11 +47,11 @@ import _harness  # noqa: E402 - the script's own folder is sys.path[0]
 
 _harness.use_this_checkout()
 
+import _helpers  # noqa: E402
 import _nested_tasks as tasks  # noqa: E402
 import psutil  # noqa: E402
-from _harness import Skip, Suite, _fmt  # noqa: E402
-
-from futurepool.testing import kill_processes, tagged_processes, wait_until  # noqa: E402
+from _harness import Skip, Suite, _fmt, print_rows  # noqa: E402
+from _helpers import JsonLines  # noqa: E402
 
 #: The Ray / Dask helper process.
 DRIVER = os.path.join(_harness.HERE, "_nested_driver.py")
@@ -69,8 +68,6 @@ RSS_LIMIT = 20.0
 FAN_OUT_ROUNDS = 5
 #: Seconds Ray and Dask get for fib(20) (futurepool gets the scenario's timeout).
 OTHERS_FIB20_TIMEOUT = 60.0
-#: Seconds a helper gets to answer past the timeout its command carries.
-DRIVER_SLACK = 5.0
 #: Seconds a helper gets to stop its system on "close"; then SIGTERM, as long
 #: again, SIGKILL (the harness allows 10 s for closing a cell).
 STOP_GRACE = 3.0
@@ -78,8 +75,9 @@ STOP_GRACE = 3.0
 RSS_INTERVAL = 0.01
 #: Extras shown with their own unit; the others are named, in the row's unit.
 UNITS = ("s", "tasks/s")
-#: Lines of a failed helper's log quoted in the error.
+#: Lines of a failed helper's log quoted in the error, and characters of each.
 LOG_LINES = 3
+LOG_WIDTH = 200
 
 #: Set by main(): where helpers keep their logs, Ray's token and temporary files.
 TMP: str = ""
@@ -119,12 +117,7 @@ class FuturepoolSystem:
 
 
 def _tail(path: str) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            lines = [x for x in f.read().strip().splitlines() if x.strip()]
-    except OSError:
-        return ""
-    return " | ".join(x[:200] for x in lines[-LOG_LINES:])
+    return _helpers.tail(path, LOG_LINES, LOG_WIDTH)
 
 
 class DriverSystem:
@@ -135,7 +128,6 @@ class DriverSystem:
         self.tag = uuid.uuid4().hex
         self.dir = tempfile.mkdtemp(prefix=role[0], dir=TMP)  # short: Ray's socket paths
         self.log = os.path.join(self.dir, "driver.log")
-        self.buffer = b""
         if role == "ray":
             env = {**env, "RAY_TMPDIR": self.dir}
         with open(self.log, "ab") as log:
@@ -143,92 +135,34 @@ class DriverSystem:
                 [python, DRIVER, role, str(workers)], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=log, cwd=self.dir,
                 env={**os.environ, RUN_TAG: self.tag, "BENCH_NESTED_TMP": self.dir, **env})
-
-    def read(self, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        fd = self.proc.stdout.fileno()
-        while True:
-            line, newline, rest = self.buffer.partition(b"\n")
-            if newline:
-                self.buffer = rest
-                if line.startswith(b"{"):  # libraries may print lines of their own
-                    return json.loads(line)
-                continue
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no answer from {self.role} within {timeout:.0f} s")
-            if select.select([fd], [], [], left)[0]:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        self.proc.wait(STOP_GRACE)
-                    raise RuntimeError(f"{self.role} exited ({self.proc.poll()}):"
-                                       f" {_tail(self.log)}")
-                self.buffer += chunk
-
-    def command(self, op: str, timeout: float, **fields) -> dict:
-        self.proc.stdin.write((json.dumps({"op": op, "timeout": timeout, **fields}) + "\n")
-                              .encode())
-        self.proc.stdin.flush()
-        answer = self.read(timeout + DRIVER_SLACK)
-        if "error" in answer:
-            raise RuntimeError(f"{self.role} {op}: {answer['error']}")
-        return answer
+        self.driver = JsonLines(self.proc, role, lambda: _tail(self.log), STOP_GRACE)
 
     def ready(self, cell) -> None:
-        self.read(cell.left())  # hello: the system is up
-        self.command("ready", cell.left())
+        self.driver.read(cell.left())  # hello: the system is up
+        self.driver.call("ready", cell.left())
         self.call("fib", 4, cell.left())
         self.call("fan_out", 10, cell.left())
 
     def call(self, op: str, n: int, timeout: float) -> tuple[int, float]:
-        answer = self.command(op, timeout, n=n)
+        answer = self.driver.call(op, timeout, n=n)
         return answer["value"], answer["seconds"]
 
     def close(self, failed: bool) -> None:
         try:
             if not failed and self.proc.poll() is None:
                 with contextlib.suppress(Exception):
-                    self.proc.stdin.write(b'{"op": "close"}\n')
-                    self.proc.stdin.flush()
-                    self.read(STOP_GRACE)
+                    self.driver.send("close", STOP_GRACE)
+                    self.driver.read(STOP_GRACE)  # no slack: the harness allows 10 s
         finally:
             self.stop()
 
     def stop(self) -> None:
         """SIGTERM the helper and every process with its tag; SIGKILL what is left."""
-        known = {}
-
-        def left() -> list:
-            for proc in tagged_processes(RUN_TAG, self.tag):
-                known.setdefault(proc.pid, proc)
-                with contextlib.suppress(psutil.Error):
-                    for child in proc.children(recursive=True):
-                        known.setdefault(child.pid, child)
-            return [p for p in known.values() if _running(p)]
-
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        for proc in left():
-            with contextlib.suppress(psutil.Error):
-                proc.terminate()
-        if not wait_until(lambda: self.proc.poll() is not None and not left(), STOP_GRACE):
-            kill_processes(left(), timeout=STOP_GRACE)
-            if self.proc.poll() is None:
-                self.proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(STOP_GRACE)
+        _helpers.stop([self.proc], RUN_TAG, self.tag, STOP_GRACE)
         for stream in (self.proc.stdin, self.proc.stdout):
             with contextlib.suppress(OSError):
                 stream.close()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _running(proc) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def _version(python: str, module: str) -> str:
@@ -284,45 +218,13 @@ class NestedSuite(Suite):
         rows, errors = [], []
         for s in scenarios:
             res = results[s.name]
-            row = [s.name]
-            for n in names:
-                r = res[n]
-                if r.error:
-                    if r.error.startswith(NotMeasured.__name__):
-                        row.append("n/a")
-                        continue
-                    short = "timeout" if "TimeoutError" in r.error or "timeout" in r.error \
-                        else "failed"
-                    row.append(short)
-                    errors.append(f"{s.name}/{labels[n]}: {r.error}")
-                elif not r.samples:
-                    row.append("-")
-                else:
-                    text = _fmt(r.median, s.unit)
-                    for k in s.show:
-                        if k in r.extras:
-                            x = statistics.median(r.extras[k])
-                            text += f" ({_fmt(x, k) if k in UNITS else f'{k} {_fmt(x, s.unit)}'})"
-                    if len(r.samples) > 1 and s.unit == "MiB":  # near 0: relative says nothing
-                        text += f" +-{(max(r.samples) - min(r.samples)) / 2:.2g} MiB"
-                    elif len(r.samples) > 1:
-                        text += f" +-{r.spread:.0%}"
-                    row.append(text)
+            row = [s.name] + self._result_cells(s, res, impls, errors)
             if self.subject in names:
                 for n in others:
                     ratio = _ratio(res.get(self.subject), res.get(n), s.higher_is_better)
                     row.append("-" if ratio is None else f"{ratio:.2f}x")
             rows.append(row)
-        widths = [max(len(r[c]) for r in [head] + rows) for c in range(len(head))]
-
-        def line(r):
-            return "  ".join(x.ljust(w) if c == 0 else x.rjust(w)
-                             for c, (x, w) in enumerate(zip(r, widths)))
-
-        print(line(head))
-        print("  ".join("-" * w for w in widths))
-        for r in rows:
-            print(line(r))
+        print_rows(head, rows)
         print("\nRatios: futurepool/other, > 1 means futurepool is better. +-N% is half the"
               " min-max range of the repeats (for MiB, in MiB).")
         print(f"load average at end: {_harness._load()}")
@@ -330,6 +232,24 @@ class NestedSuite(Suite):
             print(f"error in {e}")
         print()
         self._check_targets(results)
+
+    def _error_cell(self, r) -> tuple[str, bool]:
+        if r.error.startswith(NotMeasured.__name__):
+            return "n/a", False
+        timeout = "TimeoutError" in r.error or "timeout" in r.error
+        return "timeout" if timeout else "failed", True
+
+    def _value_cell(self, s, r) -> str:
+        text = _fmt(r.median, s.unit)
+        for k in s.show:
+            if k in r.extras:
+                x = statistics.median(r.extras[k])
+                text += f" ({_fmt(x, k) if k in UNITS else f'{k} {_fmt(x, s.unit)}'})"
+        if len(r.samples) > 1 and s.unit == "MiB":  # near 0: relative says nothing
+            text += f" +-{(max(r.samples) - min(r.samples)) / 2:.2g} MiB"
+        elif len(r.samples) > 1:
+            text += f" +-{r.spread:.0%}"
+        return text
 
     def _check_targets(self, results) -> None:
         def median(scenario, impl):
