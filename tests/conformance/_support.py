@@ -140,3 +140,17 @@ def only(impl, *allowed, reason):
     """Skip the test unless ``impl`` is one of ``allowed``."""
     if impl not in allowed:
         pytest.skip(reason)
+
+
+def options_refusal(error, **option) -> BaseException:
+    """What ``options(**option)`` raises (it must raise ``error``) on an executor that
+    never starts: validation needs no worker."""
+    import futurepool
+
+    executor = futurepool.Executor(1)
+    try:
+        with pytest.raises(error) as caught:
+            executor.options(**option)
+        return caught.value
+    finally:
+        executor.shutdown()
