@@ -131,6 +131,12 @@ RECONNECT_MAX_INTERVAL: float = _env("RECONNECT_MAX_INTERVAL", 5.0)
 
 # --- objects across hosts (store/transfer.py) ----------------------------------
 
+#: Times a lost stored result (its only copy was on a node that was lost) may be
+#: rebuilt by re-running the task that made it, per result (``core.lineage``);
+#: 0: never (a lost result raises ObjectLostError). ``Executor(max_reconstructions=)``
+#: overrides it per executor.
+MAX_RECONSTRUCTIONS: int = _env("MAX_RECONSTRUCTIONS", 3)
+
 #: A pull asks for pieces in chunks of this many bytes, TRANSFER_WINDOW of them
 #: in flight. Measured with bench_cluster.py's objects scenario (200 MB made on
 #: node B, summed on C, returned to the driver; veth between namespaces, CURVE,

@@ -187,16 +187,23 @@ class ObjectStoreFullError(FuturePoolError, MemoryError):
 class ObjectLostError(FuturePoolError):
     """A stored value is gone: its segment was removed before it was read.
 
+    Also raised when the only copy lived on a node that was lost and the
+    value could not be rebuilt from lineage: reconstruction is off
+    (``max_reconstructions=0``), its attempts were exceeded, or the value
+    was not made by a task (a ``put``).
+
     Attributes:
         name: the segment that held the value.
+        host: the lost host it lived on, when that is why (else None).
     """
 
-    def __init__(self, message="", name=None):
+    def __init__(self, message="", name=None, host=None):
         super().__init__(message)
         self.name = name
+        self.host = host
 
     def __reduce__(self):
-        return type(self), (str(self), self.name)
+        return type(self), (str(self), self.name, self.host)
 
 
 class TaskTimeoutError(FuturePoolError, TimeoutError):

@@ -22,7 +22,9 @@ types):
   script. Lambdas, closures and interactive code work under every method
   (they travel by value), and ``max_tasks_per_child`` is accepted with fork.
 * Extra keyword-only argument ``max_retries`` (default 0, the stdlib's
-  behaviour): how many times a task whose worker died is re-run.
+  behaviour): how many times a task whose worker died is re-run; and
+  ``max_reconstructions`` (cluster: how many times a result lost with its
+  node may be rebuilt by re-running its task).
 * ``map`` accepts ``buffersize``, and ``terminate_workers``/``kill_workers``
   exist (as in Python 3.14), on every version.
 * ``map`` takes a keyword-only ``progress`` (:mod:`futurepool.progress`).
@@ -153,6 +155,11 @@ class Executor(_StdExecutor):
             detected (``cpu``: the CPUs this process may use, ``mem``: the
             host's or its cgroup's memory in bytes), which a key given here
             replaces. Quantities are numbers, or sizes like ``"64GB"``.
+        max_reconstructions: times a stored result whose only copy was on a
+            node that was lost may be rebuilt by running the task that made
+            it again (it assumes tasks idempotent, as Ray does); past it, or
+            with 0 (off), reading it raises ``ObjectLostError``. Default
+            ``$FUTUREPOOL_MAX_RECONSTRUCTIONS``, else 3.
 
     Raises:
         ValueError: ``max_workers`` or ``max_tasks_per_child`` below 1; a
@@ -166,7 +173,7 @@ class Executor(_StdExecutor):
 
     def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(),
                  *, max_tasks_per_child=None, max_retries=0, listen=None, key_file=None,
-                 resources=None):
+                 resources=None, max_reconstructions=None):
         # An unchanged program told to listen by FUTUREPOOL_LISTEN says where, on stderr;
         # a program that passed listen= knows (executor.address) and decides what to print.
         announce = listen is None
@@ -192,6 +199,12 @@ class Executor(_StdExecutor):
             raise TypeError(f"max_retries must be an integer, got {max_retries!r}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries!r}")
+        if max_reconstructions is not None:
+            if not isinstance(max_reconstructions, int) or isinstance(max_reconstructions, bool):
+                raise TypeError(f"max_reconstructions must be an integer or None, got"
+                                f" {max_reconstructions!r}")
+            if max_reconstructions < 0:
+                raise ValueError(f"max_reconstructions must be >= 0, got {max_reconstructions!r}")
         resources = _resources.normalize(resources)
         self._max_workers = max_workers
         self._mp_context = mp_context
@@ -218,6 +231,7 @@ class Executor(_StdExecutor):
             workers_on_demand=semantics == startup.SPAWN and not listen, listen=listen,
             key_file=key_file, resources=resources,
             initializer_name=serialize.describe_callable(initializer) if initializer else "")
+        self._owner.objects.lineage.max_reconstructions = max_reconstructions
         self._shut_down = False  # shutdown() finished: _processes is None, as in the stdlib
         self.address = None
         self._shutdown_thread = False

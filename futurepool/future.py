@@ -26,13 +26,16 @@ from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
 
 from .errors import ObjectLostError, UnpicklingFailedError
 from .store import serialize
-from .store.objects import view_of
+from .store.objects import Rebuilt, view_of
 
 __all__ = ["Future"]
 
 LOGGER = logging.getLogger("concurrent.futures")
 
 _object_ids = itertools.count(1)
+#: Times ``result()`` decodes again after a lost piece was rebuilt (each rebuild also
+#: counts against ``max_reconstructions``, which bounds it first).
+_REDECODES = 16
 _DONE_STATES = ("CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED")
 
 
@@ -115,6 +118,18 @@ class Future(_StdFuture):
         self._encoded = data
         self.set_result(_Encoded(data))
 
+    def _replace_encoded(self, data) -> None:
+        """A lost result rebuilt (``core.lineage``): its new pieces replace the old ones.
+
+        The future stays the same object, done, for the user and for dependents.
+        Called by the owner's I/O thread without the lock: a ``result()`` decoding the
+        old pieces meanwhile holds it, and retries with these when told (:class:`Rebuilt`).
+        """
+        self._encoded = data
+        value = self._result
+        if type(value) is _Encoded:
+            value.data = data
+
     def _payload(self):
         """The encoded result, for a dependent task (the future is done, not failed)."""
         if self._encoded is not None:
@@ -152,10 +167,20 @@ class Future(_StdFuture):
             if type(value) is not _Encoded:
                 return value
             try:
-                if self._borrows is None:
-                    self._result = serialize.decode(value.data, view_of)
+                for _ in range(_REDECODES):  # a piece lost, rebuilt meanwhile: the new ones
+                    try:
+                        if self._borrows is None:
+                            self._result = serialize.decode(value.data, view_of)
+                        else:
+                            self._result = serialize.decode_for(value.data, view_of,
+                                                                self._borrows)
+                        break
+                    except Rebuilt:
+                        continue
                 else:
-                    self._result = serialize.decode_for(value.data, view_of, self._borrows)
+                    raise ObjectLostError(
+                        f"The result of {self._description or 'the task'} was lost and rebuilt"
+                        f" {_REDECODES} times while it was being read.")
             except (KeyboardInterrupt, ObjectLostError):
                 raise
             except BaseException as exc:  # noqa: BLE001 - __setstate__ may even sys.exit()

@@ -12,7 +12,11 @@
       reserved in w.inflight)                                                              │
     pulled(): record the copy; every piece   ◄── PULLED(Location or why) ◄─────────────────┘
       there: the task goes; a pull that failed
-      from every copy: the task fails with ObjectLostError
+      from every copy (or no copy left: its
+      host was lost): the value is rebuilt
+      from lineage and the task waits for it
+      (core.lineage), else it fails with
+      ObjectLostError
     free(): the last reference went          ──► FREE to the writer, DROP to every copy's node
 
 A piece is known by its **primary** location (where its writer put it: the
@@ -39,6 +43,7 @@ from ..store import serialize
 from ..store.objects import NODE_SHIFT, Block, remote
 from ..store.segments import Location
 from ..store.transfer import describe_source
+from .lineage import Reconstruction
 
 #: The head's own store, in this module's host keys (remote nodes: their index).
 HEAD = -1
@@ -92,6 +97,8 @@ class ObjectDirectory:
         self.pull_ids = itertools.count(1)
         self.pulled_bytes = 0  # futurepool status, benchmarks
         self.pull_count = 0
+        self.lost_hosts: dict[int, str] = {}  # host -> how it was described
+        self.lineage = Reconstruction(owner)  # rebuilds what a lost host took (core.lineage)
 
     @property
     def head(self):
@@ -130,8 +137,13 @@ class ObjectDirectory:
             try:
                 wanted = self._want(block, dest)
             except ObjectLostError as exc:
-                held.error = exc
-                break
+                try:  # its only copy went with a lost host: rebuilt, then the task goes
+                    rebuild = self.lineage.lost(block, exc, self._describe(host_of(block.location)))
+                except ObjectLostError as final:
+                    held.error = final
+                    break
+                self.lineage.park(worker, task, rebuild)  # (fences the pulls started above)
+                return None
             wanted.held.append(held)
             held.pending += 1
         if held.error is not None and held.pending == 0:
@@ -186,10 +198,11 @@ class ObjectDirectory:
             return self.pulls[pull_id]
         sources = self._sources(location, dest)
         if not sources:
+            host = self._describe(host_of(location))
             raise ObjectLostError(
                 f"The stored value {location.name} ({location.nbytes:,} bytes) is lost: it"
-                f" lived on {self._describe(host_of(location))}, which left or was lost, and"
-                " no other host holds a copy.", location.name)
+                f" lived on {host}, which left or was lost, and no other host holds a copy.",
+                location.name, host)
         pull_id = next(self.pull_ids)
         wanted = self.pulls[pull_id] = _Wanted(block, dest, sources)
         self.by_piece[(location.name, dest)] = pull_id
@@ -204,7 +217,9 @@ class ObjectDirectory:
         if host == HEAD:
             return "the head"
         link = self.head.by_index.get(host) if self.head is not None else None
-        return link.describe() if link is not None else f"node {host}"
+        if link is not None:
+            return link.describe()
+        return self.lost_hosts.get(host, f"node {host}")
 
     def fetch(self, block: Block, future) -> None:
         """A driver's ``result()`` needs ``block`` here: pull it into the head's store."""
@@ -217,10 +232,16 @@ class ObjectDirectory:
                 f"The stored value {block.location.name} lives on another host, and this"
                 " executor has no cluster any more.", block.location.name))
             return
+        future.rebuildable = True  # a result() in the driver: may wait for a rebuild
         try:
             self._want(block, HEAD).fetchers.append(future)
         except ObjectLostError as exc:
-            future.set_exception(exc)
+            try:
+                rebuild = self.lineage.lost(block, exc, self._describe(host_of(block.location)))
+            except ObjectLostError as final:
+                future.set_exception(final)
+                return
+            self.lineage.wait_fetch(future, rebuild)
 
     def deliver(self, piece, dest: int, done) -> None:
         """``done(location, error)`` once ``piece`` (a Block, or what a nested task's owner
@@ -257,11 +278,18 @@ class ObjectDirectory:
             return
         self.by_piece.pop((wanted.name, dest), None)
         block = wanted.block()
-        error = None
+        error = rebuild = None
         if location is None:
+            source = self._describe(host_of(block.location)) if block is not None else None
             error = ObjectLostError(
                 f"Could not copy the stored value {wanted.name} to {self._describe(dest)}:"
-                f" every copy failed ({why}).", wanted.name)
+                f" every copy failed ({why}); it was made on {source}.", wanted.name, source)
+            if block is not None and (wanted.held or any(
+                    getattr(f, "rebuildable", False) for f in wanted.fetchers)):
+                try:  # no copy could be read (its host was lost): rebuilt from lineage
+                    rebuild = self.lineage.lost(block, error, source)
+                except ObjectLostError as final:
+                    error = final
         elif block is None:  # freed while it travelled
             self._drop(dest, [location])
         else:
@@ -270,21 +298,33 @@ class ObjectDirectory:
             self.pull_count += 1
         for future in wanted.fetchers:
             if not future.done():
-                if error is None:
+                if rebuild is not None and getattr(future, "rebuildable", False):
+                    self.lineage.wait_fetch(future, rebuild)
+                elif error is None:
                     future.set_result(location)
                 else:
                     future.set_exception(error)
         for held in wanted.held:
             held.pending -= 1
+            if rebuild is not None:
+                if self._current(held):
+                    self.lineage.park(held.worker, held.task, rebuild)
+                continue
             if error is not None:
                 held.error = error
             if held.pending == 0:
                 self._release(held)
 
+    @staticmethod
+    def _current(held: _Held) -> bool:
+        """Whether a held task still waits on its worker (not requeued, nor parked)."""
+        worker, task = held.worker, held.task
+        return task in worker.inflight and task.attempt == held.attempt and worker.alive
+
     def _release(self, held: _Held) -> None:
         worker, task = held.worker, held.task
-        if task not in worker.inflight or task.attempt != held.attempt or not worker.alive:
-            return  # requeued meanwhile (its worker died, or its node left)
+        if not self._current(held):
+            return  # requeued meanwhile (its worker died, or its node left), or parked
         if held.error is not None:
             self.owner._held_failed(worker, task, held.error)
             return
@@ -321,10 +361,11 @@ class ObjectDirectory:
             link.send_control(MessageType.DROP,
                               serialize.dumps_plain([tuple(loc) for loc in locations]))
 
-    def host_lost(self, host: int) -> None:
+    def host_lost(self, host: int, description: str = "") -> None:
         """A node is gone: its copies with it. Pulls to it will never end: forgotten
         (the tasks held for them are its workers', which the owner buries and runs
-        elsewhere)."""
+        elsewhere). Pieces only it held are rebuilt when needed (core.lineage)."""
+        self.lost_hosts[host] = description or f"node {host}"
         for copies in self.copies.values():
             copies.pop(host, None)
         for pull_id in [p for p, wanted in self.pulls.items() if wanted.dest == host]:

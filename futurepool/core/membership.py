@@ -331,7 +331,7 @@ class Membership:
         """Silent past its deadline, or gone: its workers are dead to us."""
         owner = self.owner
         detail = f"It ran on {node.describe()}, which was lost: {why}."
-        owner.objects.host_lost(node.index)
+        owner.objects.host_lost(node.index, node.describe())
         for slot in self._remote_slots(node):
             if node.leaving:  # it said so first: nothing of it counts as a crash
                 self._hand_back(slot, keep_running=False)

@@ -738,6 +738,7 @@ class Owner:
             if status == ResultStatus.OK:
                 self.scheduler.record(task.fn_id, took)
                 self.tasks.pop(task.task_id, None)
+                self.objects.lineage.produced(task, payload)  # core.lineage
                 try:
                     task.future._set_encoded_result(payload)
                 except InvalidStateError:

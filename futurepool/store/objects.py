@@ -28,6 +28,11 @@ DRIVER = -1  # the writer id of the driver's own segments
 NODE_SHIFT = 32
 
 
+class Rebuilt(ObjectLostError):
+    """Raised by a fetch whose piece was lost and whose value was rebuilt meanwhile
+    (``core.lineage``): the Future being decoded holds the new pieces; decode again."""
+
+
 def remote(location: Location) -> bool:
     """Whether a piece lives in another host's store (it must be pulled to be read here)."""
     return location.writer >= 1 << NODE_SHIFT

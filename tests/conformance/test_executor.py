@@ -770,12 +770,13 @@ STDLIB_314_SIGNATURES = {
     "kill_workers": "(self)",
 }
 #: Intended differences (futurepool/executor.py docstring): the extra
-#: keyword-only ``max_retries``, ``listen``, ``key_file`` and ``resources``, and ``map``'s
-#: keyword-only ``progress`` (futurepool/progress.py). Nothing else may differ.
+#: keyword-only ``max_retries``, ``listen``, ``key_file``, ``resources`` and
+#: ``max_reconstructions``, and ``map``'s keyword-only ``progress``
+#: (futurepool/progress.py). Nothing else may differ.
 INTENDED_SIGNATURES = {
     "__init__": "(self, max_workers=None, mp_context=None, initializer=None, initargs=(), *, "
                 "max_tasks_per_child=None, max_retries=0, listen=None, key_file=None,"
-                " resources=None)",
+                " resources=None, max_reconstructions=None)",
     "map": "(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None, progress=None)",
 }
 
