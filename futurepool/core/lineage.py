@@ -121,7 +121,7 @@ class Reconstruction:
         self.max_reconstructions: int | None = None  # None: config.MAX_RECONSTRUCTIONS
         # piece name -> the Future whose result holds (or held) it; entries go with it.
         self.by_piece: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-        self.rebuilt = 0  # rebuilds started (futurepool status, tests)
+        self.rebuilt = 0  # re-runs started (tests; a counter for status to show)
 
     @property
     def limit(self) -> int:

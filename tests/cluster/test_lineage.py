@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import gc
 import signal
+import time
 
 import pytest
 
@@ -52,16 +53,22 @@ def lineage(executor):
     return executor._owner.objects.lineage
 
 
-def test_a_dependent_task_rebuilds_a_result_lost_with_its_node(hosts):  # noqa: F811
-    """FAULTS 24 (1): the node with the only copy is killed; a dependent task submitted
-    once the head declared it lost re-runs the producer (on the other node) and
-    succeeds. (Killed with a dependent already pulling: the FAULTS 29 test below.)"""
+@pytest.mark.parametrize("cut", ["kill", "link_down"])
+def test_a_dependent_task_rebuilds_a_result_lost_with_its_node(hosts, cut):  # noqa: F811
+    """FAULTS 24 (1): the node with the only copy is killed (or its link goes down past
+    NODE_TIMEOUT); a dependent task submitted once the head declared it lost re-runs
+    the producer (on the other node) and succeeds. (Killed with a dependent already
+    pulling: the FAULTS 29 test below.)"""
     with executor_for(hosts) as executor:
         future, block = made_on_node1(hosts, executor, 20 * MB)
         old = block.location.name
         del block
         hosts.start(executor, "node2")
-        kill(hosts, executor, "node1", 0)
+        if cut == "kill":
+            kill(hosts, executor, "node1", 0)
+        else:
+            hosts.net.link_down("node1")
+            assert wait_until(lambda: 0 not in executor._owner.head.by_index, TIMEOUT)
         where, total = executor.submit(where_total, future).result(timeout=TIMEOUT)
         assert where == hosts.ns("node2") and total == 7 * 20 * MB
         new = primary(future).location
@@ -70,6 +77,10 @@ def test_a_dependent_task_rebuilds_a_result_lost_with_its_node(hosts):  # noqa: 
         # The same future, rebuilt: a second dependent needs nothing more.
         assert executor.submit(where_total, future).result(timeout=TIMEOUT)[1] == 7 * 20 * MB
         assert lineage(executor).rebuilt == 1
+        if cut == "link_down":  # it comes back, hears its session is over, drops it all
+            hosts.net.link_up("node1")
+            stop(hosts.nodes.pop("node1"))
+            assert wait_until(lambda: not hosts.files("node1"), TIMEOUT), hosts.files("node1")
         del future
 
 
@@ -172,6 +183,33 @@ def test_past_max_reconstructions_raises_attempts_exceeded(hosts):  # noqa: F811
         assert info.value.name == name and "node 1" in str(info.value)
         assert "max_reconstructions=1" in str(info.value)
         assert lineage(executor).rebuilt == 1
+        del future
+
+
+def _make_slowly(nbytes: int, seconds: float) -> bytearray:
+    time.sleep(seconds)
+    return make(nbytes)
+
+
+def test_a_node_lost_while_it_rebuilds(hosts):  # noqa: F811
+    """The node running a rebuild is lost too (the producer's nodes keep dying): that
+    counts as an attempt and the rebuild runs again on the next node that joins."""
+    with executor_for(hosts, max_reconstructions=2) as executor:
+        hosts.start(executor, "node1")
+        future = executor.submit(_make_slowly, 5 * MB, 2.0)
+        concurrent.futures.wait([future], TIMEOUT)
+        assert host_of(primary(future).location) == 0
+        hosts.start(executor, "node2")
+        kill(hosts, executor, "node1", 0)
+        dependent = executor.submit(where_total, future)
+        owner = executor._owner
+        assert wait_until(lambda: any(slot.inflight and slot.link.index == 1 for slot
+                                      in list(owner.scheduler.workers.values())), TIMEOUT), \
+            "the rebuild did not start on node2"
+        kill(hosts, executor, "node2", 1)
+        hosts.start(executor, "node1")  # a new node (index 2) in node1's namespace
+        assert dependent.result(timeout=TIMEOUT) == (hosts.ns("node1"), 7 * 5 * MB)
+        assert lineage(executor).rebuilt == future._lineage.rebuilds == 2
         del future
 
 
