@@ -130,8 +130,8 @@ class Reconstruction:
 
     def produced(self, task: Task, payload) -> None:
         """``task`` finished with ``payload``: keep its lineage if a lost node can take it."""
-        if type(payload) is bytes or self.limit <= 0:
-            return
+        if type(payload) is bytes or self.owner.head is None or self.limit <= 0:
+            return  # inline, or one host only (nothing can be lost), or off
         future = task.future
         if getattr(future, "_rebuild_of", None) is not None or not isinstance(future, Future):
             return  # a rebuild: its result goes to the original (_finished)
