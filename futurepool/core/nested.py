@@ -68,6 +68,11 @@ def current_executor():
         raise RuntimeError(
             "futurepool.current_executor() is only available inside a task run by a"
             " futurepool Executor or Pool; in the driver, use the executor itself")
+    if not _current.serving:
+        raise RuntimeError(
+            "futurepool.current_executor() is not available in the pool's initializer"
+            " (or while the main script is imported): the worker takes no task yet, so"
+            " it could not wait for one; submit from a task instead")
     return _current.handle
 
 
@@ -365,6 +370,7 @@ class NestedOwner:
         self.functions = serialize.FunctionCache(serialize.dumps)
         self.sent_functions: set[bytes] = set()
         self.outgoing: dict[MessageType, list] = {}
+        self.serving = False  # the worker serves tasks (not in its initializer)
         self.borrows = BorrowTable(self._queue, worker.store.view)
         self.handle = ExecutorHandle(self, None)
 

@@ -636,6 +636,7 @@ class Worker:
         return quick and time.perf_counter() - self.held_since < _HOLD_SECONDS
 
     def serve(self) -> None:
+        self.nested.serving = True  # current_executor() works from now on
         tasks_left = self.settings.get("max_tasks_per_child") or 0
         link, lock = self.link, self.lock
         channel = link.channel

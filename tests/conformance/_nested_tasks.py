@@ -236,3 +236,7 @@ def chain(n):
     if n == 0:
         return 0
     return futurepool.current_executor().submit(chain, n - 1).result(timeout=120) + 1
+
+
+def initializer_submits():
+    futurepool.current_executor()

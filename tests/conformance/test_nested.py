@@ -255,3 +255,10 @@ def test_a_chain_of_300_waiting_tasks_on_one_worker():
     """Each blocked task runs the next on top of itself: 300 deep in one thread."""
     with futurepool.Executor(max_workers=1) as executor:
         assert executor.submit(N.chain, 300).result(TIMEOUT * 4) == 300
+
+
+def test_current_executor_in_an_initializer_fails_the_pool_clearly():
+    with futurepool.Executor(1, initializer=N.initializer_submits) as executor:
+        with pytest.raises(futurepool.InitializerError) as caught:
+            executor.submit(N.square, 2).result(TIMEOUT)
+    assert "initializer" in str(caught.value.__cause__)
