@@ -54,3 +54,30 @@ def test_timeouts_and_stops_reach_a_remote_worker(key_file, tmp_path):
         finally:
             code, _out, err = stop(proc)
         assert code == 0, err
+
+
+def test_progress_and_status_counts_with_a_remote_node(key_file):
+    """Point 6 with the tasks on another host: the bar counts every result, and
+    ``futurepool status`` counts the tasks and their rate."""
+    from futurepool.core import status
+
+    from ..conformance.test_progress import Recorder, assert_finished
+
+    recorder = type("Recorder", (Recorder,), {"made": []})
+    with futurepool.Executor(0, listen="tcp://127.0.0.1:0", key_file=key_file) as executor:
+        proc = start_worker(executor.address, key_file, workers=2)
+        try:
+            assert joined(executor, 2), "the node did not join"
+            results = list(executor.map(C.getpid, range(40), timeout=TIMEOUT,
+                                        progress=recorder))
+            assert len(results) == 40
+            assert_finished(recorder.made[0], 40)
+            futures = [executor.submit(C.getpid) for _ in range(10)]
+            shown = [f.result(TIMEOUT) for f in futurepool.as_completed(
+                futures, timeout=TIMEOUT, progress=recorder)]
+            assert len(shown) == 10 and recorder.made[1].n == 10
+            snapshot = status.snapshot(executor._owner)
+            assert snapshot["counts"] == {"submitted": 50, "failed": 0}, snapshot["counts"]
+        finally:
+            code, _out, err = stop(proc)
+        assert code == 0, err
