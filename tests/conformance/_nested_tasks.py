@@ -240,3 +240,21 @@ def chain(n):
 
 def initializer_submits():
     futurepool.current_executor()
+
+
+def big_children(count, nbytes):
+    """Children with stored results, read by the parent wherever each ran; and where."""
+    ex = futurepool.current_executor()
+    futures = [ex.submit(made_where, nbytes) for _ in range(count)]
+    places = set()
+    total = 0
+    for future in futures:
+        value, place = future.result(timeout=60)
+        total += len(value)
+        places.add(place)
+    return total, sorted(places), os.readlink("/proc/self/ns/net")
+
+
+def made_where(nbytes):
+    time.sleep(0.2)  # long enough for the children to spread over the hosts
+    return bytearray(nbytes), os.readlink("/proc/self/ns/net")
