@@ -64,6 +64,13 @@ NODE_C = "node2"
 #: Bytes of the objects scenario's array (--quick: OBJECT_BYTES_QUICK).
 OBJECT_BYTES = 200_000_000
 OBJECT_BYTES_QUICK = 20_000_000
+#: The broadcast scenario (issue 10, (b)): the maker, then the nodes its value goes to.
+BROADCAST_NODES = ("node1", "node2", "node3", "node4")
+#: Bytes of its value (--quick: OBJECT_BYTES_QUICK), and every link's rate (bits/s).
+BROADCAST_BYTES = 100_000_000
+BROADCAST_RATE = 10**9
+#: Delivering it to 3 nodes may take at most this many times delivering it to 1.
+BROADCAST_RATIO = 1.5
 #: Objects across hosts must reach this share of the CURVE floor (issue 10, (a)).
 FLOOR_SHARE = 0.8
 #: Link round trips the remote latency may add to the local one (issue 9).
@@ -463,6 +470,50 @@ class ObjectsSystem(RemoteSystem):
             self.procs.stop()
 
 
+class BroadcastSystem(ObjectsSystem):
+    """Issue 10 (b): one value made on node1, needed by tasks on 1, 2 and 3 other nodes at
+    once; every link shaped to BROADCAST_RATE (tc tbf, both directions)."""
+
+    def run(self, cell, nbytes: int) -> tuple[float, dict]:
+        net = self.ctx.net
+        for member in ("head", *BROADCAST_NODES):
+            net.shape(member, BROADCAST_RATE, burst=1 << 20, latency=0.05)
+        try:
+            return self._run(cell, nbytes)
+        finally:
+            for member in ("head", *BROADCAST_NODES):
+                net.unshape(member)
+
+    def _run(self, cell, nbytes: int) -> tuple[float, dict]:
+        self.start_head()
+        self.start_worker(BROADCAST_NODES[0], cell)
+        warm = self.executor.submit(_tasks.make_array, 2 << 20)
+        made = [self.executor.submit(_tasks.make_array, nbytes) for _ in range(3)]
+        cf.wait([warm, *made], timeout=cell.left())
+        busy = self.executor.submit(_tasks.hold, 3600)  # the tasks go to the other nodes
+        for member in BROADCAST_NODES[1:]:
+            self.start_worker(member, cell)
+        # Warm (imports, connections, handshakes): 2 MB to every receiver.
+        wait_all = [self.executor.submit(_tasks.total, warm) for _ in range(3)]
+        for f in wait_all:
+            f.result(timeout=cell.left())
+        times = {}
+        for receivers in (1, 2, 3):
+            array = made.pop(0)
+            t0 = time.perf_counter()
+            tasks = [self.executor.submit(_tasks.total, array) for _ in range(receivers)]
+            totals = [f.result(timeout=cell.left()) for f in tasks]
+            times[receivers] = time.perf_counter() - t0
+            if totals != [nbytes // 8] * receivers:
+                raise RuntimeError(f"wrong result: {totals}")
+            del array, tasks
+            time.sleep(0.5)  # the frees reach every node
+        busy.stop()
+        chained = self.executor._owner.objects.chained_pulls
+        return times[3] / times[1], {"n1": times[1], "n2": times[2], "n3": times[3],
+                                     "chained": chained}
+
+
 def curve_floor(ctx: Context, cell, nbytes: int, chunk: int) -> float:
     """GB/s of pyzmq PUSH -> PULL with CURVE from B to C, ``nbytes`` in ``chunk``s."""
     procs = Processes(ctx, "floor")
@@ -680,6 +731,24 @@ def objects(cell):
     return 2 * nbytes / seconds / 1e9, {**extras, "floor": floor}
 
 
+@suite.scenario("broadcast", unit="x", higher_is_better=False, timeout=300,
+                target=Target(BROADCAST_RATIO, on="value", label=f"<={BROADCAST_RATIO:g}x"),
+                show=("n3",), rows=("n1", "n2", "chained"))
+def broadcast(cell):
+    """Issue 10 (b): a 100 MB array (20 MB with --quick) made on node1 is needed at once by
+    tasks on 1, 2 and 3 other nodes (node2..node4, one worker each; node1's only worker
+    kept busy), every veth link shaped to 1 Gbit/s (tc tbf rate 1gbit burst 1mb latency
+    50ms). Value: seconds for 3 nodes / seconds for 1 (pipelined broadcast: close to 1);
+    rows n1, n2 (and n3 shown) in seconds from submit to the last result; chained: pulls
+    whose first source was a node still receiving. remote only."""
+    if cell.impl.name != "remote":
+        raise RuntimeError("not measured for this implementation")
+    nbytes = cell.size(BROADCAST_BYTES, OBJECT_BYTES_QUICK)
+    system = BroadcastSystem(CONTEXT, cell.workers)
+    cell.made.append(system)
+    return system.run(cell, nbytes)
+
+
 @suite.scenario("join", unit="s", higher_is_better=False, timeout=180,
                 target=Target(1.0, on="value"), show=("joined",))
 def join(cell):
@@ -749,7 +818,7 @@ def main(argv: list[str]) -> int:
         token = os.open(os.path.join(tmp, "ray-token"), os.O_WRONLY | os.O_CREAT, 0o600)
         os.write(token, secrets.token_hex(32).encode())
         os.close(token)
-        with netns.Network(nodes=2) as net:
+        with netns.Network(nodes=len(BROADCAST_NODES)) as net:
             CONTEXT = Context(net, key_file, tmp, own.ray_python)
             suite.header_extra.append(
                 f"hosts: head {net.address('head')} (this process, namespace"

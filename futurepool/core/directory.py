@@ -47,6 +47,9 @@ from .lineage import Reconstruction
 
 #: The head's own store, in this module's host keys (remote nodes: their index).
 HEAD = -1
+#: Hosts at most in one pipelined-broadcast chain after the piece's holder
+#: (B→C→D→E: 3); a pull past it starts a new chain from a complete copy.
+MAX_CHAIN = 3
 
 
 def host_of(location: Location) -> int:
@@ -61,15 +64,19 @@ def host_of_link(link) -> int:
 class _Wanted:
     """One pull in progress: a piece on its way to one host, and who waits for it."""
 
-    __slots__ = ("block", "name", "dest", "held", "fetchers", "sources")
+    __slots__ = ("block", "name", "dest", "held", "fetchers", "sources", "depth", "downstream",
+                 "chained")
 
-    def __init__(self, block: Block, dest: int, sources):
+    def __init__(self, block: Block, dest: int, sources, depth: int = 1):
         self.block = weakref.ref(block)
         self.name = block.location.name
         self.dest = dest
         self.held: list[_Held] = []
         self.fetchers: list = []  # concurrent.futures.Future of a driver's result()
         self.sources = sources
+        self.depth = depth  # its place in a broadcast chain (1: from a complete copy)
+        self.downstream = 0  # pulls that forward from this one while it is in progress
+        self.chained = False  # its first source is a host still receiving
 
 
 class _Held:
@@ -97,6 +104,8 @@ class ObjectDirectory:
         self.pull_ids = itertools.count(1)
         self.pulled_bytes = 0  # futurepool status, benchmarks
         self.pull_count = 0
+        self.chained_pulls = 0  # pulls whose first source was a host still receiving
+        self.forwarded_pulls = 0  # of those, pulls that got every chunk from it
         self.lost_hosts: dict[int, str] = {}  # host -> how it was described
         self.lineage = Reconstruction(owner)  # rebuilds what a lost host took (core.lineage)
 
@@ -182,14 +191,40 @@ class ObjectDirectory:
             if host == dest:
                 continue
             if host == HEAD:
-                own.append((HEAD, "", where.name, where.spilled))
+                own.append((HEAD, "", where.name, where.spilled, location.name))
                 continue
             link = head.by_index.get(host)
             if link is None:
                 continue  # lost with its host
             address = link.transfer if dest != HEAD else ""
-            (direct if address else relayed).append((host, address, where.name, where.spilled))
+            (direct if address else relayed).append(
+                (host, address, where.name, where.spilled, location.name))
         return direct + own + relayed
+
+    def _upstream(self, location: Location, dest: int):
+        """Pipelined broadcast: the most recent pull of the same piece to another host that
+        nobody forwards from yet and whose chain is short enough, and that host as a
+        source (the piece named by its primary name: the key of that pull there)."""
+        best = None
+        for (name, host), pull_id in self.by_piece.items():
+            if name != location.name or host == dest:
+                continue
+            wanted = self.pulls.get(pull_id)
+            if wanted is None or wanted.downstream or wanted.depth >= MAX_CHAIN:
+                continue
+            if best is None or pull_id > best[0]:
+                best = (pull_id, wanted)
+        if best is None:
+            return None, None
+        wanted = best[1]
+        host = wanted.dest
+        if host == HEAD:
+            return wanted, (HEAD, "", location.name, False, location.name)
+        link = self.head.by_index.get(host)
+        if link is None:
+            return None, None
+        address = link.transfer if dest != HEAD else ""
+        return wanted, (host, address, location.name, False, location.name)
 
     def _want(self, block: Block, dest: int) -> _Wanted:
         location = block.location
@@ -203,8 +238,16 @@ class ObjectDirectory:
                 f"The stored value {location.name} ({location.nbytes:,} bytes) is lost: it"
                 f" lived on {host}, which left or was lost, and no other host holds a copy.",
                 location.name, host)
+        upstream, forwarder = self._upstream(location, dest)
+        depth = 1
+        if upstream is not None:  # a chain B→C→D rather than B→C, B→D
+            sources = [forwarder, *sources]
+            upstream.downstream += 1
+            depth = upstream.depth + 1
+            self.chained_pulls += 1
         pull_id = next(self.pull_ids)
-        wanted = self.pulls[pull_id] = _Wanted(block, dest, sources)
+        wanted = self.pulls[pull_id] = _Wanted(block, dest, sources, depth)
+        wanted.chained = upstream is not None
         self.by_piece[(location.name, dest)] = pull_id
         if dest == HEAD:
             self.head.transfer.pull(pull_id, location.nbytes, sources)
@@ -296,6 +339,8 @@ class ObjectDirectory:
             self.copies.setdefault(wanted.name, {})[dest] = location
             self.pulled_bytes += location.nbytes
             self.pull_count += 1
+            if wanted.chained and why.startswith("source 0:"):
+                self.forwarded_pulls += 1
         for future in wanted.fetchers:
             if not future.done():
                 if rebuild is not None and getattr(future, "rebuildable", False):

@@ -62,8 +62,12 @@ ACK            both ways (tcp)            empty: carries only ``ack`` (nothing t
 PULL           head -> remote node        [(pull_id, name, nbytes, spilled, sources)]:
                                           copy these stored pieces into this node's store;
                                           sources: ((node index or -1 for the head,
-                                          transfer address or ""), ...), tried in order
-PULLED         remote node -> head        [(pull_id, Location tuple or None, why not)]
+                                          transfer address or "", name there, spilled,
+                                          primary name), ...), tried in order; a host
+                                          still pulling the piece serves it by its
+                                          primary name (pipelined broadcast)
+PULLED         remote node -> head        [(pull_id, Location tuple or None, why not, or from which
+                                          source: "source N: ...")]
 DROP           head -> remote node        [Location tuple, ...]: copies (or pieces whose
                                           writer is gone) to remove from its store
 SUBMIT         owner worker -> head       [(local_id, fn_id, fn_bytes or b"", fn_name,
@@ -112,7 +116,7 @@ from __future__ import annotations
 import enum
 import struct
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAGIC = b"fp"
 HEADER = struct.Struct("<2sBBIQII")
 

@@ -33,11 +33,24 @@ the total. A request must name a piece of the session of the store it asks
 (``<session>-...``), within that piece's size: nothing else of the host is
 readable through it.
 
+Pipelined broadcast (Hoplite). A host still pulling a piece serves it too:
+the directory names the piece by its **primary name** (each source's fifth
+element, kept by the pull as its key) and may put a host whose pull is in
+progress first in another host's sources. A CHUNK_REQUEST naming the key of a
+pull in progress here, for that piece's exact size, is answered from the
+reserved segment if every chunk it covers has landed, else deferred until
+they land; if this host's own pull fails, the deferred requests get
+CHUNK_ERROR (the requester goes on to its next source). Once the pull is
+committed the key stays an alias of the copy until the copy is dropped.
+Chunks that landed stay landed when a pull moves to its next source: only
+the missing ones are asked for again.
+
 Threads: the endpoint's sockets, pulls and relays belong to its thread;
 other threads call :meth:`Endpoint.pull` (queued, wakes the thread) and
 :meth:`Endpoint.drop` (the segment writer is thread-safe). A finished pull
 is reported through ``on_done(pull_id, location or None, why)``, called on
-the endpoint's thread.
+the endpoint's thread (pulled: ``why`` says from which source, ``"source N: ..."``,
+N its place in the list).
 """
 
 from __future__ import annotations
@@ -76,7 +89,8 @@ _VIEW_IDLE = 2.0
 class _Pull:
     __slots__ = ("pull_id", "name", "nbytes", "sources", "tried", "errors",
                  "location", "seg", "tid", "route", "asked_source", "next_offset",
-                 "outstanding", "received", "progress", "chunk", "window", "started")
+                 "outstanding", "received", "progress", "chunk", "window", "started",
+                 "key", "landed", "waiters")
 
     def __init__(self, pull_id, nbytes, sources, location, seg):
         self.pull_id = pull_id
@@ -97,6 +111,17 @@ class _Pull:
         self.chunk = max(1, config.TRANSFER_CHUNK)
         self.window = max(1, config.TRANSFER_WINDOW)
         self.started = time.monotonic()
+        # The piece's primary name (a source's 5th element): what hosts pulling after
+        # this one ask for while it is still arriving here (pipelined broadcast).
+        self.key = self.sources[0][4] if self.sources and len(self.sources[0]) > 4 else ""
+        self.landed: set[int] = set()  # chunk indexes written (kept across sources)
+        self.waiters: list[tuple] = []  # deferred requests: (route, index, tid, offset, length)
+
+
+def _covered(pull: _Pull, offset: int, length: int) -> bool:
+    """Whether every chunk of ``pull`` that bytes ``offset..offset+length`` touch has landed."""
+    first, last = offset // pull.chunk, (offset + length - 1) // pull.chunk
+    return all(i in pull.landed for i in range(first, last + 1))
 
 
 def describe_source(source) -> str:
@@ -162,10 +187,13 @@ class Endpoint:
         self._relays: dict[int, tuple] = {}   # head: relay id -> (sock, peer, tid, chunk, when)
         self._reverse: dict[int, bytes] = {}  # head: node index -> its connection's routing id
         self._views: collections.OrderedDict[str, list] = collections.OrderedDict()
+        self._partial: dict[str, _Pull] = {}   # key (primary name) -> pull in progress
+        self._aliases: dict[str, Location] = {}  # key -> the copy that pull made here
         self._stopping = False
         self.dropped = 0   # malformed messages from authenticated peers
         self.refusals = 0  # requests naming what this host does not hold
         self.relayed = 0   # chunks passed on (head)
+        self.forwarded = 0  # chunks served from a pull still in progress
         try:
             if bind is not None:
                 self.server = self._socket(zmq.ROUTER)
@@ -215,6 +243,9 @@ class Endpoint:
             location = Location(*location)
             if not location.name.startswith(self.prefix) or "/" in location.name:
                 continue  # never anything outside this session's store
+            for key, copy in list(self._aliases.items()):
+                if copy.name == location.name:
+                    self._aliases.pop(key, None)
             self.writer.free(location)
 
     def close(self, timeout: float = 5.0) -> None:
@@ -400,6 +431,16 @@ class Endpoint:
         if length > MAX_CHUNK or offset + length > nbytes or length == 0:
             self._refuse(route, header, f"chunk {offset}+{length} outside {nbytes} bytes")
             return
+        partial = self._partial.get(name)
+        if partial is not None and partial.nbytes == nbytes:  # still arriving: forward
+            if _covered(partial, offset, length):
+                self._forward(partial, route, header.count, header.ident, offset, length)
+            else:
+                partial.waiters.append((route, header.count, header.ident, offset, length))
+            return
+        alias = self._aliases.get(name)
+        if alias is not None and alias.nbytes == nbytes:
+            name = alias.name  # a pull that was in progress here has finished: its copy
         try:
             view = self._view(name, nbytes)
         except (ObjectLostError, PermissionError, ValueError, OSError) as exc:
@@ -409,6 +450,34 @@ class Endpoint:
                            view[offset:offset + length]])
         if offset + length == nbytes:  # the last chunk: let the writer reuse it when freed
             self._views.pop(name, None)
+
+    def _forward(self, pull: _Pull, route, index: int, tid: int, offset: int,
+                 length: int) -> None:
+        """Serve a chunk that has landed in a pull still in progress (copied into its
+        message: the segment may be aborted while zmq still sends)."""
+        sock, peer = route
+        frames = [pack_header(MessageType.CHUNK, index, tid)]
+        with memoryview(pull.seg.mm) as whole, whole[offset:offset + length] as part:
+            frames.append(part)
+            try:
+                sock.send_multipart(frames if peer is None else [peer, *frames], zmq.NOBLOCK,
+                                    copy=True)
+                self.forwarded += 1
+            except zmq.ZMQError:
+                pass  # that peer is gone
+            del frames
+
+    def _wake(self, pull: _Pull) -> None:
+        if not pull.waiters:
+            return
+        waiting = []
+        for waiter in pull.waiters:
+            route, index, tid, offset, length = waiter
+            if _covered(pull, offset, length):
+                self._forward(pull, route, index, tid, offset, length)
+            else:
+                waiting.append(waiter)
+        pull.waiters = waiting
 
     def _refuse(self, route, header, why: str) -> None:
         self.refusals += 1
@@ -471,6 +540,10 @@ class Endpoint:
             self.on_done(pull_id, None, f"{type(exc).__name__}: {exc}")
             return
         pull = _Pull(pull_id, nbytes, sources, location, seg)
+        # (The key names the piece on its writer's host, a session of its own: only what
+        # this pull writes into this session's store is ever served under it.)
+        if pull.key and pull.key not in self._partial:
+            self._partial[pull.key] = pull
         self._next_source(pull, None)
 
     def _next_source(self, pull: _Pull, why: str | None) -> None:
@@ -478,7 +551,7 @@ class Endpoint:
             pull.errors.append(f"from {describe_source(pull.sources[pull.tried - 1])}: {why}")
         self._pulls.pop(pull.tid, None)
         pull.outstanding.clear()
-        pull.next_offset = pull.received = 0
+        pull.next_offset = 0  # (what landed stays: only the rest is asked for again)
         while pull.tried < len(pull.sources):
             index, address, pull.name = pull.sources[pull.tried][:3]
             pull.tried += 1
@@ -513,6 +586,9 @@ class Endpoint:
             offset = pull.next_offset
             length = min(pull.chunk, pull.nbytes - offset)
             index = offset // pull.chunk
+            if index in pull.landed:
+                pull.next_offset = offset + length
+                continue
             if not self._send(pull.route, [
                     pack_header(MessageType.CHUNK_REQUEST, index, pull.tid),
                     CHUNK_BODY.pack(pull.asked_source, offset, length, pull.nbytes) + name]):
@@ -536,7 +612,7 @@ class Endpoint:
                 self.relayed += 1
                 self._send((rsock, rpeer), [pack_header(MessageType.CHUNK, rindex, rtid), frame])
             return  # else: late, for an attempt given up on
-        if index not in pull.outstanding:
+        if index not in pull.outstanding or index in pull.landed:
             self._skip(sock)
             return
         offset = index * pull.chunk
@@ -548,10 +624,13 @@ class Endpoint:
             self._next_source(pull, f"chunk {index} had {got:,} bytes, expected {length:,}")
             return
         pull.outstanding.discard(index)
+        pull.landed.add(index)
         pull.received += length
         pull.progress = time.monotonic()
-        if pull.received == pull.nbytes:
-            self._end(pull, pull.location, "")
+        self._wake(pull)
+        if pull.received == pull.nbytes:  # (why: which source it came from, at the end)
+            self._end(pull, pull.location, f"source {pull.tried - 1}:"
+                                           f" {describe_source(pull.sources[pull.tried - 1])}")
         elif not self._ask(pull):
             self._next_source(pull, "not connected")
 
@@ -574,6 +653,16 @@ class Endpoint:
 
     def _end(self, pull: _Pull, location, why: str) -> None:
         self._pulls.pop(pull.tid, None)
+        if self._partial.get(pull.key) is pull:
+            del self._partial[pull.key]
+        if location is not None:
+            self._wake(pull)  # (everything has landed: nobody is left waiting)
+            if pull.key:
+                self._aliases[pull.key] = location
+        for route, index, tid, _, _ in pull.waiters:  # this host's own pull failed
+            self._send(route, [pack_header(MessageType.CHUNK_ERROR, index, tid),
+                               f"its own pull failed: {why}".encode()[:1000]])
+        pull.waiters = []
         if location is None:
             self.writer.abort(pull.location, pull.seg)  # nothing half-written stays
         else:

@@ -31,3 +31,18 @@ def pid_of(value, seconds: float = 0.0) -> int:
     """Which process ran this (``value``: a large argument, only to be placed by)."""
     time.sleep(seconds)
     return os.getpid()
+
+
+def pattern(nbytes: int) -> bytearray:
+    """A large result whose every byte is checked (not all one value): 0, 1, ... 250, 0, ..."""
+    block = bytes(range(251))
+    whole, part = divmod(nbytes, len(block))
+    return bytearray(block * whole + block[:part])
+
+
+def where_crc(array, seconds: float = 0.0):
+    """Which network namespace this ran in, and the CRC-32 and length of ``array``."""
+    import zlib
+
+    time.sleep(seconds)
+    return os.readlink("/proc/self/ns/net"), zlib.crc32(array), len(array)

@@ -17,6 +17,7 @@ from futurepool.protocol import security
 from futurepool.protocol.framing import decode_header, pack_header
 from futurepool.protocol.messages import CHUNK_BODY, MessageType
 from futurepool.store import segments, transfer
+from futurepool.testing import wait_until
 
 from .conftest import TIMEOUT
 
@@ -131,3 +132,113 @@ def test_a_peer_without_the_key_gets_nothing(stores, endpoints):
         sock.close()
     finally:
         ctx.term()
+
+
+def test_a_pull_in_progress_serves_what_has_landed_and_defers_the_rest(
+        stores, endpoints, keys, monkeypatch):
+    """Pipelined broadcast: b pulls a piece from a holder the test plays (answering out of
+    order); a peer asking b for the piece by its primary name gets the chunks that have
+    landed at once, the others when they land, and CHUNK_ERROR when b's own pull fails.
+    Nothing else is served under that name (another size), and nothing stays in b's store."""
+    monkeypatch.setattr(config, "TRANSFER_CHUNK", 1000)
+    monkeypatch.setattr(config, "TRANSFER_WINDOW", 3)
+    b_store = stores()
+    b, b_done = endpoints(b_store, head=False, bind="tcp://127.0.0.1:0")
+    key = f"{b_store.session}-abc-4294967296-0"  # as the directory names the primary
+    data = os.urandom(5000)
+    ctx = zmq.Context()
+    try:
+        holder = ctx.socket(zmq.ROUTER)
+        holder.linger = 0
+        security.make_curve_server(holder, keys, role=security.Role.NODE)
+        holder.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 0)  # a stand-in: no ZAP handler here
+        port = holder.bind_to_random_port("tcp://127.0.0.1")
+        peer = ctx.socket(zmq.DEALER)
+        peer.linger = 0
+        security.make_curve_client(peer, keys, role=security.Role.NODE,
+                                   server=security.Role.NODE)
+        peer.connect(b.address)
+
+        b.pull(1, len(data), [(0, f"tcp://127.0.0.1:{port}", key, False, key)])
+        asked = {}
+        for _ in range(3):  # b's window
+            assert holder.poll(TIMEOUT * 1000)
+            route, header, body = holder.recv_multipart()
+            header = decode_header(header)
+            assert header.kind == MessageType.CHUNK_REQUEST
+            asked[header.count] = header.ident
+        assert sorted(asked) == [0, 1, 2]
+
+        def answer(index):
+            holder.send_multipart([route, pack_header(MessageType.CHUNK, index, asked[index]),
+                                   data[index * 1000:(index + 1) * 1000]])
+
+        def ask(tid, offset, length, nbytes=5000):
+            peer.send_multipart([pack_header(MessageType.CHUNK_REQUEST, tid, tid),
+                                 CHUNK_BODY.pack(-1, offset, length, nbytes) + key.encode()])
+
+        def reply():
+            assert peer.poll(TIMEOUT * 1000), "no answer"
+            header, body = peer.recv_multipart()
+            header = decode_header(header)
+            return header.kind, header.ident, body
+
+        answer(1)  # out of order: chunk 1 lands first
+        assert wait_until(lambda: b.forwarded == 0 and key in b._partial
+                          and 1 in b._partial[key].landed, TIMEOUT)
+        ask(10, 0, 1000)     # not landed yet: deferred
+        ask(11, 1000, 1000)  # landed: at once
+        assert reply() == (MessageType.CHUNK, 11, data[1000:2000])
+        assert not peer.poll(200), "a chunk that has not landed was served"
+        answer(0)
+        assert reply() == (MessageType.CHUNK, 10, data[0:1000])
+        ask(12, 500, 1000)  # spans chunks 0 and 1: both landed
+        assert reply() == (MessageType.CHUNK, 12, data[500:1500])
+        ask(13, 0, 1000, nbytes=999_999)  # not this piece's size: not served
+        kind, ident, body = reply()
+        assert (kind, ident) == (MessageType.CHUNK_ERROR, 13), body
+        assert b.forwarded == 3
+        ask(14, 4000, 1000)  # deferred, then b's own pull fails
+        assert not peer.poll(200)
+        holder.send_multipart([route, pack_header(MessageType.CHUNK_ERROR, 2, asked[2]),
+                               b"gone"])
+        kind, ident, body = reply()
+        assert (kind, ident) == (MessageType.CHUNK_ERROR, 14)
+        assert b"its own pull failed" in body and b"gone" in body, body
+        pull_id, location, why = b_done.get(timeout=TIMEOUT)
+        assert (pull_id, location) == (1, None) and "gone" in why
+        assert key not in b._partial and _files(b_store) == []
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_pull_from_a_host_still_pulling_completes(stores, endpoints, monkeypatch, tmp_path):
+    """a holds it, b pulls from a, c pulls from b only (by the primary name): c gets every
+    byte, forwarded while b receives or from b's finished copy."""
+    monkeypatch.setattr(config, "TRANSFER_CHUNK", 64 << 10)
+    a_store = stores()
+    b_store, c_store = (a_store._replace(  # one cluster, one session; a store per host
+        shm_dir=str(tmp_path / f"{host}-shm"), spill_dir=str(tmp_path / f"{host}-spill"))
+        for host in "bc")
+    for store in (b_store, c_store):
+        os.mkdir(store.shm_dir)
+        os.mkdir(store.spill_dir)
+    a, _ = endpoints(a_store, head=False, bind="tcp://127.0.0.1:0")
+    b, b_done = endpoints(b_store, head=False, bind="tcp://127.0.0.1:0")
+    c, c_done = endpoints(c_store, head=False, bind="tcp://127.0.0.1:0")
+    data = os.urandom(200 * (64 << 10) + 7)
+    on_a = segments.SegmentWriter(a_store, 5).write(memoryview(data))
+    key = on_a.name
+    b.pull(1, len(data), [(0, a.address, key, False, key)])
+    assert wait_until(lambda: key in b._partial or not b_done.empty(), TIMEOUT)
+    c.pull(2, len(data), [(1, b.address, key, False, key)])
+    for store, done in ((b_store, b_done), (c_store, c_done)):
+        _, location, why = done.get(timeout=TIMEOUT)
+        assert location is not None, why
+        assert bytes(segments.read(location, store.dirs)) == data
+        copy = location
+    b.drop([b._aliases[key]])
+    c.drop([copy])
+    assert key not in b._aliases
+    assert wait_until(lambda: not os.listdir(b_store.shm_dir) and not os.listdir(c_store.shm_dir),
+                      TIMEOUT)

@@ -1,0 +1,145 @@
+"""Pipelined broadcast (issue 10, point 4): a host still receiving a value forwards it.
+
+One value made on ``node1`` is needed at once by tasks on ``node2``, ``node3``
+and ``node4``: the directory chains their pulls (node1 → node2 → node3 → node4),
+each forwarding the chunks that have landed in its reserved segment while
+it still receives. Hosts, stores and checks as in ``test_objects.py``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gc
+import os
+import signal
+import time
+import zlib
+
+import pytest
+
+from futurepool import config
+from futurepool.core.directory import host_of
+from futurepool.errors import WorkerCrashedError
+from futurepool.testing import wait_until
+from futurepool.testing.netns import Network
+
+from ._nodes import TIMEOUT, stop
+from ._objects import hold, pattern, where_crc
+from .test_objects import Hosts, head_files, primary
+
+pytestmark = [pytest.mark.chaos, pytest.mark.usefixtures("network_available")]
+
+MB = 1_000_000
+
+
+@pytest.fixture
+def hosts(key_file, monkeypatch):
+    monkeypatch.setattr(config, "STORE_POOL_BYTES", 0)
+    monkeypatch.setattr(config, "NODE_TIMEOUT", 1.5)
+    monkeypatch.setattr(config, "HEARTBEAT_INTERVAL", 0.2)
+    monkeypatch.setattr(config, "TRANSFER_TIMEOUT", 2.0)
+    with Network(nodes=4, head_in_root=True) as net:
+        made = Hosts(net, key_file)
+        try:
+            yield made
+        finally:
+            made.close()
+
+
+def made_on_node1(hosts, executor, nbytes: int):
+    """The value (checked byte by byte) on node1, whose only worker is then kept busy."""
+    hosts.start(executor, "node1")
+    future = executor.submit(pattern, nbytes)
+    concurrent.futures.wait([future], TIMEOUT)
+    block = primary(future)
+    assert host_of(block.location) == 0
+    blocker = executor.submit(hold, 60)  # node1's only worker: the tasks go elsewhere
+    return future, block, blocker
+
+
+def ready(hosts, executor, members) -> None:
+    """Until every node's worker takes tasks (a node joins before its worker has
+    started): one short task per node at once, on every one of them."""
+    expected = {hosts.ns(m) for m in members}
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        ran = [executor.submit(hold, 0.3) for _ in members]
+        if {f.result(timeout=TIMEOUT) for f in ran} == expected:
+            return
+        assert time.monotonic() < deadline, "the nodes' workers did not all start"
+
+
+def copies_here(hosts, member: str) -> list[str]:
+    return [n for n in hosts.files(member) if "--2-" in n]
+
+
+def test_a_value_needed_on_three_nodes_at_once_is_pulled_along_a_chain(hosts):
+    nbytes = 64 * MB
+    with hosts.executor() as executor:
+        future, block, blocker = made_on_node1(hosts, executor, nbytes)
+        for member in ("node2", "node3", "node4"):
+            hosts.start(executor, member)
+        ready(hosts, executor, ("node2", "node3", "node4"))
+        directory = executor._owner.objects
+        expected = zlib.crc32(pattern(nbytes))
+        tasks = [executor.submit(where_crc, future) for _ in range(3)]
+        results = [task.result(timeout=3 * TIMEOUT) for task in tasks]
+        assert {r[0] for r in results} == {hosts.ns(m) for m in ("node2", "node3", "node4")}
+        assert all(r[1:] == (expected, nbytes) for r in results), results
+        assert directory.chained_pulls == 2, "not one chain node1 → node2 → node3 → node4"
+        assert directory.forwarded_pulls == 2, "a chained pull fell back to a complete copy"
+        copies = directory.copies[block.location.name]
+        assert set(copies) == {1, 2, 3}
+        assert blocker.stop()
+        del future, block, copies, tasks
+        gc.collect()
+        members = ("node1", "node2", "node3", "node4")
+        assert wait_until(lambda: not any(hosts.files(m) for m in members)
+                          and not head_files(executor), TIMEOUT), \
+            {m: hosts.files(m) for m in members}
+
+
+def test_the_middle_of_a_chain_killed_mid_transfer(hosts):
+    """node1 → node2 → node3, node2 SIGKILLed while both receive: node3's pull moves on
+    to node1 (keeping the chunks it has) and its task completes; never a hang."""
+    nbytes = 40 * MB
+    with hosts.executor() as executor:
+        future, block, blocker = made_on_node1(hosts, executor, nbytes)
+        hosts.start(executor, "node2")
+        hosts.start(executor, "node3")
+        ready(hosts, executor, ("node2", "node3"))
+        directory = executor._owner.objects
+        hosts.net.shape("node1", 16_000_000)  # 40 MB take 20 s out of node1
+        started = time.monotonic()
+        first = executor.submit(where_crc, future)
+        second = executor.submit(where_crc, future)
+        assert wait_until(lambda: copies_here(hosts, "node2") and copies_here(hosts, "node3"),
+                          TIMEOUT), "node2 and node3 did not start receiving"
+        assert directory.chained_pulls == 1
+        chained = [w for w in directory.pulls.values() if w.depth == 2]
+        assert len(chained) == 1 and chained[0].sources[0][0] in (1, 2)
+        middle = "node2" if chained[0].sources[0][0] == 1 else "node3"
+        downstream = "node3" if middle == "node2" else "node2"
+        time.sleep(1.5)  # some chunks land in the middle, and go on downstream
+        hosts.nodes[middle].send_signal(signal.SIGKILL)
+        hosts.net.unshape("node1")  # the rest comes from node1 at link speed
+        expected = (ns := hosts.ns(downstream), zlib.crc32(pattern(nbytes)), nbytes)
+        outcomes = []
+        for task in (first, second):
+            try:
+                outcomes.append(task.result(timeout=3 * TIMEOUT))
+            except WorkerCrashedError as exc:  # the killed node's own task (no retries)
+                assert "was lost" in str(exc)
+                outcomes.append("lost")
+        assert sorted(outcomes, key=str) == sorted([expected, "lost"], key=str), (outcomes, ns)
+        assert time.monotonic() - started < 3 * TIMEOUT
+        assert len(copies_here(hosts, downstream)) == 1
+        stop(hosts.nodes.pop(middle))
+        assert blocker.stop()
+        del future, block, first, second, task, chained
+        gc.collect()
+        assert wait_until(lambda: not hosts.files("node1") and not hosts.files(downstream),
+                          TIMEOUT), (hosts.files("node1"), hosts.files(downstream))
+        # The killed node's store is its session's leftovers: its process is gone.
+        for name in hosts.files(middle):
+            os.unlink(os.path.join(hosts.dirs[middle], name))
