@@ -173,7 +173,14 @@ def test_a_leak_across_tasks_is_caught_by_the_limit_or_bounded_by_recycling():
             except TaskMemoryError as error:
                 outcomes.append(error)
         failed = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, TaskMemoryError)]
-        assert failed and 2 <= failed[0] <= 5, outcomes  # after ~4 of them, not at once
+        # The task that takes the worker past the limit fails, after ~4 of them, not at
+        # once. (The node's backstop may instead end the worker just after a task that
+        # took it past the limit returned: then no task fails, but the next one runs
+        # in a fresh worker. The leak is bounded either way.)
+        replaced = [i for i in range(1, len(outcomes)) if isinstance(outcomes[i], int)
+                    and isinstance(outcomes[i - 1], int) and outcomes[i] != outcomes[i - 1]]
+        first = min(failed[:1] + replaced[:1], default=None)
+        assert first is not None and 2 <= first <= 5, outcomes
         pids = {outcome for outcome in outcomes if isinstance(outcome, int)}
         assert len(pids) >= 2, outcomes  # its replacement started afresh
     with futurepool.Executor(1, max_tasks_per_child=2) as executor:
