@@ -17,15 +17,13 @@ import zlib
 
 import pytest
 
-from futurepool import config
 from futurepool.core.directory import host_of
 from futurepool.errors import WorkerCrashedError
 from futurepool.testing import wait_until
-from futurepool.testing.netns import Network
 
 from ._nodes import TIMEOUT, stop
 from ._objects import hold, pattern, where_crc
-from .test_objects import Hosts, head_files, primary
+from .test_objects import head_files, network_of, primary
 
 pytestmark = [pytest.mark.chaos, pytest.mark.usefixtures("network_available")]
 
@@ -34,16 +32,8 @@ MB = 1_000_000
 
 @pytest.fixture
 def hosts(key_file, monkeypatch):
-    monkeypatch.setattr(config, "STORE_POOL_BYTES", 0)
-    monkeypatch.setattr(config, "NODE_TIMEOUT", 1.5)
-    monkeypatch.setattr(config, "HEARTBEAT_INTERVAL", 0.2)
-    monkeypatch.setattr(config, "TRANSFER_TIMEOUT", 2.0)
-    with Network(nodes=4, head_in_root=True) as net:
-        made = Hosts(net, key_file)
-        try:
-            yield made
-        finally:
-            made.close()
+    with network_of(4, key_file, monkeypatch) as made:
+        yield made
 
 
 def made_on_node1(hosts, executor, nbytes: int):

@@ -12,6 +12,7 @@ piece is unlinked at once, so "freed on every host" is "its file is gone".
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import gc
 import os
 import shutil
@@ -78,18 +79,25 @@ class Hosts:
             assert not left, f"{member}'s store kept {left}"
 
 
-@pytest.fixture
-def hosts(key_file, monkeypatch):
+@contextlib.contextmanager
+def network_of(nodes: int, key_file, monkeypatch):
+    """``nodes`` hosts besides the head, with this module's settings; checked at the end."""
     monkeypatch.setattr(config, "STORE_POOL_BYTES", 0)
     monkeypatch.setattr(config, "NODE_TIMEOUT", 1.5)
     monkeypatch.setattr(config, "HEARTBEAT_INTERVAL", 0.2)
     monkeypatch.setattr(config, "TRANSFER_TIMEOUT", 2.0)
-    with Network(nodes=2, head_in_root=True) as net:
+    with Network(nodes=nodes, head_in_root=True) as net:
         made = Hosts(net, key_file)
         try:
             yield made
         finally:
             made.close()
+
+
+@pytest.fixture
+def hosts(key_file, monkeypatch):
+    with network_of(2, key_file, monkeypatch) as made:
+        yield made
 
 
 def primary(future) -> object:
