@@ -108,9 +108,6 @@ class NestedBlock:
             pass
 
 
-def _view_of(piece) -> memoryview:
-    return piece.view()
-
 
 class _LendingWaiters(list):
     """A nested future's ``_waiters``: a thread about to block in the stdlib's

@@ -263,10 +263,7 @@ class Node:
                 continue
             if not interrupt:
                 SLOT_INTERRUPT.pack_into(slot, SLOT_INTERRUPT_OFFSET, INTERRUPT_TIMEOUT)
-            try:
-                os.kill(pid, signal.SIGKILL)  # our unreaped child: the pid is still its own
-            except ProcessLookupError:
-                pass
+            _kill(pid)
         return due
 
     def enforce_memory(self) -> float:
@@ -290,10 +287,7 @@ class Node:
                 continue
             SLOT_INTERRUPT.pack_into(slot, SLOT_INTERRUPT_OFFSET, INTERRUPT_MEMORY)
             MEMORY_SLOT.pack_into(slot, MEMORY_SLOT_OFFSET, limit, rss)
-            try:
-                os.kill(pid, signal.SIGKILL)  # our unreaped child: the pid is still its own
-            except ProcessLookupError:
-                pass
+            _kill(pid)
         return due
 
     def top_up(self) -> None:
@@ -473,3 +467,11 @@ def _read_settings(reader: PipeReader) -> dict:
         if reader.closed:
             break
     sys.exit(1)
+
+
+def _kill(pid: int) -> None:
+    """SIGKILL a worker (the slot says why first): our unreaped child, so the pid is its own."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

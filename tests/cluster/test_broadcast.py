@@ -8,7 +8,6 @@ it still receives. Hosts, stores and checks as in ``test_objects.py``.
 
 from __future__ import annotations
 
-import concurrent.futures
 import gc
 import os
 import signal
@@ -17,13 +16,13 @@ import zlib
 
 import pytest
 
-from futurepool.core.directory import host_of
 from futurepool.errors import WorkerCrashedError
 from futurepool.testing import wait_until
 
 from ._nodes import TIMEOUT, stop
 from ._objects import hold, pattern, where_crc
-from .test_objects import head_files, network_of, primary
+from .test_objects import head_files, network_of
+from .test_objects import made_on_node1 as objects_made_on_node1
 
 pytestmark = [pytest.mark.chaos, pytest.mark.usefixtures("network_available")]
 
@@ -38,11 +37,7 @@ def hosts(key_file, monkeypatch):
 
 def made_on_node1(hosts, executor, nbytes: int):
     """The value (checked byte by byte) on node1, whose only worker is then kept busy."""
-    hosts.start(executor, "node1")
-    future = executor.submit(pattern, nbytes)
-    concurrent.futures.wait([future], TIMEOUT)
-    block = primary(future)
-    assert host_of(block.location) == 0
+    future, block = objects_made_on_node1(hosts, executor, nbytes, pattern)
     blocker = executor.submit(hold, 60)  # node1's only worker: the tasks go elsewhere
     return future, block, blocker
 

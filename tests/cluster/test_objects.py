@@ -106,10 +106,10 @@ def primary(future) -> object:
     return pieces[0] if pieces else inband
 
 
-def made_on_node1(hosts, executor, nbytes: int):
-    """A future whose array lives on node1 (the only node when it runs)."""
+def made_on_node1(hosts, executor, nbytes: int, maker=make):
+    """A future whose array (made by ``maker``) lives on node1 (the only node when it runs)."""
     hosts.start(executor, "node1")
-    future = executor.submit(make, nbytes)
+    future = executor.submit(maker, nbytes)
     concurrent.futures.wait([future], TIMEOUT)
     block = primary(future)
     assert host_of(block.location) == 0
