@@ -179,7 +179,7 @@ class Head:
         post = weak_method(owner.post)
         try:
             self.transfer = Endpoint(keys, owner.store.settings, head=True,
-                                     bind=f"tcp://{host}:0",
+                                     bind=f"tcp://{host}:0", exported=owner.store.exports,
                                      on_done=lambda *done: post(("pulled", *done)))
         except BaseException:
             self.sock.close()

@@ -77,7 +77,7 @@ from ..errors import (
 )
 from ..protocol.framing import decode_header
 from ..protocol.messages import MessageType, ResultStatus
-from ..store import segments, serialize
+from ..store import segments, serialize, shared
 from ..store.objects import DriverStore, remote
 from . import startup
 from .calls import Task, culprit, pickling_error
@@ -278,9 +278,10 @@ class Owner:
         except BaseException as exc:  # noqa: BLE001
             raise pickling_error(  # noqa: B904 - its cause is set, or it is the original
                 f"Could not pickle the function {serialize.describe_callable(fn)}", exc)
+        shared_names = []
         try:
             data, deps = serialize.dumps_arguments(args, kwargs, self.store, self.dumps,
-                                                   context=self)
+                                                   context=self, shared_names=shared_names)
         except (KeyboardInterrupt, ObjectStoreFullError):
             raise
         except BaseException as exc:  # noqa: BLE001 - sys.exit() in a __reduce__ too
@@ -295,6 +296,8 @@ class Owner:
                         self.max_retries if retries is None else retries,
                         options.timeout or 0.0, retries is not None, options.request,
                         options.memory_limit or 0)
+        if shared_names:
+            task.shared = frozenset(shared_names)
         future._description = task.describe()
         future._stop_via = self.stop_hook
         future._task_id = task.task_id
@@ -541,6 +544,9 @@ class Owner:
             self.store.writer.drain_frees()
             return
         self.objects.free(location)  # its copies on other hosts
+        if location.writer == shared.EXPORT_WRITER:  # the user's segment: theirs to remove
+            self.store.exports.pop(location.name, None)
+            return
         slot = self.scheduler.workers.get(location.writer)
         if slot is None or not slot.alive:  # its writer is gone: nobody will reuse it
             if remote(location):
@@ -715,7 +721,8 @@ class Owner:
     def _settle_results(self, worker: WorkerSlot, results) -> None:
         inflight = worker.inflight
         worker.progress_at = time.monotonic()
-        for task_id, attempt, status, payload, took in results:
+        for result in results:
+            task_id, attempt, status, payload, took = result[:5]
             if status == ResultStatus.OK and type(payload) is not bytes:
                 payload = self._wrap_pieces(payload)  # a result we drop below is freed
             if inflight and inflight[0].task_id == task_id:
@@ -735,49 +742,94 @@ class Owner:
             if self.on_demand:  # a worker is free again (the stdlib's idle semaphore)
                 self.idle_workers.release()
             self.completed += 1
-            if status == ResultStatus.OK:
-                self.scheduler.record(task.fn_id, took)
-                self.tasks.pop(task.task_id, None)
-                self.objects.lineage.produced(task, payload)  # core.lineage
-                try:
-                    task.future._set_encoded_result(payload)
-                except InvalidStateError:
-                    pass  # stopped (Future.stop) as it finished: it stays cancelled
-                except BaseException:  # noqa: BLE001 - a callback must not stop us
-                    LOGGER.exception("setting the result of %s", task.describe())
-            elif status == ResultStatus.ERROR:
-                self.scheduler.record(task.fn_id, took)
-                self._settle_exception(task, serialize.loads_exception(payload))
-            elif status == ResultStatus.ARGS_FAILED:
-                original = serialize.loads_exception(payload)
-                if isinstance(original, ObjectLostError):
-                    self._settle_exception(task, original)
-                    continue
-                hint = ""
-                if isinstance(original, ModuleNotFoundError) and worker.link.remote:
-                    hint = (f" The module {original.name!r} must be installed on"
-                            f" {worker.link.host} too: only the main script is shipped.")
-                error = UnpicklingFailedError(
-                    f"The arguments of {task.describe()} could not be unpickled in worker"
-                    f" {worker.worker_id} on {worker.link.describe()}:"
-                    f" {type(original).__name__}: {original}. The task did not run; the"
-                    f" worker and the pool are fine.{hint}", what="arguments")
-                error.__cause__ = original
-                self._settle_exception(task, error)
-            elif status == ResultStatus.TIMED_OUT:
-                if self._retry_timeout(task):
-                    continue
-                error = TaskTimeoutError(task.describe(), task.timeout)
-                if payload:  # what the task raised when interrupted, with its traceback
-                    error.__cause__ = serialize.loads_exception(payload)
-                self._settle_exception(task, error)
-            elif status == ResultStatus.STOPPED:
-                self.tasks.pop(task.task_id, None)  # its future was cancelled by stop()
-            elif status == ResultStatus.MISSING_FUNCTION:
-                worker.functions.pop(task.fn_id, None)
-                self.ready.appendleft(task)
-                if worker.quota is not None:
-                    worker.quota += 1
+            if len(result) > 5:  # it changed mirrors of shared memory: written back first
+                self._write_back(task, result[5], lambda w=worker, t=task, s=status, p=payload,
+                                 d=took: self._settle(w, t, s, p, d))
+                continue
+            self._settle(worker, task, status, payload, took)
+
+    def _settle(self, worker: WorkerSlot, task: Task, status, payload, took) -> None:
+        """Complete ``task``'s future with an outcome of its current attempt."""
+        if status == ResultStatus.OK:
+            self.scheduler.record(task.fn_id, took)
+            self.tasks.pop(task.task_id, None)
+            self.objects.lineage.produced(task, payload)  # core.lineage
+            try:
+                task.future._set_encoded_result(payload)
+            except InvalidStateError:
+                pass  # stopped (Future.stop) as it finished: it stays cancelled
+            except BaseException:  # noqa: BLE001 - a callback must not stop us
+                LOGGER.exception("setting the result of %s", task.describe())
+        elif status == ResultStatus.ERROR:
+            self.scheduler.record(task.fn_id, took)
+            self._settle_exception(task, serialize.loads_exception(payload))
+        elif status == ResultStatus.ARGS_FAILED:
+            original = serialize.loads_exception(payload)
+            if isinstance(original, ObjectLostError):
+                self._settle_exception(task, original)
+                return
+            hint = ""
+            if isinstance(original, ModuleNotFoundError) and worker.link.remote:
+                hint = (f" The module {original.name!r} must be installed on"
+                        f" {worker.link.host} too: only the main script is shipped.")
+            error = UnpicklingFailedError(
+                f"The arguments of {task.describe()} could not be unpickled in worker"
+                f" {worker.worker_id} on {worker.link.describe()}:"
+                f" {type(original).__name__}: {original}. The task did not run; the"
+                f" worker and the pool are fine.{hint}", what="arguments")
+            error.__cause__ = original
+            self._settle_exception(task, error)
+        elif status == ResultStatus.TIMED_OUT:
+            if self._retry_timeout(task):
+                return
+            error = TaskTimeoutError(task.describe(), task.timeout)
+            if payload:  # what the task raised when interrupted, with its traceback
+                error.__cause__ = serialize.loads_exception(payload)
+            self._settle_exception(task, error)
+        elif status == ResultStatus.STOPPED:
+            self.tasks.pop(task.task_id, None)  # its future was cancelled by stop()
+        elif status == ResultStatus.MISSING_FUNCTION:
+            worker.functions.pop(task.fn_id, None)
+            self.ready.appendleft(task)
+            if worker.quota is not None:
+                worker.quota += 1
+
+    def _write_back(self, task: Task, patches, settle) -> None:
+        """What a task changed in mirrors of the stdlib's shared memory (store.shared):
+        pulled here if stored, written into the segments, then ``settle()``."""
+        patches = self._wrap_pieces(patches)
+        blocks = [] if type(patches) is bytes else \
+            [p for p in (patches[0], *patches[1]) if type(p) is not bytes]
+        arrived: dict[int, segments.Location] = {}
+
+        def delivered(block, location, error) -> None:
+            if not blocks:
+                return  # one already failed
+            if error is not None:
+                arrived.clear()
+                blocks.clear()
+                self._settle_exception(task, ObjectLostError(
+                    f"The changes {task.describe()} made to shared memory on another host"
+                    f" could not be written back: {error}", block.location.name))
+                return
+            arrived[id(block)] = location
+            if blocks and len(arrived) == len(blocks):
+                apply()
+
+        def apply() -> None:
+            dirs = self.store.settings.dirs
+            try:
+                shared.write_back(serialize.decode(
+                    patches, lambda piece: segments.read(arrived[id(piece)], dirs)), task.shared)
+            except Exception:  # noqa: BLE001 - e.g. the segment was unlinked meanwhile
+                LOGGER.warning("writing back what %s changed in shared memory",
+                               task.describe(), exc_info=True)
+            settle()
+
+        if not blocks:
+            apply()
+        for block in list(blocks):
+            self.objects.deliver(block, HEAD, lambda loc, err, b=block: delivered(b, loc, err))
 
     def _retry_timeout(self, task: Task) -> bool:
         """Re-run a timed-out (or memory-killed) task if its options gave it retries."""

@@ -77,7 +77,7 @@ import zmq
 from .. import config
 from ..errors import ObjectStoreFullError, ResultPicklingError, TaskTimeoutError
 from ..protocol.messages import MessageType, ResultStatus
-from ..store import serialize
+from ..store import serialize, shared
 from ..store.objects import WorkerStore
 from ..store.segments import Location
 from . import nested
@@ -140,6 +140,7 @@ class Worker:
         # it is, so a crash in an argument's __del__ cannot cost the result.
         self.keepalive: list = []
         self.store = WorkerStore(settings["store"], worker_id)
+        shared.set_mirror_stem(self.store.settings.session)
         # Tasks that submit tasks own their futures here (core.nested).
         self.nested = nested.install(self)
         self.lending = False  # the main thread waits in lend(): it reads the socket
@@ -268,8 +269,11 @@ class Worker:
                 MEMORY_SLOT.pack_into(self.slot, MEMORY_SLOT_OFFSET, limits[0], 0)
                 if os.getppid() == self.node_pid:  # (not whoever adopted us if it died)
                     os.kill(self.node_pid, MEMORY_WATCH_SIGNAL)
+        shared.begin_task()
         try:
-            return self._run(task_id, attempt, fn_id, fn_bytes, args_bytes, deps, timeout)
+            outcome, keep = self._run(task_id, attempt, fn_id, fn_bytes, args_bytes, deps,
+                                      timeout)
+            return self._with_write_back(outcome), keep
         finally:
             if limits is not None:
                 self.limits.end(limits)
@@ -277,6 +281,26 @@ class Worker:
             self.current = None
             self.kill_at = None
             RUNNING_SLOT.pack_into(self.slot, 0, 0, 0, 0, 0.0)
+
+    def _with_write_back(self, outcome: tuple) -> tuple:
+        """The outcome, with what the task changed in mirrors of another host's shared
+        memory (store.shared) when it had any: the owner writes it back first."""
+        ran = outcome[2] not in (ResultStatus.ARGS_FAILED, ResultStatus.MISSING_FUNCTION)
+        try:
+            patches = shared.end_task(ran)
+            if patches is None:
+                return outcome
+            return (*outcome, serialize.dumps_result(patches, self.store))
+        except Exception as exc:  # noqa: BLE001 - the task's future says so; we go on
+            if outcome[2] != ResultStatus.OK:
+                return outcome
+            if type(outcome[3]) is not bytes:  # its result's pieces will not be sent
+                inband, pieces = outcome[3]
+                for piece in (inband, *pieces) if type(inband) is not bytes else pieces:
+                    self.store.discard(piece)
+            return (outcome[0], outcome[1], ResultStatus.ERROR, serialize.dumps_exception(
+                RuntimeError(f"the changes task {outcome[0]} made to shared memory could not"
+                             f" be sent back: {type(exc).__name__}: {exc}")), outcome[4])
 
     def _run(self, task_id, attempt, fn_id, fn_bytes, args_bytes, deps, timeout) -> tuple:
         try:

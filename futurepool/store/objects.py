@@ -15,11 +15,12 @@ Block pickles as its location) and keep nothing once a task is done.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 
 from ..errors import ObjectLostError
-from . import segments
+from . import segments, shared
 from .segments import Location, SegmentWriter, StoreSettings
 
 DRIVER = -1  # the writer id of the driver's own segments
@@ -111,10 +112,20 @@ class DriverStore:
         self._blocks: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
         self.closed = False
+        # Segments of the stdlib's shared memory passed to tasks (store.shared): piece
+        # name -> segment name, while the piece is held; the head's endpoint serves them.
+        self.exports: dict[str, str] = {}
+        self._export_seq = itertools.count(1)
 
     def stored(self, buf: memoryview) -> Block:
         """Store a buffer for the driver (arguments, ``put``); reuses a live copy."""
         exporter = buf.obj
+        segment = shared.claim(exporter)
+        if segment is not None:  # a SharedMemory: stands for itself, nothing copied
+            location = Location(f"{self.settings.session}-x{next(self._export_seq)}",
+                                buf.nbytes, False, shared.EXPORT_WRITER)
+            self.exports[location.name] = segment
+            return self.wrap(location)
         block = self.writer.cached(exporter, buf.nbytes)
         if block is None:
             block = self.wrap(self.writer.write(buf))
@@ -178,7 +189,11 @@ class WorkerStore:
         self.threshold = settings.threshold
         self.writer = SegmentWriter(settings, worker_id)
         self.reader = segments.CachedReader(settings.dirs)
-        self.view = self.reader.view
+
+    def view(self, location: Location) -> memoryview:
+        if location.writer == shared.EXPORT_WRITER:
+            return memoryview(b"")  # a segment of this host: attached by name (store.shared)
+        return self.reader.view(location)
 
     def stored(self, buf: memoryview) -> Location:
         return self.writer.write(buf)

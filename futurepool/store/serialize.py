@@ -30,12 +30,14 @@ import traceback
 import types
 import weakref
 from concurrent.futures.process import _RemoteTraceback
+from multiprocessing import shared_memory
 from multiprocessing.reduction import ForkingPickler
 
 import cloudpickle
 import tblib
 
 from ..errors import RemoteError
+from . import shared
 
 PROTOCOL = 5
 
@@ -60,11 +62,30 @@ def _make_code(make, args, filename: str) -> types.CodeType:
     return code if code.co_filename == filename else code.replace(co_filename=filename)
 
 
-class _Pickler(cloudpickle.CloudPickler):
-    """cloudpickle, except that code keeps its file name (see :func:`_reduce_code`)."""
+def _reduce_shared_memory(shm):
+    # In the driver's task arguments: a segment other hosts can mirror (store.shared);
+    # anywhere else as the stdlib pickles it, by name.
+    names = getattr(_collector, "shared", None)
+    if names is None:
+        return shm.__reduce__()
+    return shared.reduce_segment(shm, names)
 
-    dispatch_table = collections.ChainMap({types.CodeType: _reduce_code},
-                                          cloudpickle.CloudPickler.dispatch_table)
+
+def _reduce_shareable_list(shareable):
+    if getattr(_collector, "shared", None) is None:
+        return shareable.__reduce__()
+    return shared.reduce_list(shareable)
+
+
+class _Pickler(cloudpickle.CloudPickler):
+    """cloudpickle, except that code keeps its file name (see :func:`_reduce_code`), and
+    the stdlib's shared memory can reach other hosts in tasks' arguments."""
+
+    dispatch_table = collections.ChainMap({
+        types.CodeType: _reduce_code,
+        shared_memory.SharedMemory: _reduce_shared_memory,
+        shared_memory.ShareableList: _reduce_shareable_list,
+    }, cloudpickle.CloudPickler.dispatch_table)
 
 
 def dumps(obj, buffer_callback=None, main_by_name=None) -> bytes:
@@ -271,20 +292,27 @@ def pickling_arguments():
     return _collector.context
 
 
-def dumps_arguments(args, kwargs, store=None, dumps_fn=dumps, context=True) -> tuple:
+def dumps_arguments(args, kwargs, store=None, dumps_fn=dumps, context=True,
+                    shared_names=None) -> tuple:
     """Encode ``(args, kwargs)`` and return the futures found inside them.
 
     ``context``: what :func:`pickling_arguments` answers meanwhile (the owner
-    the task is for).
+    the task is for). ``shared_names``: a list, in the driver: the stdlib's
+    shared memory segments inside are named there, and pickle so that other
+    hosts can mirror them (``store.shared``).
     """
     # Re-entrant: pickling a MapResult submits its joining task meanwhile.
-    outer = getattr(_collector, "deps", None), getattr(_collector, "context", None)
+    outer = (getattr(_collector, "deps", None), getattr(_collector, "context", None),
+             getattr(_collector, "shared", None))
     _collector.deps = deps = {}
     _collector.context = context
+    _collector.shared = shared_names
     try:
         return encode((args, kwargs), store, dumps_fn), deps
     finally:
-        _collector.deps, _collector.context = outer
+        _collector.deps, _collector.context, _collector.shared = outer
+        if shared_names:
+            shared.forget_pending()
 
 
 # Futures that left their owner inside a value (core.nested) register, when

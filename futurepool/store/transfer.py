@@ -71,7 +71,7 @@ from ..protocol import security
 from ..protocol.framing import decode_header, pack_header
 from ..protocol.messages import CHUNK_BODY, MessageType
 from ..protocol.zap import Authenticator
-from . import segments
+from . import segments, shared
 from .segments import Location, SegmentWriter, StoreSettings
 
 LOGGER = logging.getLogger("futurepool")
@@ -153,12 +153,15 @@ class Endpoint:
         hub: a node's: the head endpoint's address; ``node_index`` its index there.
         on_done: ``on_done(pull_id, Location or None, why)``, on this thread.
         zero_copy: send chunks without copying them (default: not in the head).
+        exported: the head's: piece name -> the name of a segment of the stdlib's
+            shared memory it stands for (``store.shared``), served from that segment.
     """
 
     def __init__(self, keys, settings: StoreSettings, *, head: bool, bind: str | None,
                  hub: str | None = None, node_index: int = -1, on_done=None,
-                 zero_copy: bool | None = None):
+                 zero_copy: bool | None = None, exported: dict | None = None):
         self.keys = keys
+        self.exported = exported if exported is not None else {}
         # Zero-copy sends of our own buffers start pyzmq's process-wide garbage thread:
         # not in the driver's process (its program would find a thread it did not
         # start), where a chunk is copied once into its message instead.
@@ -492,10 +495,15 @@ class Endpoint:
             entry[1] = time.monotonic()
             self._views.move_to_end(name)
             return entry[0]
+        # A SharedMemory passed to a task is read where it is (store.shared).
+        segment = self.exported.get(name)
+        places = [(Location(segment, nbytes, False, 0), (shared.SHM_ROOT, shared.SHM_ROOT))] \
+            if segment is not None else \
+            [(Location(name, nbytes, spilled, 0), self.settings.dirs) for spilled in (False, True)]
         view = None
-        for spilled in (False, True):
+        for location, dirs in places:
             try:
-                view = segments.read(Location(name, nbytes, spilled, 0), self.settings.dirs)
+                view = segments.read(location, dirs)
                 break
             except ObjectLostError:
                 continue
