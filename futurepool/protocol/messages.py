@@ -33,7 +33,10 @@ TASKS          owner -> worker            [(task_id, attempt, fn_id, fn_bytes,
                                            args_bytes, ((object_id, value),..),
                                            timeout seconds or 0.0)]
 RESULTS        worker -> owner            [(task_id, attempt, status, payload,
-                                           run_seconds)]
+                                           run_seconds[, patches])]: patches, an
+                                          encoded value: what the task changed in
+                                          mirrors of the driver's shared memory
+                                          (store.shared), written back first
 INIT_FAILED    worker -> owner            exception bytes (serialize.dumps_exception)
 START_FAILED   worker -> owner            exception bytes: importing the main script
                                           (spawn semantics) failed
@@ -116,7 +119,7 @@ from __future__ import annotations
 import enum
 import struct
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 MAGIC = b"fp"
 HEADER = struct.Struct("<2sBBIQII")
 

@@ -208,3 +208,14 @@ def test_a_segment_on_the_heads_host_is_attached_there_not_mirrored(key_file):
         assert token == shared.host_token()
         assert array.array("q", bytes(shm.buf[:8 << 20]))[:3].tolist() == [1, 4, 7]
         assert concurrent.futures.wait([executor.submit(hold, 0)], TIMEOUT).done
+
+
+def test_tasks_over_a_large_segment_go_to_its_host_while_it_has_free_workers(hosts):
+    """Locality: the segment counts as bytes held by the driver's host."""
+    with futurepool.Executor(2, listen=f"tcp://{hosts.net.address('head')}:0",
+                             key_file=hosts.key_file) as executor, segment(8 << 20) as shm:
+        hosts.start(executor, "node1")
+        futures = [executor.submit(fill, shm, 0, 1, 0.3) for _ in range(2)]
+        assert {f.result(timeout=TIMEOUT)[1] for f in futures} == {shared.host_token()}
+        del futures
+        nothing_left(hosts, executor)
