@@ -75,7 +75,7 @@ import traceback
 from .. import config
 from ..protocol.framing import PipeReader, write_pipe_message
 from ..protocol.messages import MessageType
-from ..store import segments, serialize
+from ..store import segments, serialize, shared
 from .processes import (
     EXIT_INITIALIZER_FAILED,
     INITIALIZING,
@@ -202,6 +202,7 @@ class Node:
             task_id, attempt, interrupt, _kill_at = RUNNING_SLOT.unpack_from(slot)
             _limit, peak = MEMORY_SLOT.unpack_from(slot, MEMORY_SLOT_OFFSET)
             slot.close()
+            shared.remove_mirrors(self.settings["store"].session, pid)  # if it died in a task
             exitcode, signame = describe_status(status)
             self.report(MessageType.WORKER_EXITED,
                         (worker_id, pid, exitcode, signame, task_id, attempt, interrupt,
@@ -425,6 +426,7 @@ def serve(cmd_fd: int, event_fd: int, inherited=None) -> int:
     # Every worker is gone: nothing of the session's store is written any more.
     store = settings["store"]
     segments.remove_files(store.dirs, store.session + "-")
+    shared.remove_mirrors(store.session)
     return code
 
 

@@ -107,7 +107,25 @@ _mirror_stem = None  # "<session>-m<pid>-": the node removes what a dead worker 
 
 def set_mirror_stem(session: str) -> None:
     global _mirror_stem
-    _mirror_stem = f"{session}-m{os.getpid()}-"
+    _mirror_stem = _stem(session, os.getpid())
+
+
+def _stem(session: str, pid: int | None) -> str:
+    return f"{session}-m{'' if pid is None else f'{pid}-'}"
+
+
+def remove_mirrors(session: str, pid: int | None = None) -> None:
+    """Remove the mirrors a dead worker (``pid``), or every worker of a session, left."""
+    stem = _stem(session, pid)
+    try:
+        names = [n for n in os.listdir(SHM_ROOT) if n.startswith(stem)]
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.unlink(os.path.join(SHM_ROOT, name))
+        except OSError:
+            pass
 
 
 def attach(name: str, nbytes: int, token: str, data):
@@ -247,4 +265,4 @@ def write_back(patches, allowed) -> None:
 
 
 __all__ = ["EXPORT_WRITER", "attach", "attach_list", "begin_task", "claim", "end_task",
-           "host_token", "reduce_list", "reduce_segment", "write_back"]
+           "host_token", "reduce_list", "reduce_segment", "remove_mirrors", "write_back"]

@@ -16,6 +16,7 @@ import concurrent.futures
 import contextlib
 import gc
 import os
+import signal
 import subprocess
 import time
 from multiprocessing import shared_memory
@@ -56,6 +57,11 @@ def fill_strided(shm, first: int, value: int, seconds: float = 0.0):
 def fill_and_raise(shm):
     shm.buf[:4] = b"done"
     raise ValueError("after writing")
+
+
+def fill_and_die(shm):
+    shm.buf[:4] = b"dead"
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def set_item(shareable, index: int, value):
@@ -196,6 +202,16 @@ def test_a_task_that_raises_still_writes_back_and_a_shareable_list_crosses(hosts
         finally:
             listed.shm.close()
             listed.shm.unlink()
+        nothing_left(hosts, executor)
+
+
+def test_a_worker_killed_in_a_task_writes_nothing_back_and_leaves_no_mirror(hosts):
+    """Only a task that ended writes back; the node removes a dead worker's mirrors."""
+    with hosts.executor() as executor, segment(1 << 20) as shm:
+        hosts.start(executor, "node1")
+        with pytest.raises(futurepool.WorkerCrashedError):
+            executor.submit(fill_and_die, shm).result(timeout=TIMEOUT)
+        assert bytes(shm.buf[:4]) == bytes(4)
         nothing_left(hosts, executor)
 
 
