@@ -239,7 +239,8 @@ class RemoteSystem(ExecutorSystem):
     @staticmethod
     def describe(ctx: Context, workers: int) -> str:
         return (f"Executor(0, listen=tcp://{ctx.head}:0) here; `futurepool worker --connect ..."
-                f" --workers {workers} --once` in {NODE} ({ctx.node}); CurveZMQ")
+                f" --workers {workers} --once` in {NODE} ({ctx.node}); CurveZMQ; issue 10's"
+                " scenarios: --workers 1 in each of their nodes")
 
     def start_head(self) -> None:
         # Executor prints where it listens and the join command: not for every cell.
@@ -363,7 +364,7 @@ class DaskSystem(DriverSystem):
             raise Skip("distributed is not installed (pip install distributed)") from None
         return (f"distributed {distributed.__version__}: scheduler here, `dask worker"
                 f" --nworkers {workers} --nthreads 1` in {NODE}, Client here; plain TCP"
-                " (Dask's default)")
+                " (Dask's default); issue 10's: --nworkers 1 --name NODE in each node")
 
     def start_head(self, cell) -> None:
         self.address = f"tcp://{self.ctx.head}:{self.ctx.port()}"
@@ -407,7 +408,8 @@ class RaySystem(DriverSystem):
             raise Skip(f"{python} cannot import ray (pass --ray-python with one that can)")
         return (f"ray {done.stdout.strip()} ({python}): `ray start --head --num-cpus 0` here,"
                 f" `ray start --address --num-cpus {workers}` in {NODE}, ray.init(address=)"
-                " here; RAY_AUTH_MODE=token")
+                " here; RAY_AUTH_MODE=token; issue 10's: --num-cpus 1 --resources {NODE: 1000}"
+                " in each node, 1 GiB stores")
 
     def env(self) -> dict:
         return self.procs.env(
