@@ -26,16 +26,23 @@ command                                    answer
                                            sequential submit -> result
 ``{"op": "queue"}``                        submits one no-op that no node can run yet
 ``{"op": "collect"}``                      ``{"at": time.monotonic()}`` when it is done
+``{"op": "objects", "nbytes": N,           ``{"seconds": s, "warm": s}``: issue 10 (a),
+"maker": B, "user": C}``                   see :func:`_objects`
+``{"op": "broadcast", "nbytes": N,         ``{"n1": s, "n2": s, "n3": s}``: issue 10
+"maker": M, "users": [U1, U2, U3]}``       (b), see :func:`_broadcast`
 ``{"op": "close"}``                        closes the client and exits
 =========================================  ======================================
 
 Every command carries ``"timeout"`` (seconds), which bounds its waits; a
 failure answers ``{"error": "..."}``. ``time.monotonic()`` is the system's
-CLOCK_MONOTONIC, so the benchmark compares it with its own. The script runs
-under whichever interpreter has the system installed (Ray's may be a venv of
-its own) and imports nothing of futurepool; ``_tasks`` (the task is
-``_tasks.noop``, by reference), ``_harness`` and ``_helpers`` (the loop that
-answers commands) come from ``PYTHONPATH``.
+CLOCK_MONOTONIC, so the benchmark compares it with its own. ``objects`` and
+``broadcast`` pin each task to a node by its name (B, C, M, U...: the
+namespaces' names): Dask by ``workers=[name]`` (every worker is started with
+``--name``), Ray by a custom resource of that name (``ray start --resources``).
+The script runs under whichever interpreter has the system installed (Ray's
+may be a venv of its own) and imports nothing of futurepool; ``_tasks`` (the
+tasks, by reference), ``_harness`` and ``_helpers`` (the loop that answers
+commands) come from ``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -53,6 +60,10 @@ from _helpers import serve
 ECHO_TIMEOUT = 60.0
 #: Seconds between polls of the cluster's worker count.
 POLL_INTERVAL = 0.05
+#: Bytes of the array that takes the objects and broadcast paths once before the timed ones.
+WARM_BYTES = 2 << 20
+#: Seconds for the frees of a timed array to reach every node before the next one.
+SETTLE = 0.5
 
 
 def echo(host: str) -> int:
@@ -144,6 +155,16 @@ class DaskDriver:
     def collect(self, timeout: float) -> None:
         self.queued.result(timeout=timeout)
 
+    def run_on(self, node: str, fn, *args):
+        """``fn(*args)`` on the worker named ``node``; its future (arguments may be futures)."""
+        return self.client.submit(fn, *args, workers=[node], pure=False)
+
+    def wait(self, futures: list, timeout: float) -> None:
+        self.distributed.wait(futures, timeout=timeout)
+
+    def get(self, futures: list, deadline: float) -> list:
+        return [f.result(timeout=max(0.001, deadline - time.monotonic())) for f in futures]
+
     def close(self) -> None:
         self.client.close(timeout=5)
 
@@ -158,6 +179,7 @@ class RayDriver:
         self.remote = ray.remote(_tasks.noop)
         self.version = f"ray {ray.__version__}"
         self.queued = None
+        self.remotes = {}
 
     def ready(self, workers: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -181,6 +203,20 @@ class RayDriver:
 
     def collect(self, timeout: float) -> None:
         self.ray.get(self.queued, timeout=timeout)
+
+    def run_on(self, node: str, fn, *args):
+        """``fn(*args)`` on the node with resource ``node``; its ObjectRef (as are arguments)."""
+        remote = self.remotes.get(fn) or self.remotes.setdefault(fn, self.ray.remote(fn))
+        return remote.options(resources={node: 1}).remote(*args)
+
+    def wait(self, refs: list, timeout: float) -> None:
+        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        if len(ready) < len(refs):
+            raise TimeoutError(f"{len(refs) - len(ready)} of {len(refs)} tasks not done"
+                               f" within {timeout:.0f} s")
+
+    def get(self, refs: list, deadline: float) -> list:
+        return self.ray.get(refs, timeout=max(0.001, deadline - time.monotonic()))
 
     def close(self) -> None:
         self.ray.shutdown()
@@ -214,9 +250,59 @@ def _collect(driver, command: dict, timeout: float) -> dict:
     return {"at": time.monotonic()}
 
 
+def _objects(driver, command: dict, timeout: float) -> dict:
+    """Issue 10 (a), as bench_cluster.py's ObjectsSystem.objects: two arrays of
+    ``nbytes`` (and a WARM_BYTES one) made on B; the warm one summed on C and
+    returned, untimed; then each array the same way, timed from submit to the
+    result here. Seconds for the first array and for the second (``warm``)."""
+    deadline = time.monotonic() + timeout
+    maker, user, nbytes = command["maker"], command["user"], command["nbytes"]
+    warm = driver.run_on(maker, _tasks.make_array, WARM_BYTES)
+    made = [driver.run_on(maker, _tasks.make_array, nbytes) for _ in range(2)]
+    driver.wait([warm, *made], deadline - time.monotonic())
+    driver.get([driver.run_on(user, _tasks.sum_and_return, warm)], deadline)
+    times = []
+    for _ in range(2):
+        array = made.pop(0)
+        t0 = time.perf_counter()
+        [(total, result)] = driver.get([driver.run_on(user, _tasks.sum_and_return, array)],
+                                       deadline)
+        times.append(time.perf_counter() - t0)
+        if total != nbytes // 8 or result.nbytes != nbytes:
+            raise RuntimeError(f"wrong result: sum {total}, {result.nbytes} bytes")
+        del array, result
+        time.sleep(SETTLE)
+    return {"seconds": times[0], "warm": times[1]}
+
+
+def _broadcast(driver, command: dict, timeout: float) -> dict:
+    """Issue 10 (b), as bench_cluster.py's ObjectsSystem.broadcast: three arrays of
+    ``nbytes`` (and a WARM_BYTES one) made on M; the warm one summed on every user,
+    untimed; then one array each summed on 1, 2 and 3 users at once, timed from
+    submit to the last result. Seconds for each number of users."""
+    deadline = time.monotonic() + timeout
+    maker, users, nbytes = command["maker"], command["users"], command["nbytes"]
+    warm = driver.run_on(maker, _tasks.make_array, WARM_BYTES)
+    made = [driver.run_on(maker, _tasks.make_array, nbytes) for _ in range(3)]
+    driver.wait([warm, *made], deadline - time.monotonic())
+    driver.get([driver.run_on(user, _tasks.total, warm) for user in users], deadline)
+    times = {}
+    for receivers in (1, 2, 3):
+        array = made.pop(0)
+        t0 = time.perf_counter()
+        totals = driver.get([driver.run_on(user, _tasks.total, array)
+                             for user in users[:receivers]], deadline)
+        times[f"n{receivers}"] = time.perf_counter() - t0
+        if totals != [nbytes // 8] * receivers:
+            raise RuntimeError(f"wrong result: {totals}")
+        del array
+        time.sleep(SETTLE)
+    return times
+
+
 #: The commands besides "close" (see the table above).
 OPS = {"ready": _ready, "throughput": _throughput, "latency": _latency, "queue": _queue,
-       "collect": _collect}
+       "collect": _collect, "objects": _objects, "broadcast": _broadcast}
 
 
 def main(argv: list[str]) -> int:

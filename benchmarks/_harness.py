@@ -234,7 +234,8 @@ class Scenario:
     timeout: float
     target: Target | None = None
     show: tuple = ()  # extras printed next to the value, same unit
-    rows: tuple = ()  # extras with a row of their own (ratios, no target), same unit
+    rows: tuple = ()  # extras with a row of their own (ratios, no target)
+    units: dict = dataclasses.field(default_factory=dict)  # a row's unit, if not the scenario's
 
     def rows_of(self, results: dict) -> list:
         """``[(scenario, {impl: Result})]``: this scenario's own row, then one
@@ -243,7 +244,8 @@ class Scenario:
         out = [(self, results)]
         for extra in self.rows:
             row = dataclasses.replace(
-                self, name=f"{self.name}.{extra}", target=None, show=(), rows=(),
+                self, name=f"{self.name}.{extra}", target=None, show=(), rows=(), units={},
+                unit=self.units.get(extra, self.unit),
                 description=f"{extra}, measured in the same runs as {self.name}",
             )
             out.append((row, {
@@ -332,11 +334,12 @@ class Suite:
         target: Target | None = None,
         show: tuple = (),
         rows: tuple = (),
+        units: dict | None = None,
     ):
         def register(fn):
             doc = " ".join((fn.__doc__ or "").split())
             self.scenarios[name] = Scenario(
-                name, fn, unit, higher_is_better, doc, timeout, target, show, rows
+                name, fn, unit, higher_is_better, doc, timeout, target, show, rows, units or {}
             )
             return fn
 

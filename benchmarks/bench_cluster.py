@@ -73,6 +73,10 @@ BROADCAST_RATE = 10**9
 BROADCAST_RATIO = 1.5
 #: Objects across hosts must reach this share of the CURVE floor (issue 10, (a)).
 FLOOR_SHARE = 0.8
+#: Bytes of each Ray node's object store; in the objects and broadcast scenarios
+#: (whose values would not fit: Ray would spill them to disk) RAY_STORE_OBJECTS.
+RAY_STORE = 100 * 1024 * 1024
+RAY_STORE_OBJECTS = 1024 * 1024 * 1024
 #: Link round trips the remote latency may add to the local one (issue 9).
 LINK_ROUND_TRIPS = 3
 #: Throughput futurepool's remote node must reach, relative to Ray's and Dask's.
@@ -235,7 +239,8 @@ class RemoteSystem(ExecutorSystem):
     @staticmethod
     def describe(ctx: Context, workers: int) -> str:
         return (f"Executor(0, listen=tcp://{ctx.head}:0) here; `futurepool worker --connect ..."
-                f" --workers {workers} --once` in {NODE} ({ctx.node}); CurveZMQ")
+                f" --workers {workers} --once` in {NODE} ({ctx.node}); CurveZMQ; issue 10's"
+                " scenarios: --workers 1 in each of their nodes")
 
     def start_head(self) -> None:
         # Executor prints where it listens and the join command: not for every cell.
@@ -315,6 +320,28 @@ class DriverSystem:
         t0 = self.start_node(cell)
         return self.driver.call("collect", cell.left())["at"] - t0, {}
 
+    def start_nodes(self, cell, members) -> None:
+        """The head, and one node of ``self.workers`` slots in each of ``members``, joined."""
+        self.start_head(cell)
+        for member in members:
+            self.start_node(cell, member)
+        self.driver.call("ready", cell.left(), workers=self.workers * len(members))
+
+    def objects(self, cell, nbytes: int) -> tuple[float, dict]:
+        """ObjectsSystem.objects, with every task pinned: made on B, summed on C."""
+        self.start_nodes(cell, (NODE, NODE_C))
+        answer = self.driver.call("objects", cell.left(), nbytes=nbytes, maker=NODE,
+                                  user=NODE_C)
+        return answer["seconds"], {"warm": 2 * nbytes / answer["warm"] / 1e9}
+
+    def broadcast(self, cell, nbytes: int) -> tuple[float, dict]:
+        """ObjectsSystem.broadcast, with every task pinned: made on node1, summed on
+        node2, node2..3, node2..4 (each task depends on the value's future / ObjectRef)."""
+        self.start_nodes(cell, BROADCAST_NODES)
+        times = self.driver.call("broadcast", cell.left(), nbytes=nbytes,
+                                 maker=BROADCAST_NODES[0], users=BROADCAST_NODES[1:])
+        return times["n3"] / times["n1"], {k: times[k] for k in ("n1", "n2", "n3")}
+
     def close(self, failed: bool) -> None:
         try:
             if self.driver is not None and self.driver.proc.poll() is None:
@@ -337,7 +364,7 @@ class DaskSystem(DriverSystem):
             raise Skip("distributed is not installed (pip install distributed)") from None
         return (f"distributed {distributed.__version__}: scheduler here, `dask worker"
                 f" --nworkers {workers} --nthreads 1` in {NODE}, Client here; plain TCP"
-                " (Dask's default)")
+                " (Dask's default); issue 10's: --nworkers 1 --name NODE in each node")
 
     def start_head(self, cell) -> None:
         self.address = f"tcp://{self.ctx.head}:{self.ctx.port()}"
@@ -350,11 +377,13 @@ class DaskSystem(DriverSystem):
                               self.address, str(cell.left()))
         self.driver.read(cell.left())
 
-    def start_node(self, cell) -> float:
+    def start_node(self, cell, member: str = NODE) -> float:
+        """``dask worker`` in ``member``, named after it (tasks pin to it by ``workers=``)."""
         t0 = time.monotonic()
-        self.node = self.procs.start(NODE, "worker", [
+        self.node = self.procs.start(member, f"worker-{member}", [
             sys.executable, "-m", "distributed.cli.dask_worker", self.address,
-            "--host", self.ctx.node, "--nworkers", str(self.workers), "--nthreads", "1",
+            "--host", self.ctx.net.address(member), "--name", member,
+            "--nworkers", str(self.workers), "--nthreads", "1",
             "--no-dashboard", "--local-directory", self.procs.dir])
         return t0
 
@@ -364,6 +393,8 @@ class RaySystem(DriverSystem):
     on the node, with token authentication (RAY_AUTH_MODE=token)."""
 
     name = "ray"
+    #: Bytes of each node's object store (``ray start --object-store-memory``).
+    store = RAY_STORE
 
     @staticmethod
     def describe(ctx: Context, workers: int) -> str:
@@ -377,7 +408,8 @@ class RaySystem(DriverSystem):
             raise Skip(f"{python} cannot import ray (pass --ray-python with one that can)")
         return (f"ray {done.stdout.strip()} ({python}): `ray start --head --num-cpus 0` here,"
                 f" `ray start --address --num-cpus {workers}` in {NODE}, ray.init(address=)"
-                " here; RAY_AUTH_MODE=token")
+                " here; RAY_AUTH_MODE=token; issue 10's: --num-cpus 1 --resources {NODE: 1000}"
+                " in each node, 1 GiB stores")
 
     def env(self) -> dict:
         return self.procs.env(
@@ -387,7 +419,7 @@ class RaySystem(DriverSystem):
     def ray(self, *args) -> list:
         """``ray start ARGS`` under Ray's interpreter (its ``ray`` command's module)."""
         return [self.ctx.ray_python, "-m", "ray.scripts.scripts", "start",
-                "--disable-usage-stats", "--object-store-memory", str(100 * 1024 * 1024), *args]
+                "--disable-usage-stats", "--object-store-memory", str(self.store), *args]
 
     def start_head(self, cell) -> None:
         self.address = f"{self.ctx.head}:{self.ctx.port()}"
@@ -399,14 +431,19 @@ class RaySystem(DriverSystem):
                               self.address, self.ctx.head, env=self.env())
         self.driver.read(cell.left())
 
-    def start_node(self, cell) -> float:
+    def start_node(self, cell, member: str = NODE) -> float:
+        """``ray start`` in ``member``, with a resource named after it (tasks pin to it)."""
         t0 = time.monotonic()
         # Returns once the node's daemons run; they outlive it (found by tag).
-        self.node = self.procs.start(NODE, "node", self.ray(
-            "--address", self.address, "--node-ip-address", self.ctx.node,
-            "--num-cpus", str(self.workers), "--temp-dir", os.path.join(self.procs.dir, "n")),
-            env=self.env())
+        self.node = self.procs.start(member, f"node-{member}", self.ray(
+            "--address", self.address, "--node-ip-address", self.ctx.net.address(member),
+            "--num-cpus", str(self.workers), "--resources", json.dumps({member: 1000}),
+            "--temp-dir", os.path.join(self.procs.dir, member)), env=self.env())
         return t0
+
+    def start_nodes(self, cell, members) -> None:
+        self.store = RAY_STORE_OBJECTS  # the objects scenarios' values must fit
+        super().start_nodes(cell, members)
 
 
 def _futurepool():
@@ -416,7 +453,8 @@ def _futurepool():
 
 
 class ObjectsSystem(RemoteSystem):
-    """Issue 10 (a): two nodes, B (``node1``) and C (``node2``), one worker each."""
+    """Issue 10: nodes that join one at a time with one worker each. (a): B
+    (``node1``) and C (``node2``); (b): node1 and BROADCAST_NODES[1:]."""
 
     def __init__(self, ctx: Context, workers: int):
         super().__init__(ctx, 1)
@@ -433,7 +471,7 @@ class ObjectsSystem(RemoteSystem):
             raise TimeoutError(f"{member} did not join within {cell.timeout:g} s")
         self.procs.check(node, f"worker-{member}")
 
-    def run(self, cell, nbytes: int) -> tuple[float, dict]:
+    def objects(self, cell, nbytes: int) -> tuple[float, dict]:
         """An array made on B, summed by a task on C (B's only worker is kept busy,
         so the task goes to C, which pulls the array from B), and returned to the
         driver (which pulls C's result into the head's store)."""
@@ -460,31 +498,10 @@ class ObjectsSystem(RemoteSystem):
         busy.stop()
         return times[0], {"warm": 2 * nbytes / times[1] / 1e9}
 
-    def close(self, failed: bool) -> None:
-        try:
-            self.close_executor(failed)
-            for node in self.nodes:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    node.wait(STOP_GRACE)
-        finally:
-            self.procs.stop()
-
-
-class BroadcastSystem(ObjectsSystem):
-    """Issue 10 (b): one value made on node1, needed by tasks on 1, 2 and 3 other nodes at
-    once; every link shaped to BROADCAST_RATE (tc tbf, both directions)."""
-
-    def run(self, cell, nbytes: int) -> tuple[float, dict]:
-        net = self.ctx.net
-        for member in ("head", *BROADCAST_NODES):
-            net.shape(member, BROADCAST_RATE, burst=1 << 20, latency=0.05)
-        try:
-            return self._run(cell, nbytes)
-        finally:
-            for member in ("head", *BROADCAST_NODES):
-                net.unshape(member)
-
-    def _run(self, cell, nbytes: int) -> tuple[float, dict]:
+    def broadcast(self, cell, nbytes: int) -> tuple[float, dict]:
+        """One value made on node1 (whose only worker is then kept busy), needed by
+        tasks on 1, 2 and 3 other nodes at once: their nodes pull it, forwarding
+        the chunks that landed to one another (pipelined broadcast)."""
         self.start_head()
         self.start_worker(BROADCAST_NODES[0], cell)
         warm = self.executor.submit(_tasks.make_array, 2 << 20)
@@ -512,6 +529,15 @@ class BroadcastSystem(ObjectsSystem):
         chained = self.executor._owner.objects.chained_pulls
         return times[3] / times[1], {"n1": times[1], "n2": times[2], "n3": times[3],
                                      "chained": chained}
+
+    def close(self, failed: bool) -> None:
+        try:
+            self.close_executor(failed)
+            for node in self.nodes:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    node.wait(STOP_GRACE)
+        finally:
+            self.procs.stop()
 
 
 def curve_floor(ctx: Context, cell, nbytes: int, chunk: int) -> float:
@@ -578,34 +604,42 @@ class LatencyTarget(Target):
 
 
 class FloorTarget(Target):
-    """``objects >= FLOOR_SHARE x the CURVE floor``, both medians of this run."""
+    """``objects >= FLOOR_SHARE x the CURVE floor``, both medians of this run (the
+    floor's over every cell of the scenario)."""
 
     def met(self, scenario, value, ratio):
-        floor = suite.floor
+        floor = suite.floors.get(scenario.name)
         return None if floor is None or value is None else value >= self.threshold * floor
 
 
 class ClusterSuite(Suite):
-    """A Suite that also checks issue 9's targets, under the table and in the JSON."""
+    """A Suite that also checks issues 9 and 10's targets, under the table and in the JSON."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.latency_bound: float | None = None
         self.link_rtt: float | None = None
-        self.floor: float | None = None
+        self.floors: dict[str, float] = {}  # scenario -> median CURVE floor, GB/s
         self.targets: list[dict] = []
 
     def _print_table(self, scenarios, impls, results) -> None:
-        def median(scenario: str, impl: str) -> float | None:
+        def median(scenario: str, impl: str, extra: str | None = None) -> float | None:
+            """The median of a cell's values, or of its ``extra``; None if it failed."""
             result = results.get(scenario, {}).get(impl)
-            return result.median if result else None
+            if result is None or extra is None:
+                return result.median if result else None
+            samples = result.extras.get(extra)
+            return statistics.median(samples) if samples and not result.error else None
 
-        rtts = [x for r in results.get("latency", {}).values() if not r.error
-                for x in r.extras.get("link_rtt", [])]
-        self.link_rtt = statistics.median(rtts) if rtts else None
-        floors = [x for r in results.get("objects", {}).values() if not r.error
-                  for x in r.extras.get("floor", [])]
-        self.floor = statistics.median(floors) if floors else None
+        def pooled(scenario: str, extra: str) -> float | None:
+            """The median of ``extra`` over every successful cell of ``scenario``."""
+            found = [x for r in results.get(scenario, {}).values() if not r.error
+                     for x in r.extras.get(extra, [])]
+            return statistics.median(found) if found else None
+
+        self.link_rtt = pooled("latency", "link_rtt")
+        self.floors = {name: floor for name in ("objects", "objects_shaped")
+                       if (floor := pooled(name, "floor")) is not None}
         local = median("latency", "local")
         if local is not None and self.link_rtt is not None:
             self.latency_bound = local + LINK_ROUND_TRIPS * self.link_rtt
@@ -615,7 +649,7 @@ class ClusterSuite(Suite):
     def _check_targets(self, median) -> None:
         """Each target with PASS or FAIL (n/a: a number it needs is missing)."""
         self.targets = []
-        print("Targets (issue 9):")
+        print("Targets (issues 9 and 10):")
         remote, unit = median("throughput", "remote"), "tasks/s"
         for what, impl, factor in (("50% of local", "local", 0.5),
                                    (f"{VERSUS_OTHERS:g}x Ray's", "ray", VERSUS_OTHERS),
@@ -636,13 +670,37 @@ class ClusterSuite(Suite):
         join = median("join", "remote")
         self._target("join to first task <= 1 s", join, 1.0, higher=False,
                      detail=join is not None and _fmt(join, "s"))
-        objects, floor = median("objects", "remote"), self.floor
+        objects, floor = median("objects", "remote"), self.floors.get("objects")
         self._target(f"(issue 10 a) objects >= {FLOOR_SHARE:.0%} of the CURVE floor", objects,
                      None if floor is None else FLOOR_SHARE * floor, higher=True,
                      detail=None not in (objects, floor) and
                      f"{_fmt(objects, 'GB/s')} vs {_fmt(floor, 'GB/s')}:"
                      f" {objects / floor:.0%}")
+        self._check_others(median)
         print(flush=True)
+
+    def _check_others(self, median) -> None:
+        """Issue 10 (c): remote at least as fast as Dask and Ray in (a), on the shaped
+        links (and on plain veth), and faster in (b)."""
+        others = (("dask", "Dask"), ("ray", "Ray"))
+        for scenario, what in (("objects_shaped", "objects, shaped links"),
+                               ("objects", "objects, unshaped")):
+            mine = median(scenario, "remote")
+            for impl, label in others:
+                theirs = median(scenario, impl)
+                self._target(f"(issue 10 c) {what} >= {label}'s", mine, theirs, higher=True,
+                             detail=None not in (mine, theirs) and
+                             f"{_fmt(mine, 'GB/s')} vs {_fmt(theirs, 'GB/s')}:"
+                             f" {mine / theirs:.2f}x")
+        n3, ratio = median("broadcast", "remote", "n3"), median("broadcast", "remote")
+        for impl, label in others:
+            theirs, their_ratio = median("broadcast", impl, "n3"), median("broadcast", impl)
+            self._target(f"(issue 10 c) broadcast n3 time < {label}'s", n3, theirs,
+                         higher=False, detail=None not in (n3, theirs) and
+                         f"{_fmt(n3, 's')} vs {_fmt(theirs, 's')}: {theirs / n3:.2f}x")
+            self._target(f"(issue 10 c) broadcast n3/n1 < {label}'s", ratio, their_ratio,
+                         higher=False, detail=None not in (ratio, their_ratio) and
+                         f"{ratio:.2f}x vs {their_ratio:.2f}x")
 
     def _target(self, what: str, value, bound, *, higher: bool, detail) -> None:
         met = None if value is None or bound is None else (
@@ -706,6 +764,46 @@ def latency(cell):
     return value, extras
 
 
+#: The systems of the issue-10 scenarios (one worker slot per node), by implementation.
+OBJECT_SYSTEMS = {"remote": ObjectsSystem, "dask": DaskSystem, "ray": RaySystem}
+
+
+def _objects_system(cell):
+    """The cell's system for an issue-10 scenario; the harness closes it."""
+    kind = OBJECT_SYSTEMS.get(cell.impl.name)
+    if kind is None:
+        raise RuntimeError("not measured for this implementation")
+    system = kind(CONTEXT, 1)
+    cell.made.append(system)
+    return system
+
+
+@contextlib.contextmanager
+def _shaped(members):
+    """The links of ``members`` (both ends) limited to BROADCAST_RATE each way, for the block:
+    ``tc qdisc replace dev X root tbf rate 1gbit burst 1mb latency 50ms``."""
+    net = CONTEXT.net
+    try:
+        for member in members:
+            net.shape(member, BROADCAST_RATE, burst=1 << 20, latency=0.05)
+        yield
+    finally:
+        for member in members:
+            net.unshape(member)
+
+
+def _objects(cell, shaped: tuple) -> tuple[float, dict]:
+    """GB/s of issue 10 (a) on the cell's system, with the links of ``shaped`` shaped."""
+    from futurepool import config
+
+    nbytes = cell.size(OBJECT_BYTES, OBJECT_BYTES_QUICK)
+    system = _objects_system(cell)
+    with _shaped(shaped):
+        seconds, extras = system.objects(cell, nbytes)
+        floor = curve_floor(CONTEXT, cell, nbytes, config.TRANSFER_CHUNK)
+    return 2 * nbytes / seconds / 1e9, {**extras, "seconds": seconds, "floor": floor}
+
+
 @suite.scenario("objects", unit="GB/s", higher_is_better=True, timeout=300,
                 target=FloorTarget(FLOOR_SHARE, on="floor", label=f">={FLOOR_SHARE:.0%} floor"),
                 show=("seconds",), rows=("warm", "floor"))
@@ -717,36 +815,36 @@ def objects(cell):
     config.TRANSFER_CHUNK. Row warm: then a second array the same way, which lands in
     the segments the first one's copies left pooled on C and the head (a long-lived
     cluster's steady state; the first lands in fresh pages, as the floor's frames
-    do not: malloc reuses them). remote only (Dask, Ray: not measured yet)."""
-    if cell.impl.name != "remote":
-        raise RuntimeError("not measured for this implementation")
-    from futurepool import config
+    do not: malloc reuses them). Dask and Ray (issue 10 (c)): the same tasks, pinned
+    to B and C (Dask workers=, Ray a custom resource per node)."""
+    return _objects(cell, ())
 
-    nbytes = cell.size(OBJECT_BYTES, OBJECT_BYTES_QUICK)
-    system = ObjectsSystem(CONTEXT, cell.workers)
-    cell.made.append(system)
-    seconds, extras = system.run(cell, nbytes)
-    extras["seconds"] = seconds
-    floor = curve_floor(CONTEXT, cell, nbytes, config.TRANSFER_CHUNK)
-    return 2 * nbytes / seconds / 1e9, {**extras, "floor": floor}
+
+@suite.scenario("objects_shaped", unit="GB/s", higher_is_better=True, timeout=300,
+                target=FloorTarget(FLOOR_SHARE, on="floor", label=f">={FLOOR_SHARE:.0%} floor"),
+                show=("seconds",), rows=("warm", "floor"))
+def objects_shaped(cell):
+    """Issue 10 (c): objects with the links of the head, B and C shaped as in broadcast
+    (1 Gbit/s each way, so at most 0.125 GB/s); the floor row is measured on them too."""
+    return _objects(cell, ("head", NODE, NODE_C))
 
 
 @suite.scenario("broadcast", unit="x", higher_is_better=False, timeout=300,
                 target=Target(BROADCAST_RATIO, on="value", label=f"<={BROADCAST_RATIO:g}x"),
-                show=("n3",), rows=("n1", "n2", "chained"))
+                rows=("n1", "n2", "n3", "chained"),
+                units={"n1": "s", "n2": "s", "n3": "s", "chained": "pulls"})
 def broadcast(cell):
     """Issue 10 (b): a 100 MB array (20 MB with --quick) made on node1 is needed at once by
     tasks on 1, 2 and 3 other nodes (node2..node4, one worker each; node1's only worker
     kept busy), every veth link shaped to 1 Gbit/s (tc tbf rate 1gbit burst 1mb latency
     50ms). Value: seconds for 3 nodes / seconds for 1 (pipelined broadcast: close to 1);
-    rows n1, n2 (and n3 shown) in seconds from submit to the last result; chained: pulls
-    whose first source was a node still receiving. remote only."""
-    if cell.impl.name != "remote":
-        raise RuntimeError("not measured for this implementation")
+    rows n1, n2, n3 in seconds from submit to the last result; chained (futurepool):
+    pulls whose first source was a node still receiving. Dask and Ray (issue 10 (c)):
+    tasks pinned to each node that take the value's future / ObjectRef."""
     nbytes = cell.size(BROADCAST_BYTES, OBJECT_BYTES_QUICK)
-    system = BroadcastSystem(CONTEXT, cell.workers)
-    cell.made.append(system)
-    return system.run(cell, nbytes)
+    system = _objects_system(cell)
+    with _shaped(("head", *BROADCAST_NODES)):
+        return system.broadcast(cell, nbytes)
 
 
 @suite.scenario("join", unit="s", higher_is_better=False, timeout=180,
