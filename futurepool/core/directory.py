@@ -17,6 +17,8 @@
       from lineage and the task waits for it
       (core.lineage), else it fails with
       ObjectLostError
+    pulled(): no room in C's store           ──► DROP of C's secondary copies, least
+      (store full)                               recently used first; the PULL again, once
     free(): the last reference went          ──► FREE to the writer, DROP to every copy's node
 
 A piece is known by its **primary** location (where its writer put it: the
@@ -25,6 +27,19 @@ told by the writer id). Copies are recorded here, per host (``HEAD`` or a
 node index), by the primary's name. Blocks (``store.objects``) remain the
 object table: Python's references decide when a piece is freed, and this
 directory then frees every copy with it.
+
+Store pressure. A pull that finds no room in its host's store (shared
+memory at capacity and the spill directory full) makes room there: the
+host's **secondary** copies are dropped, least recently placed first, until
+the piece's size is freed, then the pull is asked again once (after
+ROOM_WAIT). A copy is secondary while another live host holds the piece (its
+primary's host, or another copy's); never dropped: the last copy, one a task
+placed on that host takes, one a pull in progress reads, and one handed out
+to a reader the directory does not follow (a driver's ``result()``, a
+borrower's value: dropping it would free no memory while they hold it, and
+they would read it again). Still no room: the task (or ``result()``) gets
+ObjectStoreFullError saying so. ``evicted_copies`` / ``evicted_bytes``
+count what was dropped (``futurepool status``).
 
 All state here belongs to the owner's I/O thread. The head's transfer
 endpoint reports through ``owner.post``; nodes report through PULLED on
@@ -37,12 +52,12 @@ import concurrent.futures
 import itertools
 import weakref
 
-from ..errors import ObjectLostError
+from ..errors import ObjectLostError, ObjectStoreFullError
 from ..protocol.messages import MessageType
 from ..store import serialize
 from ..store.objects import NODE_SHIFT, Block, remote
 from ..store.segments import Location
-from ..store.transfer import describe_source
+from ..store.transfer import STORE_FULL, describe_source
 from .lineage import Reconstruction
 
 #: The head's own store, in this module's host keys (remote nodes: their index).
@@ -50,6 +65,10 @@ HEAD = -1
 #: Hosts at most in one pipelined-broadcast chain after the piece's holder
 #: (B→C→D→E: 3); a pull past it starts a new chain from a complete copy.
 MAX_CHAIN = 3
+#: Seconds between dropping copies to make room on a host and asking its pull
+#: again: the node unlinks them at once, but a worker that read one unmaps it
+#: only when idle (it looks every 0.2 s, core.worker): until then its pages stay.
+ROOM_WAIT = 0.5
 
 
 def host_of(location: Location) -> int:
@@ -65,7 +84,7 @@ class _Wanted:
     """One pull in progress: a piece on its way to one host, and who waits for it."""
 
     __slots__ = ("block", "name", "dest", "held", "fetchers", "sources", "depth", "downstream",
-                 "chained")
+                 "chained", "room")
 
     def __init__(self, block: Block, dest: int, sources, depth: int = 1):
         self.block = weakref.ref(block)
@@ -77,6 +96,7 @@ class _Wanted:
         self.depth = depth  # its place in a broadcast chain (1: from a complete copy)
         self.downstream = 0  # pulls that forward from this one while it is in progress
         self.chained = False  # its first source is a host still receiving
+        self.room: tuple[int, int] | None = None  # copies, bytes dropped for it (store full)
 
 
 class _Held:
@@ -107,6 +127,14 @@ class ObjectDirectory:
         self.chained_pulls = 0  # pulls whose first source was a host still receiving
         self.forwarded_pulls = 0  # of those, pulls that got every chunk from it
         self.lost_hosts: dict[int, str] = {}  # host -> how it was described
+        # For store pressure (module docstring): what a copy's piece is, when it was last
+        # placed (a tick of ``clock``), and which copies were handed out (never dropped).
+        self.homes: dict[str, int] = {}  # primary name -> its primary's host
+        self.last_used: dict[tuple[str, int], int] = {}  # (primary name, host) -> tick
+        self.pinned: set[tuple[str, int]] = set()
+        self.clock = itertools.count(1)
+        self.evicted_copies = 0  # secondary copies dropped to make room (futurepool status)
+        self.evicted_bytes = 0
         self.lineage = Reconstruction(owner)  # rebuilds what a lost host took (core.lineage)
 
     @property
@@ -176,6 +204,8 @@ class ObjectDirectory:
         copy = self.copies.get(location.name, {}).get(dest)
         if copy is None:
             missing[location.name] = piece
+        else:
+            self.last_used[(location.name, dest)] = next(self.clock)
         return copy
 
     # -- pulls --------------------------------------------------------------------------
@@ -210,7 +240,8 @@ class ObjectDirectory:
             if name != location.name or host == dest:
                 continue
             wanted = self.pulls.get(pull_id)
-            if wanted is None or wanted.downstream or wanted.depth >= MAX_CHAIN:
+            if wanted is None or wanted.downstream or wanted.depth >= MAX_CHAIN \
+                    or wanted.room is not None:  # (waiting for room: nothing arrives there)
                 continue
             if best is None or pull_id > best[0]:
                 best = (pull_id, wanted)
@@ -249,12 +280,15 @@ class ObjectDirectory:
         wanted = self.pulls[pull_id] = _Wanted(block, dest, sources, depth)
         wanted.chained = upstream is not None
         self.by_piece[(location.name, dest)] = pull_id
+        self._send_pull(pull_id, dest, location.nbytes, sources)
+        return wanted
+
+    def _send_pull(self, pull_id: int, dest: int, nbytes: int, sources) -> None:
         if dest == HEAD:
-            self.head.transfer.pull(pull_id, location.nbytes, sources)
+            self.head.transfer.pull(pull_id, nbytes, sources)
         else:
             self.head.by_index[dest].send_control(
-                MessageType.PULL, serialize.dumps_plain([(pull_id, location.nbytes, sources)]))
-        return wanted
+                MessageType.PULL, serialize.dumps_plain([(pull_id, nbytes, sources)]))
 
     def _describe(self, host: int) -> str:
         if host == HEAD:
@@ -268,6 +302,7 @@ class ObjectDirectory:
         """A driver's ``result()`` needs ``block`` here: pull it into the head's store."""
         copy = self.copies.get(block.location.name, {}).get(HEAD)
         if copy is not None:
+            self.pinned.add((block.location.name, HEAD))  # the driver reads it from now on
             future.set_result(copy)
             return
         if self.head is None:
@@ -295,6 +330,7 @@ class ObjectDirectory:
             return
         copy = self.copies.get(location.name, {}).get(dest)
         if copy is not None:
+            self.pinned.add((location.name, dest))  # its reader may read it again later
             done(copy, None)
             return
         if self.head is None:
@@ -319,10 +355,15 @@ class ObjectDirectory:
             if location is not None:  # nobody wants it any more (its host was lost...)
                 self._drop(dest, [location])
             return
+        full = location is None and why.startswith(STORE_FULL)
+        if full and wanted.room is None and self._make_room(pull_id, wanted):
+            return  # asked again once the room is there
         self.by_piece.pop((wanted.name, dest), None)
         block = wanted.block()
         error = rebuild = None
-        if location is None:
+        if full:  # the value is not lost: nothing to rebuild, and no room for it anyway
+            error = self._store_full(wanted, why)
+        elif location is None:
             source = self._describe(host_of(block.location)) if block is not None else None
             error = ObjectLostError(
                 f"Could not copy the stored value {wanted.name} to {self._describe(dest)}:"
@@ -337,6 +378,10 @@ class ObjectDirectory:
             self._drop(dest, [location])
         else:
             self.copies.setdefault(wanted.name, {})[dest] = location
+            self.homes[wanted.name] = host_of(block.location)
+            self.last_used[(wanted.name, dest)] = next(self.clock)
+            if wanted.fetchers:  # handed out: a driver's result(), a borrower (deliver)
+                self.pinned.add((wanted.name, dest))
             self.pulled_bytes += location.nbytes
             self.pull_count += 1
             if wanted.chained and why.startswith("source 0:"):
@@ -360,6 +405,98 @@ class ObjectDirectory:
             if held.pending == 0:
                 self._release(held)
 
+    # -- store pressure -----------------------------------------------------------------
+
+    def _make_room(self, pull_id: int, wanted: _Wanted) -> bool:
+        """A pull found ``wanted.dest``'s store full: drop secondary copies there, least
+        recently placed first, until its size is freed (or none is left to drop); whether
+        anything was, and then the pull is asked again after ROOM_WAIT (it stays current)."""
+        host, block = wanted.dest, wanted.block()
+        if block is None or self.head is None:
+            return False
+        nbytes = block.location.nbytes
+        keep = self._in_use(host)
+        candidates = sorted(
+            (self.last_used.get((name, host), 0), name, held[host])
+            for name, held in self.copies.items()
+            if host in held and name not in keep and (name, host) not in self.pinned
+            and self._held_elsewhere(name, host))
+        dropped, freed = [], 0
+        for _, name, copy in candidates:
+            if freed >= nbytes:
+                break
+            dropped.append(copy)
+            freed += copy.nbytes
+            self._forget(name, host)
+        wanted.room = (len(dropped), freed)
+        if not dropped:
+            return False
+        self._drop(host, dropped)
+        self.evicted_copies += len(dropped)
+        self.evicted_bytes += freed
+        self.pulls[pull_id] = wanted
+        self.owner._add_timer(ROOM_WAIT, lambda: self._pull_again(pull_id, wanted))
+        return True
+
+    def _pull_again(self, pull_id: int, wanted: _Wanted) -> None:
+        if self.pulls.get(pull_id) is not wanted or self.head is None:
+            return  # its host was lost meanwhile (its tasks run elsewhere), or the cluster
+        block = wanted.block()
+        sources = self._sources(block.location, wanted.dest) if block is not None else []
+        if not sources:
+            self.pulled(wanted.dest, pull_id, None, "no copy left to pull from")
+            return
+        wanted.sources, wanted.chained = sources, False  # (from complete copies only)
+        self._send_pull(pull_id, wanted.dest, block.location.nbytes, sources)
+
+    def _in_use(self, host: int) -> set[str]:
+        """Pieces (primary names) whose copy on ``host`` must stay: tasks placed on its
+        workers take them (sent, or held for a pull), or a pull in progress reads it."""
+        names = set()
+        for worker in self.owner.scheduler.workers.values():
+            if worker.inflight and host_of_link(worker.link) == host:
+                for task in worker.inflight:
+                    names.update(_stored_names(task))
+        for wanted in self.pulls.values():
+            names.update(source[4] for source in wanted.sources
+                         if source[0] == host and len(source) > 4)
+        return names
+
+    def _held_elsewhere(self, name: str, host: int) -> bool:
+        """Whether a live host other than ``host`` holds the piece (never the last copy)."""
+        holders = set(self.copies.get(name, ()))
+        holders.add(self.homes.get(name, host))
+        holders.discard(host)
+        head = self.head
+        return any(other == HEAD or (other in head.by_index and not head.by_index[other].leaving)
+                   for other in holders)
+
+    def _forget(self, name: str, host: int) -> None:
+        """The copy of ``name`` on ``host`` is gone (dropped, or with its host)."""
+        copies = self.copies.get(name)
+        if copies is not None:
+            copies.pop(host, None)
+            if not copies:
+                del self.copies[name]
+                self.homes.pop(name, None)
+        self.last_used.pop((name, host), None)
+        self.pinned.discard((name, host))
+
+    def _store_full(self, wanted: _Wanted, why: str) -> ObjectStoreFullError:
+        dropped, freed = wanted.room or (0, 0)
+        block = wanted.block()
+        size = f" ({block.location.nbytes:,} bytes)" if block is not None else ""
+        made = (f"{dropped} {'copy' if dropped == 1 else 'copies'} of other values there"
+                f" ({freed:,} bytes) dropped to make room did not make enough" if dropped else
+                "nothing there could be dropped to make room (all it holds are last copies"
+                " of values, values its tasks take, or values handed out to be read there)")
+        return ObjectStoreFullError(
+            f"Could not copy the stored value {wanted.name}{size} to"
+            f" {self._describe(wanted.dest)}: the store on that host is full; {made}."
+            " Free results you no longer need, or give that host a larger store"
+            " (FUTUREPOOL_STORE_CAPACITY, or FUTUREPOOL_SPILL_DIR on a larger disk)."
+            f" ({why[len(STORE_FULL):]})")
+
     @staticmethod
     def _current(held: _Held) -> bool:
         """Whether a held task still waits on its worker (not requeued, nor parked)."""
@@ -382,8 +519,12 @@ class ObjectDirectory:
     def free(self, location: Location) -> None:
         """The last reference to a piece went: remove every copy of it."""
         copies = self.copies.pop(location.name, None)
+        self.homes.pop(location.name, None)
         if not copies:
             return
+        for host in copies:
+            self.last_used.pop((location.name, host), None)
+            self.pinned.discard((location.name, host))
         by_host: dict[int, list] = {}
         for host, copy in copies.items():
             by_host.setdefault(host, []).append(copy)
@@ -411,8 +552,8 @@ class ObjectDirectory:
         (the tasks held for them are its workers', which the owner buries and runs
         elsewhere). Pieces only it held are rebuilt when needed (core.lineage)."""
         self.lost_hosts[host] = description or f"node {host}"
-        for copies in self.copies.values():
-            copies.pop(host, None)
+        for name in [name for name, copies in self.copies.items() if host in copies]:
+            self._forget(name, host)
         for pull_id in [p for p, wanted in self.pulls.items() if wanted.dest == host]:
             wanted = self.pulls.pop(pull_id)
             self.by_piece.pop((wanted.name, host), None)
@@ -423,6 +564,19 @@ def _blocks(task):
     yield from _payload_blocks(task.args)
     for dep in task.deps.values():
         yield from _payload_blocks(dep._encoded)
+
+
+def _stored_names(task):
+    """The primary names of every stored piece a task takes (a Block, or a piece a nested
+    task's owner keeps: core.relay)."""
+    for payload in (task.args, *(dep._encoded for dep in task.deps.values())):
+        if type(payload) is not tuple:
+            continue
+        inband, pieces = payload
+        for piece in (inband, *pieces):
+            location = getattr(piece, "location", None)
+            if location is not None:
+                yield location.name
 
 
 def _payload_blocks(payload):

@@ -52,11 +52,15 @@ def snapshot(owner) -> dict:
               "joined_at": node.joined_at}
              for node in (owner.head.nodes.values() if owner.head is not None else ())]
     running = sum(len(slot.inflight) for slot in owner.scheduler.workers.values())
+    directory = owner.objects  # copies between hosts (core.directory)
     return {"address": owner.head.address if owner.head is not None else None,
             "pid": os.getpid(), "started_at": owner.started_at, "nodes": [local, *nodes],
             "tasks": {"pending": len(owner.tasks) - running, "sent": running,
                       "done": owner.completed},
             "counts": {"submitted": owner.submitted, "failed": owner.failed},
+            "objects": {"pulls": directory.pull_count, "pulled_bytes": directory.pulled_bytes,
+                        "evicted_copies": directory.evicted_copies,
+                        "evicted_bytes": directory.evicted_bytes},
             "rate": rate(owner)}
 
 
@@ -137,6 +141,11 @@ def render(status: dict) -> str:
         state = " (leaving)" if node.get("leaving") else ""
         lines.append(f"  {node['host']:<20} {node['address']:<22} {node['workers']:>7}"
                      f" {node['busy']:>5} {_size(node['store_bytes']):>10}{state}")
+    objects = status.get("objects")  # absent from the answers of heads before it
+    if objects and (objects["pulls"] or objects["evicted_copies"]):
+        lines.append(f"  copies between hosts: {objects['pulls']} pulled"
+                     f" ({_size(objects['pulled_bytes'])}), {objects['evicted_copies']} dropped"
+                     f" to make room ({_size(objects['evicted_bytes'])})")
     return "\n".join(lines)
 
 

@@ -66,7 +66,7 @@ import time
 import zmq
 
 from .. import config
-from ..errors import ObjectLostError, ProtocolError
+from ..errors import ObjectLostError, ObjectStoreFullError, ProtocolError
 from ..protocol import security
 from ..protocol.framing import decode_header, pack_header
 from ..protocol.messages import CHUNK_BODY, MessageType
@@ -78,6 +78,9 @@ LOGGER = logging.getLogger("futurepool")
 
 #: The writer id of copies a transfer made (segment names ``<session>--2-<n>``).
 COPY_WRITER = -2
+#: How the ``why`` of a pull that found no room in this host's store begins
+#: (``core.directory`` then drops other copies there, and asks again).
+STORE_FULL = "store full: "
 #: Largest chunk a holder serves (a guard; pullers ask for config.TRANSFER_CHUNK).
 MAX_CHUNK = 64 << 20
 #: Pieces a holder keeps mapped between requests (each holds a shared lock).
@@ -544,7 +547,10 @@ class Endpoint:
     def _start(self, pull_id, nbytes, sources) -> None:
         try:
             location, seg = self.writer.reserve(nbytes)
-        except Exception as exc:  # noqa: BLE001 - ObjectStoreFullError, an OSError
+        except ObjectStoreFullError as exc:
+            self.on_done(pull_id, None, f"{STORE_FULL}{exc}")
+            return
+        except Exception as exc:  # noqa: BLE001 - an OSError
             self.on_done(pull_id, None, f"{type(exc).__name__}: {exc}")
             return
         pull = _Pull(pull_id, nbytes, sources, location, seg)
@@ -683,4 +689,4 @@ class Endpoint:
             LOGGER.exception("transfer: reporting pull %d", pull.pull_id)
 
 
-__all__ = ["COPY_WRITER", "Endpoint", "local_address", "describe_source"]
+__all__ = ["COPY_WRITER", "STORE_FULL", "Endpoint", "local_address", "describe_source"]

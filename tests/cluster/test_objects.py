@@ -17,14 +17,16 @@ import gc
 import os
 import shutil
 import signal
+import subprocess
 import time
 
 import pytest
 
 import futurepool
 from futurepool import config
+from futurepool.core import status
 from futurepool.core.directory import HEAD, host_of
-from futurepool.errors import ObjectLostError
+from futurepool.errors import ObjectLostError, ObjectStoreFullError
 from futurepool.testing import netns, wait_until
 from futurepool.testing.netns import Network
 
@@ -253,3 +255,91 @@ def test_nothing_of_a_session_is_left_on_any_host(hosts):
         stop(hosts.nodes.pop(member))
         assert wait_until(lambda m=member: not hosts.files(m), TIMEOUT), hosts.files(member)
     assert netns.leftovers(hosts.net.prefix)  # (the network itself goes with the fixture)
+
+
+@pytest.fixture
+def small_store(tmp_path):
+    """A store for one node on private tmpfs mounts, so that no other test's use of
+    ``/dev/shm`` changes what it sees: ``small_store(shm, spill, capacity)`` -> the
+    node's environment; the mounts go at the end."""
+    mounts = []
+
+    def mount(size: str) -> str:
+        path = tmp_path / f"tmpfs{len(mounts)}"
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                        str(path)], check=True, timeout=TIMEOUT)
+        mounts.append(path)
+        return str(path)
+
+    def store(shm: str, spill: str, capacity: int) -> dict[str, str]:
+        return {"FUTUREPOOL_SHM_DIR": mount(shm), "FUTUREPOOL_SPILL_DIR": mount(spill),
+                "FUTUREPOOL_STORE_CAPACITY": str(capacity)}
+
+    yield store
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=False, timeout=TIMEOUT)
+
+
+def test_a_full_store_drops_secondary_copies_never_the_last(hosts, small_store):
+    """Issue 10, point 2: node2's store holds three 8 MB copies (capacity 30 MB, and a
+    spill directory too small for anything). A fourth pull finds it full: the least
+    recently used secondary copy there (the head still holds its value) is dropped and
+    the pull asked again; the copy whose value has no other holder left (its node was
+    lost) is never dropped. A pull that dropping cannot make room for fails with
+    ObjectStoreFullError saying so."""
+    env = small_store("64m", "1m", 30 * MB)
+    node2_store = env["FUTUREPOOL_SHM_DIR"]
+
+    def held():
+        return set(os.listdir(node2_store))
+
+    with hosts.executor() as executor:
+        directory = executor._owner.objects
+        last, last_block = made_on_node1(hosts, executor, 8 * MB)
+        blocker = executor.submit(hold, 60)  # node1's only worker: node2 pulls `last`
+        hosts.start(executor, "node2", **env)
+        node2 = hosts.ns("node2")
+        assert executor.submit(where_total, last).result(timeout=TIMEOUT) == (node2, 56 * MB)
+        last_copy = directory.copies[last_block.location.name][1].name
+        # node1 is lost: node2's copy of `last` is the only one left.
+        assert blocker.stop()
+        hosts.nodes["node1"].send_signal(signal.SIGKILL)
+        assert wait_until(lambda: 0 not in executor._owner.head.by_index, TIMEOUT)
+        stop(hosts.nodes.pop("node1"))
+        assert wait_until(lambda: not hosts.files("node1"), TIMEOUT), hosts.files("node1")
+
+        # Values of the head (its store keeps them): node2's copies of them are secondary.
+        first, second, third = (executor.put(bytearray([7]) * (8 * MB)) for _ in range(3))
+        for value in (first, second, first):  # `first` used last
+            assert executor.submit(where_total, value).result(timeout=TIMEOUT) \
+                == (node2, 56 * MB)
+        first_copy, second_copy = (directory.copies[primary(value).location.name][1].name
+                                   for value in (first, second))
+        assert {last_copy, first_copy, second_copy} <= held()
+        assert directory.evicted_copies == 0
+        # No room for a fourth copy: `second`'s goes (least recently used), not `last`'s.
+        assert executor.submit(where_total, third).result(timeout=TIMEOUT) == (node2, 56 * MB)
+        assert (directory.evicted_copies, directory.evicted_bytes) \
+            == (1, primary(second).location.nbytes)
+        assert 1 not in directory.copies.get(primary(second).location.name, {})
+        assert wait_until(lambda: second_copy not in held(), TIMEOUT), held()
+        assert {last_copy, first_copy} <= held()
+
+        # 24 MB cannot fit beside `last`, whatever else goes: the other copies are
+        # dropped, the pull asked again once, and the task fails saying why.
+        big = executor.put(bytearray([7]) * (24 * MB))
+        with pytest.raises(ObjectStoreFullError, match="the store on that host is full") as info:
+            executor.submit(where_total, big).result(timeout=TIMEOUT)
+        assert "2 copies of other values there" in str(info.value), info.value
+        assert directory.evicted_copies == 3
+        assert wait_until(lambda: held() == {last_copy}, TIMEOUT), held()  # nothing half-written
+        # The last copy still serves tasks there; a dropped one is pulled again.
+        assert executor.submit(where_total, last).result(timeout=TIMEOUT) == (node2, 56 * MB)
+        assert executor.submit(where_total, second).result(timeout=TIMEOUT) == (node2, 56 * MB)
+        answer = status.snapshot(executor._owner)  # what `futurepool status` shows
+        assert answer["objects"]["evicted_copies"] == 3, answer["objects"]
+        assert "3 dropped to make room" in status.render(answer)
+        del last, last_block, first, second, third, big, info
+    # The session's end removes node2's copies.
+    assert wait_until(lambda: not held(), TIMEOUT), held()
