@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import contextlib
-import ctypes
 import dataclasses
 import io
 import json
@@ -33,30 +32,23 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 
 import _harness  # noqa: E402 - the script's own folder is sys.path[0]
 
 _harness.use_this_checkout()
 
-import _helpers  # noqa: E402
 import _tasks  # noqa: E402
+from _cluster_hosts import DRIVER, STOP_GRACE, LinkProbe, Processes, helper, inside  # noqa: E402
 from _harness import Skip, Suite, Target, _fmt  # noqa: E402
 from _helpers import JsonLines  # noqa: E402
 
 from futurepool.testing import wait_until  # noqa: E402
 
-#: The helper processes: TCP echo server, Dask and Ray drivers.
-DRIVER = os.path.join(_harness.HERE, "_cluster_driver.py")
-#: Environment variable marking every process a cell starts (Ray's daemons
-#: leave our process tree), so that its close finds and stops all of them.
-RUN_TAG = "FUTUREPOOL_BENCH_CLUSTER"
 #: The node every system's remote side runs on.
 NODE = "node1"
 #: The second node of the objects scenario (B makes the array on NODE, C sums it here).
@@ -83,11 +75,6 @@ LINK_ROUND_TRIPS = 3
 VERSUS_OTHERS = 10.0
 #: Seconds between polls while a node joins.
 POLL = 0.005
-#: Seconds a cell's processes get to exit on their own (then SIGTERM, then
-#: as long again before SIGKILL); the harness's close backstop is 10 s.
-STOP_GRACE = 2.0
-#: Lines of a failed process's log quoted in the error.
-LOG_LINES = 5
 
 
 @dataclasses.dataclass
@@ -116,65 +103,6 @@ class Context:
 
 #: Set by main() once the network exists; loaders and cells read it.
 CONTEXT: Context | None = None
-
-
-# --- processes and their output ----------------------------------------------------------
-
-
-def _tail(path: str) -> str:
-    return _helpers.tail(path, LOG_LINES)
-
-
-class Processes:
-    """The processes one cell starts: tagged, logged to files, stopped together."""
-
-    def __init__(self, ctx: Context, name: str):
-        self.ctx, self.name = ctx, name
-        self.tag = uuid.uuid4().hex
-        self.dir = tempfile.mkdtemp(prefix=name[0], dir=ctx.tmp)  # short: socket paths
-        self.popens: list[subprocess.Popen] = []
-
-    def env(self, **extra) -> dict:
-        return {**os.environ, RUN_TAG: self.tag, **extra}
-
-    def log(self, what: str) -> str:
-        return os.path.join(self.dir, f"{what}.log")
-
-    def start(self, member: str, what: str, argv: list, *, stdin=subprocess.DEVNULL,
-              stdout=None, env=None) -> subprocess.Popen:
-        """``argv`` in ``member``'s namespace; stderr (and stdout unless given) to ``what``.log."""
-        with open(self.log(what), "ab") as log:
-            proc = self.ctx.net.popen(member, argv, stdin=stdin, stdout=stdout or log,
-                                      stderr=log, env=env or self.env(), cwd=self.dir)
-        self.popens.append(proc)
-        return proc
-
-    def run(self, member: str, what: str, argv: list, timeout: float, env=None) -> None:
-        """Run ``argv`` to its end in ``member``'s namespace; raise with its log if it fails."""
-        proc = self.start(member, what, argv, env=env)
-        try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise TimeoutError(f"{what} still running after {timeout:.0f} s:"
-                               f" {_tail(self.log(what))}") from None
-        if code != 0:
-            raise RuntimeError(f"{what} exited with {code}: {_tail(self.log(what))}")
-
-    def check(self, proc: subprocess.Popen, what: str) -> None:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}: {_tail(self.log(what))}")
-
-    def stop(self) -> None:
-        """SIGTERM what this cell started, and every process with its tag; SIGKILL
-        what is left after STOP_GRACE (see _helpers.stop)."""
-        _helpers.stop(self.popens, RUN_TAG, self.tag, STOP_GRACE)
-
-
-def _helper(procs: Processes, member: str, what: str, python: str, *args,
-            env=None) -> JsonLines:
-    proc = procs.start(member, what, [python, DRIVER, *args], stdin=subprocess.PIPE,
-                       stdout=subprocess.PIPE, env=env)
-    return JsonLines(proc, what, lambda: _tail(procs.log(what)), STOP_GRACE)
 
 
 # --- the systems under test ----------------------------------------------------------------
@@ -373,7 +301,7 @@ class DaskSystem(DriverSystem):
             sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", host,
             "--port", port, "--no-dashboard"])
         # The client retries until the scheduler listens.
-        self.driver = _helper(self.procs, "head", "client", sys.executable, "dask",
+        self.driver = helper(self.procs, "head", "client", sys.executable, "dask",
                               self.address, str(cell.left()))
         self.driver.read(cell.left())
 
@@ -427,7 +355,7 @@ class RaySystem(DriverSystem):
             "--head", "--node-ip-address", self.ctx.head, "--port",
             self.address.rsplit(":", 1)[1], "--num-cpus", "0", "--include-dashboard", "false",
             "--temp-dir", os.path.join(self.procs.dir, "h")), cell.left(), env=self.env())
-        self.driver = _helper(self.procs, "head", "client", self.ctx.ray_python, "ray",
+        self.driver = helper(self.procs, "head", "client", self.ctx.ray_python, "ray",
                               self.address, self.ctx.head, env=self.env())
         self.driver.read(cell.left())
 
@@ -544,7 +472,7 @@ def curve_floor(ctx: Context, cell, nbytes: int, chunk: int) -> float:
     """GB/s of pyzmq PUSH -> PULL with CURVE from B to C, ``nbytes`` in ``chunk``s."""
     procs = Processes(ctx, "floor")
     try:
-        receiver = _helper(procs, NODE_C, "floor-recv", sys.executable, "floor-recv",
+        receiver = helper(procs, NODE_C, "floor-recv", sys.executable, "floor-recv",
                            ctx.net.address(NODE_C), str(nbytes))
         hello = receiver.read(cell.left())
         procs.run(NODE, "floor-send", [
@@ -553,38 +481,6 @@ def curve_floor(ctx: Context, cell, nbytes: int, chunk: int) -> float:
         return nbytes / receiver.read(cell.left())["seconds"] / 1e9
     finally:
         procs.stop()
-
-
-# --- the link itself ------------------------------------------------------------------------
-
-
-class LinkProbe:
-    """A 1-byte TCP echo between the head's namespace (here) and the node's."""
-
-    def __init__(self, ctx: Context, cell):
-        self.procs = Processes(ctx, "link")
-        self.sock = None
-        server = _helper(self.procs, NODE, "echo", sys.executable, "echo", ctx.node)
-        port = server.read(cell.left())["port"]
-        self.sock = socket.create_connection((ctx.node, port), timeout=cell.left())
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def round_trip(self, n: int) -> float:
-        """Median µs of ``n`` round trips."""
-        samples = []
-        clock = time.perf_counter
-        for _ in range(n):
-            t0 = clock()
-            self.sock.sendall(b"x")
-            if not self.sock.recv(1):
-                raise RuntimeError("the echo server closed the connection")
-            samples.append(clock() - t0)
-        return statistics.median(samples) * 1e6
-
-    def close(self, failed: bool) -> None:
-        if self.sock is not None:
-            self.sock.close()  # the server exits at EOF
-        self.procs.stop()
 
 
 # --- the suite ---------------------------------------------------------------------------
@@ -758,7 +654,7 @@ def latency(cell):
     (200) 1-byte TCP round trips between the head's namespace and the node's."""
     system = cell.make(warm=True)
     value, extras = system.latency(cell, cell.size(2_000, 200))
-    probe = LinkProbe(CONTEXT, cell)
+    probe = LinkProbe(CONTEXT, NODE, CONTEXT.node, cell)
     cell.made.append(probe)  # closed by the harness with the system
     extras["link_rtt"] = probe.round_trip(cell.size(1_000, 200))
     return value, extras
@@ -861,35 +757,6 @@ def join(cell):
 # --- main ---------------------------------------------------------------------------------
 
 
-_CLONE_NEWNET = 0x40000000
-
-
-def _setns(fd: int) -> None:
-    """Move this thread, and the threads and processes it starts, into namespace ``fd``."""
-    if hasattr(os, "setns"):  # 3.12
-        os.setns(fd, os.CLONE_NEWNET)
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"setns: {os.strerror(errno)}")
-
-
-@contextlib.contextmanager
-def _inside(namespace: str):
-    home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    target = os.open(f"/run/netns/{namespace}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _setns(target)
-        try:
-            yield
-        finally:
-            _setns(home)
-    finally:
-        os.close(target)
-        os.close(home)
-
-
 def _terminate(signum, frame):
     raise KeyboardInterrupt  # the harness reports partial results; teardown runs
 
@@ -922,7 +789,7 @@ def main(argv: list[str]) -> int:
                 f"hosts: head {net.address('head')} (this process, namespace"
                 f" {net.namespace('head')}), {NODE} {net.address(NODE)} (namespace"
                 f" {net.namespace(NODE)}), veth through a bridge; --ray-python {own.ray_python}")
-            with _inside(net.namespace("head")):
+            with inside(net.namespace("head")):
                 return suite.main(rest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
