@@ -535,7 +535,7 @@ class Endpoint:
 
     def _start(self, pull_id, nbytes, sources) -> None:
         try:
-            location, seg = self.writer.reserve(nbytes)
+            location, seg = self.writer.reserve(nbytes, ahead=True)
         except Exception as exc:  # noqa: BLE001 - ObjectStoreFullError, an OSError
             self.on_done(pull_id, None, f"{type(exc).__name__}: {exc}")
             return
@@ -617,6 +617,12 @@ class Endpoint:
             return
         offset = index * pull.chunk
         length = min(pull.chunk, pull.nbytes - offset)
+        # (Its space is reserved ahead of the chunks, see segments._Prefault: a wait
+        # here is rare and short.)
+        if not pull.seg.writable(offset + length, config.TRANSFER_TIMEOUT):
+            self._skip(sock)
+            self._reserve_again(pull)
+            return
         with memoryview(pull.seg.mm) as whole, whole[offset:offset + length] as target:
             got = sock.recv_into(target)
         self._skip(sock)
@@ -633,6 +639,20 @@ class Endpoint:
                                            f" {describe_source(pull.sources[pull.tried - 1])}")
         elif not self._ask(pull):
             self._next_source(pull, "not connected")
+
+    def _reserve_again(self, pull: _Pull) -> None:
+        """The filesystem filled up while the pull's segment was being reserved: a
+        new one (spilled, if shared memory is still full), and every chunk again."""
+        self.writer.abort(pull.location, pull.seg)
+        try:
+            pull.location, pull.seg = self.writer.reserve(pull.nbytes)
+        except Exception as exc:  # noqa: BLE001 - ObjectStoreFullError, an OSError
+            self._end(pull, None, f"{type(exc).__name__}: {exc}")
+            return
+        pull.landed.clear()
+        pull.received = 0
+        pull.tried -= 1  # the same source again, under a new transfer id
+        self._next_source(pull, None)
 
     def _chunk_error(self, header, body: bytes) -> None:
         tid = header.ident
