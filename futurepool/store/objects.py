@@ -196,6 +196,13 @@ class WorkerStore:
         return self.reader.view(location)
 
     def stored(self, buf: memoryview) -> Location:
+        # A result that is a task's stored input (``return array``) is not copied:
+        # it becomes a second name of the input's pages.
+        piece = self.reader.piece_of(buf)
+        if piece is not None:
+            location = self.writer.link(*piece, buf.nbytes)
+            if location is not None:
+                return location
         return self.writer.write(buf)
 
     def discard(self, location: Location) -> None:

@@ -546,7 +546,7 @@ class Endpoint:
 
     def _start(self, pull_id, nbytes, sources) -> None:
         try:
-            location, seg = self.writer.reserve(nbytes)
+            location, seg = self.writer.reserve(nbytes, ahead=True)
         except ObjectStoreFullError as exc:
             self.on_done(pull_id, None, f"{STORE_FULL}{exc}")
             return
@@ -631,6 +631,12 @@ class Endpoint:
             return
         offset = index * pull.chunk
         length = min(pull.chunk, pull.nbytes - offset)
+        # (Its space is reserved ahead of the chunks, see segments._Prefault: a wait
+        # here is rare and short.)
+        if not pull.seg.writable(offset + length, config.TRANSFER_TIMEOUT):
+            self._skip(sock)
+            self._reserve_again(pull)
+            return
         with memoryview(pull.seg.mm) as whole, whole[offset:offset + length] as target:
             got = sock.recv_into(target)
         self._skip(sock)
@@ -647,6 +653,24 @@ class Endpoint:
                                            f" {describe_source(pull.sources[pull.tried - 1])}")
         elif not self._ask(pull):
             self._next_source(pull, "not connected")
+
+    def _reserve_again(self, pull: _Pull) -> None:
+        """The filesystem filled up while the pull's segment was being reserved: a
+        new one (spilled, if shared memory is still full), and every chunk again."""
+        try:
+            location, seg = self.writer.reserve(pull.nbytes)
+        except ObjectStoreFullError as exc:  # (_end removes the old segment)
+            self._end(pull, None, f"{STORE_FULL}{exc}")
+            return
+        except Exception as exc:  # noqa: BLE001 - an OSError
+            self._end(pull, None, f"{type(exc).__name__}: {exc}")
+            return
+        self.writer.abort(pull.location, pull.seg)
+        pull.location, pull.seg = location, seg
+        pull.landed.clear()
+        pull.received = 0
+        pull.tried -= 1  # the same source again, under a new transfer id
+        self._next_source(pull, None)
 
     def _chunk_error(self, header, body: bytes) -> None:
         tid = header.ident

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
 
+import numpy as np
 import pytest
 import zmq
 
@@ -80,6 +82,21 @@ def test_pulls_direct_from_the_head_and_relayed(stores, endpoints):
     head.pull(3, len(data), [(0, "", on_b.name, False)])  # the head asks b itself
     _, location, why = head_done.get(timeout=TIMEOUT)
     assert bytes(segments.read(location, head_store.dirs)) == data, why
+
+
+def test_a_large_pull_lands_whole_while_its_segment_is_reserved_ahead(stores, endpoints):
+    head_store, c_store = stores(), stores()
+    head, _ = endpoints(head_store, head=True, bind="tcp://127.0.0.1:0")
+    c, c_done = endpoints(c_store, head=False, bind=None, hub=head.address, node_index=1)
+    nbytes = segments._PREFAULT_FROM + 3 * segments._PREFAULT_STEP + 12345
+    data = np.random.default_rng(1).integers(0, 255, nbytes, dtype=np.uint8)
+    on_head = segments.SegmentWriter(head_store, -1).write(memoryview(data))
+    c.pull(1, nbytes, [(-1, "", on_head.name, False)])
+    _, location, why = c_done.get(timeout=TIMEOUT)
+    assert location is not None, why
+    assert np.array_equal(np.frombuffer(segments.read(location, c_store.dirs), np.uint8), data)
+    assert wait_until(lambda: not any(t.name == "futurepool-prefault"
+                                      for t in threading.enumerate()), TIMEOUT)
 
 
 def test_only_this_sessions_pieces_are_served_and_nothing_half_written_stays(

@@ -220,6 +220,26 @@ def test_freed_segments_are_reused_for_the_next_value(single):
     assert second.result().sum() == 2.0 * (4 * MiB // 8)
 
 
+def test_a_task_returning_its_input_shares_its_pages(single):
+    produced = single.submit(_tasks.array, 4 * MiB, 3.0)
+    returned = single.submit(_tasks.identity, produced)
+    _wait(returned)
+    shm = single._owner.store.settings.shm_dir
+    names = segments(single)
+    assert len(names) == 2
+    assert len({os.stat(os.path.join(shm, n)).st_ino for n in names}) == 1  # not copied
+    view = returned.result()
+    del produced
+    gc.collect()
+    assert wait_until(lambda: len(segments(single)) == 1, TIMEOUT)
+    # The input's segment is pooled, but its pages are the result's: not rewritten.
+    assert single.submit(_tasks.array, 4 * MiB, 9.0).result(timeout=TIMEOUT)[0] == 9.0
+    assert view.sum() == 3.0 * (4 * MiB // 8)
+    del view, returned
+    gc.collect()
+    assert wait_until(lambda: segments(single) == [], TIMEOUT)
+
+
 def test_a_borrowing_worker_keeps_its_view_valid(single):
     produced = single.submit(_tasks.array, 4 * MiB, 1.0)
     single.submit(_tasks.stash, produced).result(timeout=TIMEOUT)
