@@ -7,7 +7,10 @@ Off unless ``FUTUREPOOL_TESTING_FAULTS`` is set, to comma-separated rules:
 ``delay:KIND:SECONDS``
     this process holds every message of type KIND that long before sending;
 ``version-skew``
-    a joining node claims another cloudpickle version.
+    a joining node claims another cloudpickle version;
+``delay-pull:SECONDS``
+    this host's transfer endpoint starts each pull that much later (a chained
+    pull's source then hears of its own pull after its downstream asks).
 
 KIND is a :class:`~futurepool.protocol.messages.MessageType` name. The
 variable is read when a link is set up, so a test can set it for the
@@ -70,3 +73,16 @@ def plan() -> FaultPlan | None:
 
 def flag(name: str) -> bool:
     return name in os.environ.get(ENV, "").split(",")
+
+
+def seconds(name: str) -> float:
+    """The SECONDS of a ``name:SECONDS`` rule (0.0 when there is none)."""
+    for rule in os.environ.get(ENV, "").split(","):
+        key, _, value = rule.strip().partition(":")
+        if key == name:
+            try:
+                return float(value)
+            except ValueError:
+                raise ProtocolError(f"{ENV}: bad rule {rule!r}: expected {name}:SECONDS") \
+                    from None
+    return 0.0

@@ -41,7 +41,11 @@ pull in progress here, for that piece's exact size, is answered from the
 reserved segment if every chunk it covers has landed, else deferred until
 they land; if this host's own pull fails, the deferred requests get
 CHUNK_ERROR (the requester goes on to its next source). Once the pull is
-committed the key stays an alias of the copy until the copy is dropped.
+committed the key stays an alias of the copy until the copy is dropped. A
+request may arrive before this host has heard of its own pull (the head
+sends both PULLs at once, on different connections): a request for a piece
+not here waits up to ``_EARLY_WAIT`` for a pull of it to start, and is
+refused after that.
 Chunks that landed stay landed when a pull moves to its next source: only
 the missing ones are asked for again.
 
@@ -67,7 +71,7 @@ import zmq
 
 from .. import config
 from ..errors import ObjectLostError, ObjectStoreFullError, ProtocolError
-from ..protocol import security
+from ..protocol import faults, security
 from ..protocol.framing import decode_header, pack_header
 from ..protocol.messages import CHUNK_BODY, MessageType
 from ..protocol.zap import Authenticator
@@ -87,6 +91,9 @@ MAX_CHUNK = 64 << 20
 _MAX_VIEWS = 16
 #: Seconds a holder keeps an idle piece mapped.
 _VIEW_IDLE = 2.0
+#: Seconds a request for a piece not held here waits for a pull of it to start here
+#: (a chained pull's source may hear of its own pull after its downstream asks).
+_EARLY_WAIT = 0.5
 
 
 class _Pull:
@@ -165,6 +172,7 @@ class Endpoint:
                  zero_copy: bool | None = None, exported: dict | None = None):
         self.keys = keys
         self.exported = exported if exported is not None else {}
+        self._pull_delay = faults.seconds("delay-pull")
         # Zero-copy sends of our own buffers start pyzmq's process-wide garbage thread:
         # not in the driver's process (its program would find a thread it did not
         # start), where a chunk is copied once into its message instead.
@@ -194,6 +202,8 @@ class Endpoint:
         self._reverse: dict[int, bytes] = {}  # head: node index -> its connection's routing id
         self._views: collections.OrderedDict[str, list] = collections.OrderedDict()
         self._partial: dict[str, _Pull] = {}   # key (primary name) -> pull in progress
+        # Requests for a piece not here (yet): name -> [(deadline, why, nbytes, waiter)]
+        self._early: dict[str, list] = {}
         self._aliases: dict[str, Location] = {}  # key -> the copy that pull made here
         self._stopping = False
         self.dropped = 0   # malformed messages from authenticated peers
@@ -237,7 +247,13 @@ class Endpoint:
         if not self._thread.is_alive():  # stopped (or failed): nobody would answer
             self.on_done(pull_id, None, "the transfer endpoint stopped")
             return
-        self._post(("pull", pull_id, int(nbytes), tuple(tuple(s) for s in sources)))
+        command = ("pull", pull_id, int(nbytes), tuple(tuple(s) for s in sources))
+        if self._pull_delay:  # a testing fault (protocol.faults)
+            timer = threading.Timer(self._pull_delay, self._post, (command,))
+            timer.daemon = True
+            timer.start()
+            return
+        self._post(command)
 
     def join_hub(self, address: str, node_index: int) -> None:
         """A node's: dial the head's endpoint (it asks for chunks, and relays, through it)."""
@@ -287,7 +303,8 @@ class Endpoint:
         next_tick = 0.0
         try:
             while not self._stopping:
-                for what, _ in poller.poll(config.HEARTBEAT_INTERVAL * 500):
+                wait_ms = 20 if self._early else config.HEARTBEAT_INTERVAL * 500
+                for what, _ in poller.poll(wait_ms):
                     if what == self._wake_r:
                         try:
                             os.read(self._wake_r, 4096)
@@ -312,6 +329,8 @@ class Endpoint:
                 self._new_dealers.clear()
                 now = time.monotonic()
                 self._check_progress(now)
+                if self._early:
+                    self._expire_early(now)
                 if now >= next_tick:
                     next_tick = now + config.HEARTBEAT_INTERVAL
                     self.auth.tick()
@@ -449,7 +468,20 @@ class Endpoint:
             name = alias.name  # a pull that was in progress here has finished: its copy
         try:
             view = self._view(name, nbytes)
-        except (ObjectLostError, PermissionError, ValueError, OSError) as exc:
+        except (ObjectLostError, PermissionError) as exc:  # (not here; another host's key)
+            if "/" in name or name.endswith(".free"):
+                self._refuse(route, header, str(exc))
+                return
+            # Perhaps the head just chained a pull from here whose own PULL has not
+            # reached this endpoint yet (it travels on another connection): the request
+            # waits a little for it (see _start) before it is refused (well before its
+            # sender would give up on us).
+            wait = min(_EARLY_WAIT, config.TRANSFER_TIMEOUT / 4)
+            self._early.setdefault(name, []).append(
+                (time.monotonic() + wait, str(exc), nbytes,
+                 (route, header.count, header.ident, offset, length)))
+            return
+        except (ValueError, OSError) as exc:
             self._refuse(route, header, str(exc))
             return
         self._send(route, [pack_header(MessageType.CHUNK, header.count, header.ident),
@@ -486,9 +518,23 @@ class Endpoint:
         pull.waiters = waiting
 
     def _refuse(self, route, header, why: str) -> None:
+        self._refuse_waiter((route, header.count, header.ident), why)
+
+    def _refuse_waiter(self, waiter, why: str) -> None:
+        route, index, tid = waiter[:3]
         self.refusals += 1
-        self._send(route, [pack_header(MessageType.CHUNK_ERROR, header.count, header.ident),
+        self._send(route, [pack_header(MessageType.CHUNK_ERROR, index, tid),
                            why.encode()[:1000]])
+
+    def _expire_early(self, now: float) -> None:
+        for name in [n for n, waiting in self._early.items() if waiting[0][0] <= now]:
+            waiting = self._early.pop(name)
+            keep = [entry for entry in waiting if entry[0] > now]
+            if keep:
+                self._early[name] = keep
+            for deadline, why, _, waiter in waiting:
+                if deadline <= now:
+                    self._refuse_waiter(waiter, why)
 
     def _view(self, name: str, nbytes: int) -> memoryview:
         if not name.startswith(self.prefix) or "/" in name or name.endswith(".free"):
@@ -558,6 +604,11 @@ class Endpoint:
         # this pull writes into this session's store is ever served under it.)
         if pull.key and pull.key not in self._partial:
             self._partial[pull.key] = pull
+            for _, why, size, waiter in self._early.pop(pull.key, ()):
+                if size == nbytes:
+                    pull.waiters.append(waiter)  # (served as their chunks land: _wake)
+                else:
+                    self._refuse_waiter(waiter, why)
         self._next_source(pull, None)
 
     def _next_source(self, pull: _Pull, why: str | None) -> None:

@@ -84,6 +84,34 @@ def test_a_value_needed_on_three_nodes_at_once_is_pulled_along_a_chain(hosts):
             {m: hosts.files(m) for m in members}
 
 
+def test_a_chained_source_that_hears_of_its_pull_late_still_forwards(hosts):
+    """The head asks node2 to pull and node3 to pull from node2 at once, over separate
+    connections: node3's first requests may reach node2 before node2's own pull has
+    started. They wait for it (they are not refused, which would send node3 to node1
+    too and halve node1's link for both). Testing faults make every pull start late,
+    the earlier receivers the later."""
+    nbytes = 32 * MB
+    with hosts.executor() as executor:
+        future, block, blocker = made_on_node1(hosts, executor, nbytes)
+        for member, delay in (("node2", 0.8), ("node3", 0.4), ("node4", 0.0)):
+            hosts.start(executor, member, FUTUREPOOL_TESTING_FAULTS=f"delay-pull:{delay}")
+        ready(hosts, executor, ("node2", "node3", "node4"))
+        directory = executor._owner.objects
+        tasks = [executor.submit(where_crc, future) for _ in range(3)]
+        assert wait_until(lambda: len(directory.pulls) == 3, TIMEOUT)
+        order = sorted(directory.pulls.values(), key=lambda wanted: wanted.depth)
+        # (node2 is sent tasks first, so it heads the chain: each downstream starts early.)
+        assert [wanted.dest for wanted in order] == [1, 2, 3]
+        results = [task.result(timeout=3 * TIMEOUT) for task in tasks]
+        assert all(r[1:] == (zlib.crc32(pattern(nbytes)), nbytes) for r in results), results
+        assert directory.chained_pulls == 2
+        assert directory.forwarded_pulls == 2, "a chained pull was refused by its source"
+        assert blocker.stop()
+        del future, block, tasks, order
+        gc.collect()
+        assert wait_until(lambda: not any(hosts.files(m) for m in hosts.dirs), TIMEOUT)
+
+
 def test_the_middle_of_a_chain_killed_mid_transfer(hosts):
     """node1 → node2 → node3, node2 SIGKILLed while both receive: node3's pull moves on
     to node1 (keeping the chunks it has) and its task completes; never a hang."""
