@@ -92,6 +92,7 @@ from .relay import RELAY_KINDS, Relay
 from .resources import Placement
 from .scheduler import Scheduler, WorkerSlot
 from .startup import FORK, check_not_importing_main
+from .write_back import write_back
 
 LOGGER = logging.getLogger("futurepool")
 
@@ -743,8 +744,9 @@ class Owner:
                 self.idle_workers.release()
             self.completed += 1
             if len(result) > 5:  # it changed mirrors of shared memory: written back first
-                self._write_back(task, result[5], lambda w=worker, t=task, s=status, p=payload,
-                                 d=took: self._settle(w, t, s, p, d))
+                write_back(self, task, self._wrap_pieces(result[5]),
+                           lambda w=worker, t=task, s=status, p=payload, d=took:
+                           self._settle(w, t, s, p, d))
                 continue
             self._settle(worker, task, status, payload, took)
 
@@ -793,43 +795,6 @@ class Owner:
             self.ready.appendleft(task)
             if worker.quota is not None:
                 worker.quota += 1
-
-    def _write_back(self, task: Task, patches, settle) -> None:
-        """What a task changed in mirrors of the stdlib's shared memory (store.shared):
-        pulled here if stored, written into the segments, then ``settle()``."""
-        patches = self._wrap_pieces(patches)
-        blocks = [] if type(patches) is bytes else \
-            [p for p in (patches[0], *patches[1]) if type(p) is not bytes]
-        arrived: dict[int, segments.Location] = {}
-
-        def delivered(block, location, error) -> None:
-            if not blocks:
-                return  # one already failed
-            if error is not None:
-                arrived.clear()
-                blocks.clear()
-                self._settle_exception(task, ObjectLostError(
-                    f"The changes {task.describe()} made to shared memory on another host"
-                    f" could not be written back: {error}", block.location.name))
-                return
-            arrived[id(block)] = location
-            if blocks and len(arrived) == len(blocks):
-                apply()
-
-        def apply() -> None:
-            dirs = self.store.settings.dirs
-            try:
-                shared.write_back(serialize.decode(
-                    patches, lambda piece: segments.read(arrived[id(piece)], dirs)), task.shared)
-            except Exception:  # noqa: BLE001 - e.g. the segment was unlinked meanwhile
-                LOGGER.warning("writing back what %s changed in shared memory",
-                               task.describe(), exc_info=True)
-            settle()
-
-        if not blocks:
-            apply()
-        for block in list(blocks):
-            self.objects.deliver(block, HEAD, lambda loc, err, b=block: delivered(b, loc, err))
 
     def _retry_timeout(self, task: Task) -> bool:
         """Re-run a timed-out (or memory-killed) task if its options gave it retries."""
