@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -118,3 +119,21 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(RUN_ROOT, ignore_errors=True)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount small tmpfs file systems: ``tmpfs("16m")`` -> its path; unmounted at the end."""
+    mounts = []
+
+    def mount(size: str) -> str:
+        path = tmp_path / f"tmpfs{len(mounts)}"
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                        str(path)], check=True, timeout=30)
+        mounts.append(path)
+        return str(path)
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=False, timeout=30)

@@ -17,7 +17,6 @@ import gc
 import os
 import shutil
 import signal
-import subprocess
 import time
 
 import pytest
@@ -258,27 +257,16 @@ def test_nothing_of_a_session_is_left_on_any_host(hosts):
 
 
 @pytest.fixture
-def small_store(tmp_path):
+def small_store(tmpfs):
     """A store for one node on private tmpfs mounts, so that no other test's use of
     ``/dev/shm`` changes what it sees: ``small_store(shm, spill, capacity)`` -> the
     node's environment; the mounts go at the end."""
-    mounts = []
-
-    def mount(size: str) -> str:
-        path = tmp_path / f"tmpfs{len(mounts)}"
-        path.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
-                        str(path)], check=True, timeout=TIMEOUT)
-        mounts.append(path)
-        return str(path)
 
     def store(shm: str, spill: str, capacity: int) -> dict[str, str]:
-        return {"FUTUREPOOL_SHM_DIR": mount(shm), "FUTUREPOOL_SPILL_DIR": mount(spill),
+        return {"FUTUREPOOL_SHM_DIR": tmpfs(shm), "FUTUREPOOL_SPILL_DIR": tmpfs(spill),
                 "FUTUREPOOL_STORE_CAPACITY": str(capacity)}
 
-    yield store
-    for path in mounts:
-        subprocess.run(["umount", "-l", str(path)], check=False, timeout=TIMEOUT)
+    return store
 
 
 def test_a_full_store_drops_secondary_copies_never_the_last(hosts, small_store):

@@ -31,24 +31,6 @@ MiB = _tasks.MiB
 
 
 @pytest.fixture
-def tmpfs(tmp_path):
-    """Mount small tmpfs file systems: ``tmpfs("16m")`` -> its path."""
-    mounts = []
-
-    def mount(size: str) -> str:
-        path = tmp_path / f"tmpfs{len(mounts)}"
-        path.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
-                        str(path)], check=True, timeout=TIMEOUT)
-        mounts.append(path)
-        return str(path)
-
-    yield mount
-    for path in mounts:
-        subprocess.run(["umount", "-l", str(path)], check=False, timeout=TIMEOUT)
-
-
-@pytest.fixture
 def store_on(tmpfs, tmp_path, monkeypatch):
     """Point new executors' store at a private tmpfs: ``store_on("16m")`` -> (shm, spill).
 
