@@ -84,7 +84,7 @@ class _Wanted:
     """One pull in progress: a piece on its way to one host, and who waits for it."""
 
     __slots__ = ("block", "name", "dest", "held", "fetchers", "sources", "depth", "downstream",
-                 "chained", "room")
+                 "chained", "room", "upstream")
 
     def __init__(self, block: Block, dest: int, sources, depth: int = 1):
         self.block = weakref.ref(block)
@@ -96,6 +96,7 @@ class _Wanted:
         self.depth = depth  # its place in a broadcast chain (1: from a complete copy)
         self.downstream = 0  # pulls that forward from this one while it is in progress
         self.chained = False  # its first source is a host still receiving
+        self.upstream: _Wanted | None = None  # that host's pull, while this one may use it
         self.room: tuple[int, int] | None = None  # copies, bytes dropped for it (store full)
 
 
@@ -279,6 +280,7 @@ class ObjectDirectory:
         pull_id = next(self.pull_ids)
         wanted = self.pulls[pull_id] = _Wanted(block, dest, sources, depth)
         wanted.chained = upstream is not None
+        wanted.upstream = upstream
         self.by_piece[(location.name, dest)] = pull_id
         self._send_pull(pull_id, dest, location.nbytes, sources)
         return wanted
@@ -358,6 +360,7 @@ class ObjectDirectory:
         full = location is None and why.startswith(STORE_FULL)
         if full and wanted.room is None and self._make_room(pull_id, wanted):
             return  # asked again once the room is there
+        _unchain(wanted)
         self.by_piece.pop((wanted.name, dest), None)
         block = wanted.block()
         error = rebuild = None
@@ -447,6 +450,7 @@ class ObjectDirectory:
             self.pulled(wanted.dest, pull_id, None, "no copy left to pull from")
             return
         wanted.sources, wanted.chained = sources, False  # (from complete copies only)
+        _unchain(wanted)
         self._send_pull(pull_id, wanted.dest, block.location.nbytes, sources)
 
     def _in_use(self, host: int) -> set[str]:
@@ -556,7 +560,15 @@ class ObjectDirectory:
             self._forget(name, host)
         for pull_id in [p for p, wanted in self.pulls.items() if wanted.dest == host]:
             wanted = self.pulls.pop(pull_id)
+            _unchain(wanted)
             self.by_piece.pop((wanted.name, host), None)
+
+
+def _unchain(wanted: _Wanted) -> None:
+    """``wanted`` forwards from its upstream no more: that pull may head another link."""
+    upstream, wanted.upstream = wanted.upstream, None
+    if upstream is not None:
+        upstream.downstream -= 1
 
 
 def _blocks(task):

@@ -156,3 +156,46 @@ def test_the_middle_of_a_chain_killed_mid_transfer(hosts):
         # The killed node's store is its session's leftovers: its process is gone.
         for name in hosts.files(middle):
             os.unlink(os.path.join(hosts.dirs[middle], name))
+
+
+def test_a_chain_link_whose_downstream_is_lost_heads_another(hosts):
+    """node1 → X → Y, Y's node killed while both receive: X's pull forwards again, so a
+    third host that needs the value chains from X, not from node1 once more."""
+    nbytes = 40 * MB
+    with hosts.executor() as executor:
+        future, block, blocker = made_on_node1(hosts, executor, nbytes)
+        members = ("node2", "node3", "node4")
+        for member in members:
+            hosts.start(executor, member)
+        ready(hosts, executor, members)
+        directory = executor._owner.objects
+        hosts.net.shape("node1", 16_000_000)  # 40 MB take 20 s out of node1
+        try:
+            first = executor.submit(where_crc, future)
+            second = executor.submit(where_crc, future)
+            assert wait_until(lambda: len(directory.pulls) == 2, TIMEOUT)
+            head, middle = sorted(directory.pulls.values(), key=lambda w: w.depth)
+            assert middle.sources[0][0] == head.dest, "not chained"
+            index = {1: "node2", 2: "node3", 3: "node4"}
+            hosts.nodes[index[middle.dest]].send_signal(signal.SIGKILL)
+            assert wait_until(lambda: len(directory.pulls) == 1, TIMEOUT), "its node not lost"
+            third = executor.submit(where_crc, future)
+            assert wait_until(lambda: len(directory.pulls) == 2, TIMEOUT)
+            (new,) = [w for w in directory.pulls.values() if w is not head]
+            assert new.sources[0][0] == head.dest and new.depth == 2, new.sources
+        finally:
+            hosts.net.unshape("node1")
+        expected = (zlib.crc32(pattern(nbytes)), nbytes)
+        assert first.result(timeout=3 * TIMEOUT)[1:] == expected
+        assert third.result(timeout=3 * TIMEOUT)[1:] == expected
+        with pytest.raises(WorkerCrashedError):
+            second.result(timeout=TIMEOUT)
+        killed = index[middle.dest]
+        stop(hosts.nodes.pop(killed))
+        assert blocker.stop()
+        del future, block, first, second, third, head, middle, new
+        gc.collect()
+        alive = [m for m in ("node1", *members) if m != killed]
+        assert wait_until(lambda: not any(hosts.files(m) for m in alive), TIMEOUT)
+        for name in hosts.files(killed):  # its session's leftovers: its process is gone
+            os.unlink(os.path.join(hosts.dirs[killed], name))
