@@ -58,12 +58,15 @@ def copies_here(hosts, member: str) -> list[str]:
     return [n for n in hosts.files(member) if "--2-" in n]
 
 
-def test_a_value_needed_on_three_nodes_at_once_is_pulled_along_a_chain(hosts):
+@pytest.mark.parametrize("address", ["", "none"], ids=["direct", "relayed"])
+def test_a_value_needed_on_three_nodes_at_once_is_pulled_along_a_chain(hosts, address):
+    """Relayed: no receiver can be dialled, so each link of the chain goes through the
+    head's endpoint, chunk by chunk."""
     nbytes = 64 * MB
     with hosts.executor() as executor:
         future, block, blocker = made_on_node1(hosts, executor, nbytes)
         for member in ("node2", "node3", "node4"):
-            hosts.start(executor, member)
+            hosts.start(executor, member, FUTUREPOOL_TRANSFER_ADDRESS=address)
         ready(hosts, executor, ("node2", "node3", "node4"))
         directory = executor._owner.objects
         expected = zlib.crc32(pattern(nbytes))
@@ -73,6 +76,7 @@ def test_a_value_needed_on_three_nodes_at_once_is_pulled_along_a_chain(hosts):
         assert all(r[1:] == (expected, nbytes) for r in results), results
         assert directory.chained_pulls == 2, "not one chain node1 → node2 → node3 → node4"
         assert directory.forwarded_pulls == 2, "a chained pull fell back to a complete copy"
+        assert (executor._owner.head.transfer.relayed > 0) == (address == "none")
         copies = directory.copies[block.location.name]
         assert set(copies) == {1, 2, 3}
         assert blocker.stop()
