@@ -287,10 +287,8 @@ class Worker:
         memory (store.shared) when it had any: the owner writes it back first."""
         ran = outcome[2] not in (ResultStatus.ARGS_FAILED, ResultStatus.MISSING_FUNCTION)
         try:
-            patches = shared.end_task(ran)
-            if patches is None:
-                return outcome
-            return (*outcome, serialize.dumps_result(patches, self.store))
+            patches = shared.end_task(ran, lambda p: serialize.dumps_result(p, self.store))
+            return outcome if patches is None else (*outcome, patches)
         except Exception as exc:  # noqa: BLE001 - the task's future says so; we go on
             if outcome[2] != ResultStatus.OK:
                 return outcome

@@ -20,12 +20,13 @@ its bytes as one out-of-band buffer (a ``ShareableList`` as its segment)::
     them into the segment, THEN the
     future completes
 
-Patches are exact to the byte: per changed chunk its new bytes and, unless
-every byte changed, a mask of those that did. Tasks that fill disjoint
-slices of one segment (even interleaved ones, ``a[0::2]`` and ``a[1::2]``)
-compose as on one host; where two tasks changed the same bytes, the last
-write-back wins. A mirror holds the segment as it was when its task was
-placed; writes by others meanwhile are not seen there.
+Patches are exact to the byte: per changed chunk its new bytes and the bytes
+the task started from. Where the segment still holds those (nobody else wrote
+there) the new bytes go in as they are; else only the bytes the task changed.
+Tasks that fill disjoint slices of one segment (even interleaved ones,
+``a[0::2]`` and ``a[1::2]``) compose as on one host; where two tasks changed
+the same bytes, the last write-back wins. A mirror holds the segment as it
+was when its task was placed; writes by others meanwhile are not seen there.
 
 Trust: a write-back names a segment the task was given, and the head checks
 it (``Task.shared``); nothing else of the driver's host is writable this way.
@@ -176,19 +177,22 @@ class _Mirror:
         _local_names[id(self.shm)] = local
 
     def changes(self) -> list:
-        """``[(offset, new bytes, mask or None), ...]`` for the chunks the task changed."""
+        """``[(offset, new bytes, old bytes), ...]`` for the runs of chunks the task
+        changed, as buffers of the mirror and of the copy it started from (pickled out of
+        band: stored without a copy in between; valid until :meth:`close`)."""
         now, before = self.shm.buf, self.original
         size = len(before)
-        out = []
+        runs: list[list[int]] = []
         for start in range(0, size, _CHUNK):
             end = min(size, start + _CHUNK)
             if _equal(now[start:end], before[start:end]):
                 continue
-            new = bytes(now[start:end])
-            changed = (int.from_bytes(new, "little") ^ int.from_bytes(before[start:end], "little")
-                       ).to_bytes(end - start, "little").translate(_MASK_TABLE)
-            out.append((start, new, None if b"\x00" not in changed else changed))
-        return out
+            if runs and runs[-1][1] == start:
+                runs[-1][1] = end
+            else:
+                runs.append([start, end])
+        return [(start, pickle.PickleBuffer(now[start:end]),
+                 pickle.PickleBuffer(before[start:end])) for start, end in runs]
 
     def close(self) -> None:
         self.original = None
@@ -224,19 +228,42 @@ def begin_task() -> None:
     _frames.append([])
 
 
-def end_task(ran: bool) -> list | None:
-    """Close the task's mirrors; what it changed in them (None: it had none)."""
+def end_task(ran: bool, encode):
+    """Close the task's mirrors; what it changed in them, as ``encode(patches)`` made
+    it while the mirrors were still open (None: it had none, or did not run)."""
     mirrors = _frames.pop()
     if not mirrors:
         return None
     try:
-        return [(m.name, m.changes()) for m in mirrors] if ran else None
+        return encode([(m.name, m.changes()) for m in mirrors]) if ran else None
     finally:
         for mirror in mirrors:
             mirror.close()
 
 
 # --- the head: writing the changes into the segment ------------------------------------
+
+def _merge(current: bytes, new: bytes, old: bytes) -> bytes:
+    """``current`` with the bytes where ``new`` differs from ``old`` taken from ``new``."""
+    order = "little"
+    changed = int.from_bytes((int.from_bytes(new, order) ^ int.from_bytes(old, order)).to_bytes(
+        len(new), order).translate(_MASK_TABLE), order)
+    merged = (int.from_bytes(current, order) & ~changed) | (int.from_bytes(new, order) & changed)
+    return merged.to_bytes(len(new), order)
+
+
+def _apply(target: memoryview, new: memoryview, old: memoryview) -> None:
+    for start in range(0, len(new), _CHUNK):
+        end = min(len(new), start + _CHUNK)
+        current = target[start:end]
+        # Nobody else wrote there since the mirror was taken (the usual case, disjoint
+        # slices): the new bytes as they are. Else only the bytes this task changed.
+        if _equal(current, old[start:end]):
+            current[:] = new[start:end]
+        else:
+            current[:] = _merge(current, new[start:end], old[start:end])
+        current.release()
+
 
 def write_back(patches, allowed) -> None:
     """Apply ``[(segment name, changes), ...]`` to this host's segments (``allowed``:
@@ -248,18 +275,14 @@ def write_back(patches, allowed) -> None:
         try:
             size = os.fstat(fd).st_size
             with mmap.mmap(fd, size) as mm:
-                for offset, new, mask in changes:
+                for offset, new, old in changes:
+                    new, old = memoryview(new).cast("B"), memoryview(old).cast("B")
                     end = offset + len(new)
-                    if end > size:
-                        raise ValueError(f"a write-back to {name} ends at {end:,}, past its"
-                                         f" {size:,} bytes")
-                    if mask is None:
-                        mm[offset:end] = new
-                        continue
-                    cur = int.from_bytes(mm[offset:end], "little")
-                    keep = int.from_bytes(mask, "little")
-                    merged = (cur & ~keep) | (int.from_bytes(new, "little") & keep)
-                    mm[offset:end] = merged.to_bytes(end - offset, "little")
+                    if end > size or len(old) != len(new):
+                        raise ValueError(f"a write-back to {name} of {len(new):,} bytes at"
+                                         f" {offset:,} does not fit its {size:,} bytes")
+                    with memoryview(mm) as whole:
+                        _apply(whole[offset:end], new, old)
         finally:
             os.close(fd)
 
