@@ -7,7 +7,7 @@
     reserve a segment of `nbytes` in its store
     CHUNK_REQUEST(t, i, offset, length) x window ──────► map the piece read-only (shared
                                                          lock: its writer cannot reuse it)
-    recv_into(segment[offset:offset + length]) ◄──────── CHUNK(t, i): a zero-copy slice
+    write it into the segment at offset ◄─────────────── CHUNK(t, i): a zero-copy slice
       each chunk that lands asks for the next one
     all bytes there: commit, report the Location
     CHUNK_ERROR, or no chunk for TRANSFER_TIMEOUT:
@@ -495,7 +495,7 @@ class Endpoint:
         message: the segment may be aborted while zmq still sends)."""
         sock, peer = route
         frames = [pack_header(MessageType.CHUNK, index, tid)]
-        with memoryview(pull.seg.mm) as whole, whole[offset:offset + length] as part:
+        with memoryview(pull.seg.mapping()) as whole, whole[offset:offset + length] as part:
             frames.append(part)
             try:
                 sock.send_multipart(frames if peer is None else [peer, *frames], zmq.NOBLOCK,
@@ -592,7 +592,7 @@ class Endpoint:
 
     def _start(self, pull_id, nbytes, sources) -> None:
         try:
-            location, seg = self.writer.reserve(nbytes, ahead=True)
+            location, seg = self.writer.reserve(nbytes)
         except ObjectStoreFullError as exc:
             self.on_done(pull_id, None, f"{STORE_FULL}{exc}")
             return
@@ -682,14 +682,23 @@ class Endpoint:
             return
         offset = index * pull.chunk
         length = min(pull.chunk, pull.nbytes - offset)
-        # (Its space is reserved ahead of the chunks, see segments._Prefault: a wait
-        # here is rare and short.)
-        if not pull.seg.writable(offset + length, config.TRANSFER_TIMEOUT):
+        seg = pull.seg
+        try:
+            if seg.fd is None:  # a pooled segment: straight into its mapped pages
+                with memoryview(seg.mm) as whole, whole[offset:offset + length] as target:
+                    got = sock.recv_into(target)
+            else:  # fresh pages: through the file (see segments.write_file)
+                frame = sock.recv(copy=False)
+                got = len(frame)
+                if got == length:
+                    seg.write(offset, frame.buffer)
+        except OSError as exc:
             self._skip(sock)
-            self._reserve_again(pull)
+            if segments.no_room(exc):
+                self._reserve_again(pull)
+            else:
+                self._end(pull, None, f"{type(exc).__name__}: {exc}")
             return
-        with memoryview(pull.seg.mm) as whole, whole[offset:offset + length] as target:
-            got = sock.recv_into(target)
         self._skip(sock)
         if got != length:
             self._next_source(pull, f"chunk {index} had {got:,} bytes, expected {length:,}")
@@ -706,7 +715,7 @@ class Endpoint:
             self._next_source(pull, "not connected")
 
     def _reserve_again(self, pull: _Pull) -> None:
-        """The filesystem filled up while the pull's segment was being reserved: a
+        """The filesystem filled up while the pull's segment was being written: a
         new one (spilled, if shared memory is still full), and every chunk again."""
         try:
             location, seg = self.writer.reserve(pull.nbytes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from futurepool import config
 from futurepool.protocol import security
 from futurepool.protocol.framing import decode_header, pack_header
 from futurepool.protocol.messages import CHUNK_BODY, MessageType
+from futurepool.protocol.zap import AuthenticatorThread
 from futurepool.store import segments, transfer
 from futurepool.testing import wait_until
 
@@ -84,19 +86,75 @@ def test_pulls_direct_from_the_head_and_relayed(stores, endpoints):
     assert bytes(segments.read(location, head_store.dirs)) == data, why
 
 
-def test_a_large_pull_lands_whole_while_its_segment_is_reserved_ahead(stores, endpoints):
-    head_store, c_store = stores(), stores()
+def test_a_large_pull_lands_whole_in_a_fresh_segment_then_in_a_reused_one(stores, endpoints):
+    """The first copy is written through its file (segments.write_file), the second
+    into the first's pages, reused once it was freed (through their mapping)."""
+    head_store, c_store = stores(), stores()._replace(pool_bytes=1 << 30)
     head, _ = endpoints(head_store, head=True, bind="tcp://127.0.0.1:0")
     c, c_done = endpoints(c_store, head=False, bind=None, hub=head.address, node_index=1)
-    nbytes = segments._PREFAULT_FROM + 3 * segments._PREFAULT_STEP + 12345
-    data = np.random.default_rng(1).integers(0, 255, nbytes, dtype=np.uint8)
-    on_head = segments.SegmentWriter(head_store, -1).write(memoryview(data))
-    c.pull(1, nbytes, [(-1, "", on_head.name, False)])
-    _, location, why = c_done.get(timeout=TIMEOUT)
-    assert location is not None, why
-    assert np.array_equal(np.frombuffer(segments.read(location, c_store.dirs), np.uint8), data)
-    assert wait_until(lambda: not any(t.name == "futurepool-prefault"
-                                      for t in threading.enumerate()), TIMEOUT)
+    nbytes = 24 * config.TRANSFER_CHUNK + 12345
+    inodes, writer = [], segments.SegmentWriter(head_store, -1)
+    for seed in (1, 2):
+        data = np.random.default_rng(seed).integers(0, 255, nbytes, dtype=np.uint8)
+        on_head = writer.write(memoryview(data))
+        c.pull(seed, nbytes, [(-1, "", on_head.name, False)])
+        _, location, why = c_done.get(timeout=TIMEOUT)
+        assert location is not None and not location.spilled, why
+        assert np.array_equal(np.frombuffer(segments.read(location, c_store.dirs), np.uint8),
+                              data)
+        inodes.append(os.stat(os.path.join(c_store.shm_dir, location.name)).st_ino)
+        c.drop([location])
+    assert inodes[0] == inodes[1], "the second pull did not reuse the first one's segment"
+
+
+def test_a_pull_whose_filesystem_fills_up_lands_whole_in_the_spill_directory(
+        keys, endpoints, tmpfs, tmp_path):
+    """Another program fills shared memory after the pull's segment was made: its next
+    chunk cannot be written (ENOSPC), and the pull starts again in the spill
+    directory; nothing stays in shared memory. The holder is a socket of this test,
+    so that the filesystem fills between two chunks."""
+    shm, spill = tmpfs("48m"), str(tmp_path / "spill")
+    os.mkdir(spill)
+    c_store = segments.new_settings(shm, spill, config.SHM_PREFIX, 40 << 20, 0.5, 0,
+                                    config.INLINE_THRESHOLD, writers=2)
+    c, c_done = endpoints(c_store, head=False, bind=None)
+    nbytes = 24 << 20
+    data = os.urandom(nbytes)
+    ctx = zmq.Context()
+    auth = AuthenticatorThread(ctx, security.admitted_keys(keys, security.Role.NODE))
+    try:
+        holder = ctx.socket(zmq.ROUTER)
+        holder.linger = 0
+        security.make_curve_server(holder, keys, role=security.Role.NODE)
+        auth.watch(holder)
+        port = holder.bind_to_random_port("tcp://127.0.0.1")
+        c.pull(1, nbytes, [(3, f"tcp://127.0.0.1:{port}", "piece", False)])
+        served, filler = 0, os.path.join(shm, "filler")
+        deadline = time.monotonic() + TIMEOUT
+        while c_done.empty():
+            if not holder.poll(50):
+                assert time.monotonic() < deadline, "the puller stopped asking"
+                continue
+            peer, head, body = holder.recv_multipart()
+            header = decode_header(head)
+            _, offset, length, _ = CHUNK_BODY.unpack_from(body)
+            holder.send_multipart([peer, pack_header(MessageType.CHUNK, header.count,
+                                                     header.ident), data[offset:offset + length]])
+            served += 1
+            if served == 1:  # another program takes what is left
+                with open(filler, "wb") as f, pytest.raises(OSError):
+                    while True:
+                        f.write(b"\0" * (1 << 20))
+                        f.flush()
+        _, location, why = c_done.get(timeout=TIMEOUT)
+        assert location is not None and location.spilled, why
+        assert bytes(segments.read(location, c_store.dirs)) == data
+        assert os.listdir(shm) == ["filler"], "a half-written segment stayed in shared memory"
+        c.drop([location])
+        assert wait_until(lambda: not os.listdir(spill), TIMEOUT)
+    finally:
+        auth.close()
+        ctx.destroy(linger=0)
 
 
 def test_only_this_sessions_pieces_are_served_and_nothing_half_written_stays(
