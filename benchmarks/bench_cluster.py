@@ -411,7 +411,8 @@ class ObjectsSystem(RemoteSystem):
         busy = self.executor.submit(_tasks.hold, 3600)
         self.start_worker(NODE_C, cell)
         # Warm: the same path with 2 MB (imports, connections, handshakes); the
-        # 200 MB still land in fresh pages on C and on the head, as the floor's do.
+        # 200 MB still land in fresh pages on C and on the head (the floor's receiver
+        # reuses its buffers: the "warm" run below lands in pages freed by the first).
         self.executor.submit(_tasks.sum_and_return, warm).result(timeout=cell.left())
         times = []
         for _ in range(2):  # the second time, into segments the first one freed

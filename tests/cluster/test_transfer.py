@@ -121,8 +121,8 @@ def test_a_pull_whose_filesystem_fills_up_lands_whole_in_the_spill_directory(
     data = os.urandom(nbytes)
     ctx = zmq.Context()
     auth = AuthenticatorThread(ctx, security.admitted_keys(keys, security.Role.NODE))
+    holder = ctx.socket(zmq.ROUTER)
     try:
-        holder = ctx.socket(zmq.ROUTER)
         holder.linger = 0
         security.make_curve_server(holder, keys, role=security.Role.NODE)
         auth.watch(holder)
@@ -152,8 +152,9 @@ def test_a_pull_whose_filesystem_fills_up_lands_whole_in_the_spill_directory(
         c.drop([location])
         assert wait_until(lambda: not os.listdir(spill), TIMEOUT)
     finally:
-        auth.close()
-        ctx.destroy(linger=0)
+        holder.close()  # (before its authenticator, see zap.Authenticator)
+        auth.stop()
+        ctx.term()
 
 
 def test_only_this_sessions_pieces_are_served_and_nothing_half_written_stays(
