@@ -131,13 +131,10 @@ class _Segment:
         self.fd = fd
 
     def write(self, offset: int, data) -> None:
-        """``data`` at ``offset``: through the file while it is being filled, else
-        into the mapping. OSError (``_NO_ROOM``) if the filesystem filled up."""
-        if self.fd is not None:
-            write_file(self.fd, data, offset)
-        else:
-            with memoryview(self.mm) as whole:
-                whole[offset:offset + len(data)] = data
+        """``data`` at ``offset`` of a segment being filled through its file (``fd``
+        set; a reused one is filled through ``mm``). OSError, :func:`no_room`
+        says whether the filesystem filled up."""
+        write_file(self.fd, data, offset)
 
     def mapping(self):
         """The segment mapped here (mapped now if it was only written to so far)."""
