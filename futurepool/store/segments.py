@@ -368,15 +368,19 @@ class SegmentWriter:
                 name = self._next_name()
                 try:
                     os.rename(path, os.path.join(shm, name))
-                    if seg.mm is None:  # a transfer's copy, written through its file
+                except OSError:  # removed under us (a sweep)
+                    seg.unmap()
+                    continue
+                if seg.mm is None:  # a transfer's copy, written through its file
+                    try:
                         fd = os.open(os.path.join(shm, name), os.O_RDWR | os.O_CLOEXEC)
                         try:
                             seg.mm = _map_populated(fd, seg.size)
                         finally:
                             os.close(fd)
-                except OSError:  # removed under us (a sweep)
-                    seg.unmap()
-                    continue
+                    except OSError:  # removed meanwhile, or no memory to map it: not reused
+                        _unlink_quietly(os.path.join(shm, name))
+                        continue
                 seg.name = name
                 return seg
             seg.unmap()  # gone or truncated: writing into it would fault
