@@ -17,7 +17,7 @@ class Task:
     __slots__ = ("task_id", "future", "fn_id", "fn_bytes", "fn_name", "args", "deps",
                  "waiting", "attempt", "retries_left", "deaths", "started", "estimate",
                  "timeout", "retry_timeouts", "resources", "memory_limit", "gpus",
-                 "owner_id", "shared")
+                 "owner_id", "shared", "rebuilds")
 
     def __init__(self, future, fn_id, fn_bytes, fn_name, args, deps, retries, timeout=0.0,
                  retry_timeouts=False, resources=None, memory_limit=0):
@@ -42,6 +42,7 @@ class Task:
         self.gpus = ()  # the GPU indices of its node it was given (core.resources.Round)
         self.owner_id = None  # a nested task: the worker that owns it (core.relay)
         self.shared = ()  # the shared memory segments in its arguments (store.shared)
+        self.rebuilds = 0  # a nested task re-run as its result was lost (core.relay)
 
     def limits(self):
         """What its worker enforces besides the timeout: None, or (memory_limit, gpus)."""

@@ -164,21 +164,28 @@ class Reconstruction:
             return done
         if record.rebuild is not None:
             return record.rebuild
-        if limit <= 0:
-            raise ObjectLostError(
-                f"{error} Reconstruction is off (max_reconstructions=0), so"
-                f" {future._description or 'the task that made it'} was not run again.",
-                name, host) from None
-        if record.rebuilds >= limit:
-            raise ObjectLostError(
-                f"{error} Reconstruction attempts exceeded: the task that made it"
-                f" ({record.fn_name}) was already re-run {record.rebuilds} time(s), and"
-                f" max_reconstructions={limit}. Its nodes keep being lost while they hold"
-                " its result: check them (logs, memory), or raise max_reconstructions.",
-                name, host) from None
+        self.check(error, name, host, record.rebuilds,
+                   future._description or "the task that made it", record.fn_name)
         rebuild = Rebuild(record, future, name, host)
         self._start(rebuild)
         return rebuild
+
+    def check(self, error: ObjectLostError, name: str, host: str, rebuilds: int,
+              what: str, fn_name: str) -> None:
+        """Raise ``error``, reworded, if the task that made a lost value (``what``) may
+        not run again: reconstruction is off, or it was re-run ``limit`` times already."""
+        limit = self.limit
+        if limit <= 0:
+            raise ObjectLostError(
+                f"{error} Reconstruction is off (max_reconstructions=0), so {what} was not"
+                " run again.", name, host) from None
+        if rebuilds >= limit:
+            raise ObjectLostError(
+                f"{error} Reconstruction attempts exceeded: the task that made it"
+                f" ({fn_name}) was already re-run {rebuilds} time(s), and"
+                f" max_reconstructions={limit}. Its nodes keep being lost while they hold"
+                " its result: check them (logs, memory), or raise max_reconstructions.",
+                name, host) from None
 
     def _start(self, rebuild: Rebuild) -> None:
         record = rebuild.record

@@ -19,6 +19,9 @@ frees it (FREE): the Block, not the owner, decides when the piece and every
 copy of it go (``core.directory``). A piece the owner wrote itself (its
 arguments, a ``put``) stays the owner's to free. A receiver on another host
 than the piece gets a copy pulled to its host first (``ObjectDirectory.deliver``).
+A result whose only copy is lost on its way to its owner's host (its host was
+lost) is made again by running its task again (``Relay._rebuild``), within
+``max_reconstructions``, as ``core.lineage`` does for the driver's results.
 
 When an owner dies, its tasks that have not run are dropped, the ones
 running are stopped, and the processes that borrowed its futures hear
@@ -27,9 +30,10 @@ OWNER_DIED; what it borrowed is released at its owners.
 
 from __future__ import annotations
 
+import functools
 import logging
 
-from ..errors import OwnerDiedError, ProtocolError
+from ..errors import ObjectLostError, OwnerDiedError, ProtocolError
 from ..protocol.messages import MessageType, ResultStatus
 from ..store import segments, serialize
 from ..store.objects import Block
@@ -249,14 +253,49 @@ class Relay:
 
     def report(self, future: RelayFuture, status, payload) -> None:
         """A nested task's outcome, for its owner (batched until :meth:`flush`)."""
-        self.tasks.pop((future.owner_id, future.local_id), None)
+        task = self.tasks.pop((future.owner_id, future.local_id), None)
+        lost = None
+        if status == ResultStatus.OK and task is not None:
+            lost = functools.partial(self._rebuild, task)
         self._deliver(future.owner_id, MessageType.OUTCOMES, (future.local_id, status),
-                      payload, hand=True)
+                      payload, hand=True, lost=lost)
+
+    def _rebuild(self, task: Task, error: ObjectLostError):
+        """A nested result's only copy was lost before it reached its owner's host: its
+        task runs again (None), or the error its owner gets (off, or past the limit).
+
+        The lineage of a nested result is its Task, kept only while the result is on
+        its way: once delivered, the owner's host holds a copy for as long as the
+        owner lives (and the owner's futures die with it), so nothing else can lose it.
+        """
+        owner, future = self.owner, task.future
+        if future.state != _DONE or owner.broken is not None or owner.head is None:
+            return error
+        lineage = owner.objects.lineage
+        try:
+            lineage.check(error, error.name, error.host, task.rebuilds,
+                          f"the nested task that made it ({task.fn_name})", task.fn_name)
+        except ObjectLostError as final:
+            return final
+        task.rebuilds += 1
+        task.attempt += 1  # (anything late from the first run is fenced)
+        lineage.rebuilt += 1
+        LOGGER.warning("rebuilding the result of nested %s: its stored value %s lived only on"
+                       " %s, which was lost before it reached its owner (reconstruction %d of"
+                       " at most %d)", task.describe(), error.name, error.host, task.rebuilds,
+                       lineage.limit)
+        future.state = _PENDING
+        self.tasks[(future.owner_id, future.local_id)] = task
+        owner.tasks[task.task_id] = task
+        owner.ready.append(task)
+        return None
 
     def _deliver(self, worker_id: int, kind: MessageType, fields: tuple, payload,
-                 hand: bool = False) -> None:
+                 hand: bool = False, lost=None) -> None:
         """Queue ``(*fields, payload)`` for a worker (or the driver), once every stored
-        piece of ``payload`` is on its host; ``hand``: it owns the pieces from now on."""
+        piece of ``payload`` is on its host; ``hand``: it owns the pieces from now on.
+        ``lost(error)``: a piece had no copy left to pull; None if it handles that (a
+        rebuild), else the error to send."""
         if type(payload) is bytes:
             self._send(worker_id, kind, (*fields, payload))
             return
@@ -276,6 +315,10 @@ class Relay:
                 return  # failed already
             if error is not None:
                 waiting[0] = 0
+                if lost is not None and isinstance(error, ObjectLostError):
+                    error = lost(error)
+                    if error is None:
+                        return
                 self._send(worker_id, kind, (*fields[:-1], ResultStatus.ERROR,
                                              serialize.dumps_exception(error)))
                 return

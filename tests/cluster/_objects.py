@@ -46,3 +46,19 @@ def where_crc(array, seconds: float = 0.0):
 
     time.sleep(seconds)
     return os.readlink("/proc/self/ns/net"), zlib.crc32(array), len(array)
+
+
+def made_where(nbytes: int):
+    """A large result, and which network namespace made it."""
+    return os.readlink("/proc/self/ns/net"), make(nbytes)
+
+
+def made_by_a_child(nbytes: int):
+    """A task that submits a task (nested ownership): its child makes ``nbytes``
+    wherever the head places it; this owner sums them where it runs. Returns the
+    child's namespace, this one's, and the sum."""
+    import futurepool
+
+    child = futurepool.current_executor().submit(made_where, nbytes)
+    where, array = child.result()
+    return where, os.readlink("/proc/self/ns/net"), 7 * array.count(7)

@@ -25,7 +25,7 @@ from futurepool.errors import ObjectLostError
 from futurepool.testing import wait_until
 
 from ._nodes import TIMEOUT, stop
-from ._objects import hold, make, where_total
+from ._objects import hold, made_by_a_child, make, where_total
 from .test_objects import MB, hosts, made_on_node1, primary  # noqa: F401 - hosts: a fixture
 
 pytestmark = [pytest.mark.chaos, pytest.mark.usefixtures("network_available")]
@@ -251,3 +251,33 @@ def test_a_node_killed_while_its_result_is_being_pulled(hosts):  # noqa: F811
         assert lineage(executor).rebuilt >= 1
         assert executor.submit(abs, -3).result(timeout=TIMEOUT) == 3
         del future
+
+
+@pytest.mark.parametrize("limit", [3, 0], ids=["rebuilt", "reconstruction-off"])
+def test_a_nested_result_lost_on_its_way_to_its_owner(hosts, limit):  # noqa: F811
+    """Point 6 with nested ownership: a task on node2 owns a child that ran on node1;
+    node1 is SIGKILLed while the child's 40 MB result is pulled to its owner's host
+    (once there, that host's copy lives as long as the owner). The child runs again
+    (on node2: its owner lends its slot) and the owner completes; with reconstruction
+    off, the owner's ``result()`` raises ObjectLostError naming the value and node1."""
+    with executor_for(hosts, max_reconstructions=limit) as executor:
+        hosts.start(executor, "node1")
+        hosts.start(executor, "node2", FUTUREPOOL_RESOURCES="owner=1")
+        hosts.net.shape("node1", 16_000_000)  # 40 MB take 20 s from node1
+        owner = executor.options(resources={"owner": 1}).submit(made_by_a_child, 40 * MB)
+        assert wait_until(lambda: any("--2-" in n for n in hosts.files("node2")), TIMEOUT), \
+            "node2 did not start receiving the child's result"
+        kill(hosts, executor, "node1", 0, declared=False)
+        hosts.net.unshape("node1")
+        if limit:
+            child, here, total = owner.result(timeout=TIMEOUT)
+            assert child == here == hosts.ns("node2")
+            assert total == 7 * 40 * MB
+            assert lineage(executor).rebuilt == 1
+        else:
+            with pytest.raises(ObjectLostError, match="Reconstruction is off") as info:
+                owner.result(timeout=TIMEOUT)
+            assert info.value.name in str(info.value) and "node 0" in info.value.host
+            assert lineage(executor).rebuilt == 0
+        assert not executor._owner.relay.tasks
+        assert executor.submit(abs, -3).result(timeout=TIMEOUT) == 3
