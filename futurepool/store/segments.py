@@ -39,7 +39,9 @@ import bisect
 import collections
 import errno
 import fcntl
+import functools
 import itertools
+import logging
 import mmap
 import os
 import queue
@@ -51,10 +53,13 @@ from typing import NamedTuple
 
 from ..errors import ObjectLostError, ObjectStoreFullError
 
+LOGGER = logging.getLogger("futurepool")
+
 PAGE = mmap.PAGESIZE
 _FREE_SUFFIX = ".free"
 #: Live segments a writer keeps mapped (each mapping holds a descriptor).
 _MAX_MAPPED = 256
+
 _NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 #: Pooled segments a write looks at (the smallest that fit) before making one.
 _CANDIDATES = 4
@@ -190,7 +195,7 @@ class SegmentWriter:
         self._mapped: collections.OrderedDict[str, _Segment] = collections.OrderedDict()
         self._pool: list[tuple[int, int, _Segment]] = []  # (size, seq, segment), sorted
         self._pool_bytes = 0
-        self._reaper: _Reaper | None = None
+        self._background: _Background | None = None
         # Frees posted from finalizers (any thread, maybe inside our own lock):
         # done by the next write, or whoever calls drain_frees().
         self._deferred: collections.deque = collections.deque()
@@ -371,7 +376,7 @@ class SegmentWriter:
                 except OSError:  # removed under us (a sweep)
                     seg.unmap()
                     continue
-                if seg.mm is None:  # a transfer's copy, written through its file
+                if seg.mm is None:  # a transfer's copy, not mapped ahead yet (_map_ahead)
                     try:
                         fd = os.open(os.path.join(shm, name), os.O_RDWR | os.O_CLOEXEC)
                         try:
@@ -487,6 +492,33 @@ class SegmentWriter:
         with self._lock:
             bisect.insort(self._pool, (seg.size, next(self._seq), seg))
             self._pool_bytes += seg.size
+        if seg.mm is None:  # a transfer's copy, written through its file
+            self._later(functools.partial(self._map_ahead, seg))
+
+    def _map_ahead(self, seg: _Segment) -> None:
+        """Map a pooled segment (its pages mapped in one call) while nobody waits for it:
+        the transfer that reuses it then writes at memory speed, without faults, and
+        without mapping it first (13 ms for 200 MB, on that transfer's time)."""
+        with self._lock:
+            if seg.mm is not None or not any(entry[2] is seg for entry in self._pool):
+                return  # taken (or trimmed) meanwhile
+            name = seg.name
+        try:
+            fd = os.open(os.path.join(self.settings.shm_dir, name), os.O_RDWR | os.O_CLOEXEC)
+        except OSError:  # taken and renamed, or removed, meanwhile
+            return
+        try:
+            mm = _map_populated(fd, seg.size)
+        except OSError:  # no memory to map it now: _take maps it if it is reused
+            return
+        finally:
+            os.close(fd)
+        with self._lock:
+            if seg.mm is None and seg.name == name and \
+                    any(entry[2] is seg for entry in self._pool):
+                seg.mm = mm
+                return
+        mm.close()
 
     def trim(self, keep_bytes: int) -> None:
         """Unlink pooled segments until at most ``keep_bytes`` remain (now, not later)."""
@@ -502,11 +534,14 @@ class SegmentWriter:
 
     def _unlink_later(self, path: str) -> None:
         # Giving back a large segment's pages takes milliseconds: not on the caller's time.
-        if self._reaper is None:
+        self._later(functools.partial(_unlink_quietly, path))
+
+    def _later(self, job) -> None:
+        if self._background is None:
             with self._lock:
-                if self._reaper is None:
-                    self._reaper = _Reaper()
-        self._reaper.put(path)
+                if self._background is None:
+                    self._background = _Background()
+        self._background.put(job)
 
     def close(self) -> None:
         """Unlink the pool and drop mappings; live segments stay for their owner to free."""
@@ -518,8 +553,8 @@ class SegmentWriter:
                 seg.unmap()
             except BufferError:  # a view of it is still alive somewhere: let it be
                 pass
-        if self._reaper is not None:
-            self._reaper.stop()
+        if self._background is not None:
+            self._background.stop()
 
 
 def _map_populated(fd: int, size: int) -> mmap.mmap:
@@ -548,20 +583,24 @@ def _copy(mm, buf: memoryview, nbytes: int) -> None:
         del dst, src  # before anyone closes the mapping
 
 
-class _Reaper:
-    """A daemon thread that unlinks files handed to it."""
+class _Background:
+    """A daemon thread for a writer's work nobody waits for: unlinking freed segments,
+    mapping pooled ones ahead of their reuse."""
 
     def __init__(self):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="futurepool-reaper", daemon=True)
         self._thread.start()
 
-    def put(self, path: str) -> None:
-        self._queue.put(path)
+    def put(self, job) -> None:
+        self._queue.put(job)
 
     def _run(self) -> None:
-        while (path := self._queue.get()) is not None:
-            _unlink_quietly(path)
+        while (job := self._queue.get()) is not None:
+            try:
+                job()
+            except Exception:  # noqa: BLE001 - the next job must still run
+                LOGGER.debug("store background job failed", exc_info=True)
 
     def stop(self) -> None:
         self._queue.put(None)
