@@ -101,9 +101,11 @@ pickled: a fixed ``struct`` and a name, or raw bytes.
 type               direction              frames after the header
 =================  =====================  ========================================
 CHUNK_REQUEST      puller -> holder       CHUNK_BODY (source, offset, length,
-                                          nbytes) + the piece's name (utf-8);
-                                          ident: the transfer, count: the chunk
-CHUNK              holder -> puller       the chunk's bytes (ident, count: as asked)
+                                          nbytes, chunk) + the piece's name
+                                          (utf-8); ident: the transfer, count:
+                                          the first chunk of the run asked for
+CHUNK              holder -> puller       one chunk's bytes (ident: as asked;
+                                          count: the chunk's index)
 CHUNK_ERROR        holder -> puller       utf-8 text: why it cannot be served
 TRANSFER_HELLO     node -> head endpoint  b"<node index>": this connection is that
                                           node's, for the head to ask it for chunks
@@ -119,7 +121,7 @@ from __future__ import annotations
 import enum
 import struct
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 MAGIC = b"fp"
 HEADER = struct.Struct("<2sBBIQII")
 
@@ -171,8 +173,9 @@ class MessageType(enum.IntEnum):
 
 
 #: A CHUNK_REQUEST's body: source (-1: the store of whoever is asked; a node index:
-#: relay to that node), offset, length, the piece's whole size; the name follows.
-CHUNK_BODY = struct.Struct("<qQQQ")
+#: relay to that node), offset, length, the piece's whole size, and the chunk size
+#: (the length is a run of chunks, each sent as one CHUNK; 0: one chunk); the name follows.
+CHUNK_BODY = struct.Struct("<qQQQQ")
 
 _KNOWN_TYPES = frozenset(int(t) for t in MessageType)
 

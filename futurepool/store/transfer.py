@@ -5,10 +5,11 @@
     puller (node C, or the head)                          holder (node B, or the head)
     ────────────────────────────                          ────────────────────────────
     reserve a segment of `nbytes` in its store
-    CHUNK_REQUEST(t, i, offset, length) x window ──────► map the piece read-only (shared
-                                                         lock: its writer cannot reuse it)
-    write it into the segment at offset ◄─────────────── CHUNK(t, i): a zero-copy slice
-      each chunk that lands asks for the next one
+    CHUNK_REQUEST(t, i, offset, length, chunk) ────────► map the piece read-only (shared
+      a run of chunks i, i+1, ... (TRANSFER_RUN);        lock: its writer cannot reuse it)
+      up to TRANSFER_WINDOW chunks asked at once
+    write each into the segment at its offset ◄──────── CHUNK(t, i), CHUNK(t, i+1), ...:
+      once a run's worth has landed, ask the next run      zero-copy slices, back to back
     all bytes there: commit, report the Location
     CHUNK_ERROR, or no chunk for TRANSFER_TIMEOUT:
       abort (the segment is unlinked), next source; none left: report why
@@ -24,7 +25,7 @@ sockets are as sensitive as control):
   keypair) and says TRANSFER_HELLO: the head then asks it for chunks over
   that connection (the node need not be reachable), serves pieces of the
   head's own store to it, and **relays**: a CHUNK_REQUEST naming a node as
-  its source is passed to that node's connection, and its CHUNK back, chunk
+  its source is passed to that node's connection, and its CHUNKs back, chunk
   by chunk (never the whole object staged at the head).
 
 Integrity: CURVE authenticates every message (Poly1305), so a chunk arrives
@@ -38,8 +39,8 @@ the directory names the piece by its **primary name** (each source's fifth
 element, kept by the pull as its key) and may put a host whose pull is in
 progress first in another host's sources. A CHUNK_REQUEST naming the key of a
 pull in progress here, for that piece's exact size, is answered from the
-reserved segment if every chunk it covers has landed, else deferred until
-they land; if this host's own pull fails, the deferred requests get
+reserved segment chunk by chunk: each chunk that has landed at once, the others
+as they land; if this host's own pull fails, the deferred requests get
 CHUNK_ERROR (the requester goes on to its next source). Once the pull is
 committed the key stays an alias of the copy until the copy is dropped. A
 request may arrive before this host has heard of its own pull (the head
@@ -87,6 +88,8 @@ COPY_WRITER = -2
 STORE_FULL = "store full: "
 #: Largest chunk a holder serves (a guard; pullers ask for config.TRANSFER_CHUNK).
 MAX_CHUNK = 64 << 20
+#: Most bytes one request asks for (a run of chunks; pullers ask for config.TRANSFER_RUN).
+MAX_RUN = 256 << 20
 #: Pieces a holder keeps mapped between requests (each holds a shared lock).
 _MAX_VIEWS = 16
 #: Seconds a holder keeps an idle piece mapped.
@@ -100,7 +103,7 @@ class _Pull:
     __slots__ = ("pull_id", "name", "nbytes", "sources", "tried", "errors",
                  "location", "seg", "tid", "route", "asked_source", "next_offset",
                  "outstanding", "received", "progress", "chunk", "window", "started",
-                 "key", "landed", "waiters")
+                 "key", "landed", "waiters", "run")
 
     def __init__(self, pull_id, nbytes, sources, location, seg):
         self.pull_id = pull_id
@@ -120,6 +123,7 @@ class _Pull:
         self.progress = 0.0
         self.chunk = max(1, config.TRANSFER_CHUNK)
         self.window = max(1, config.TRANSFER_WINDOW)
+        self.run = min(self.window, max(1, config.TRANSFER_RUN))
         self.started = time.monotonic()
         # The piece's primary name (a source's 5th element): what hosts pulling after
         # this one ask for while it is still arriving here (pipelined broadcast).
@@ -444,7 +448,7 @@ class Endpoint:
     # -- holding: serve chunks (and relay, at the head) -----------------------------
 
     def _serve(self, sock, peer, header, body: bytes) -> None:
-        source, offset, length, nbytes = CHUNK_BODY.unpack_from(body)
+        source, offset, length, nbytes, chunk = CHUNK_BODY.unpack_from(body)
         name = body[CHUNK_BODY.size:].decode()
         route = (sock, peer)
         if source >= 0:
@@ -453,15 +457,21 @@ class Endpoint:
             else:
                 self._refuse(route, header, "a node relays nothing")
             return
-        if length > MAX_CHUNK or offset + length > nbytes or length == 0:
-            self._refuse(route, header, f"chunk {offset}+{length} outside {nbytes} bytes")
+        chunk = chunk or length
+        if length > MAX_RUN or chunk > MAX_CHUNK or offset + length > nbytes or length == 0:
+            self._refuse(route, header, f"chunks {offset}+{length} (of {chunk}) outside"
+                                        f" {nbytes} bytes")
             return
+        end, tid = offset + length, header.ident
+        chunks = [(index, start, min(chunk, end - start)) for index, start in
+                  enumerate(range(offset, end, chunk), header.count)]
         partial = self._partial.get(name)
         if partial is not None and partial.nbytes == nbytes:  # still arriving: forward
-            if _covered(partial, offset, length):
-                self._forward(partial, route, header.count, header.ident, offset, length)
-            else:
-                partial.waiters.append((route, header.count, header.ident, offset, length))
+            for index, start, size in chunks:
+                if _covered(partial, start, size):
+                    self._forward(partial, route, index, tid, start, size)
+                else:
+                    partial.waiters.append((route, index, tid, start, size))
             return
         alias = self._aliases.get(name)
         if alias is not None and alias.nbytes == nbytes:
@@ -476,17 +486,18 @@ class Endpoint:
             # reached this endpoint yet (it travels on another connection): the request
             # waits a little for it (see _start) before it is refused (well before its
             # sender would give up on us).
-            wait = min(_EARLY_WAIT, config.TRANSFER_TIMEOUT / 4)
-            self._early.setdefault(name, []).append(
-                (time.monotonic() + wait, str(exc), nbytes,
-                 (route, header.count, header.ident, offset, length)))
+            deadline = time.monotonic() + min(_EARLY_WAIT, config.TRANSFER_TIMEOUT / 4)
+            self._early.setdefault(name, []).extend(
+                (deadline, str(exc), nbytes, (route, index, tid, start, size))
+                for index, start, size in chunks)
             return
         except (ValueError, OSError) as exc:
             self._refuse(route, header, str(exc))
             return
-        self._send(route, [pack_header(MessageType.CHUNK, header.count, header.ident),
-                           view[offset:offset + length]])
-        if offset + length == nbytes:  # the last chunk: let the writer reuse it when freed
+        for index, start, size in chunks:
+            self._send(route, [pack_header(MessageType.CHUNK, index, tid),
+                               view[start:start + size]])
+        if end == nbytes:  # the last chunk: let the writer reuse it when freed
             self._views.pop(name, None)
 
     def _forward(self, pull: _Pull, route, index: int, tid: int, offset: int,
@@ -578,11 +589,12 @@ class Endpoint:
             self._refuse(route, header, f"node {source} has no transfer connection to the head")
             return
         rid = next(self._tids)
-        self._relays[rid] = (route[0], route[1], header.ident, header.count, time.monotonic())
-        _, offset, length, nbytes = CHUNK_BODY.unpack_from(body)
+        _, offset, length, nbytes, chunk = CHUNK_BODY.unpack_from(body)
+        chunks = -(-length // (chunk or length or 1))
+        self._relays[rid] = [route[0], route[1], header.ident, chunks, time.monotonic()]
         ok = self._send((self.server, target), [
             pack_header(MessageType.CHUNK_REQUEST, header.count, rid),
-            CHUNK_BODY.pack(-1, offset, length, nbytes) + body[CHUNK_BODY.size:]])
+            CHUNK_BODY.pack(-1, offset, length, nbytes, chunk) + body[CHUNK_BODY.size:]])
         if not ok:
             del self._relays[rid]
             self._reverse.pop(source, None)
@@ -645,21 +657,34 @@ class Endpoint:
         self._end(pull, None, "; ".join(pull.errors) or "no copy to pull from")
 
     def _ask(self, pull: _Pull) -> bool:
-        """Keep ``window`` chunks requested; False if the route is gone."""
+        """Keep up to ``window`` chunks requested, ``run`` consecutive ones per request
+        (asked once that many are free, or the rest are fewer); False if the route is gone."""
         name = pull.name.encode()
-        while len(pull.outstanding) < pull.window and pull.next_offset < pull.nbytes:
-            offset = pull.next_offset
-            length = min(pull.chunk, pull.nbytes - offset)
-            index = offset // pull.chunk
-            if index in pull.landed:
-                pull.next_offset = offset + length
+        chunk, nbytes, landed = pull.chunk, pull.nbytes, pull.landed
+        while pull.next_offset < nbytes:
+            free = pull.window - len(pull.outstanding)
+            if free < min(pull.run, -(-(nbytes - pull.next_offset) // chunk)):
+                break
+            start = end = pull.next_offset
+            indexes = []
+            while end < nbytes and len(indexes) < min(free, pull.run):
+                index = end // chunk
+                if index in landed:  # (from an earlier source: not asked again)
+                    if indexes:
+                        break
+                    start = end = end + min(chunk, nbytes - end)
+                    continue
+                indexes.append(index)
+                end += min(chunk, nbytes - end)
+            pull.next_offset = end
+            if not indexes:
                 continue
             if not self._send(pull.route, [
-                    pack_header(MessageType.CHUNK_REQUEST, index, pull.tid),
-                    CHUNK_BODY.pack(pull.asked_source, offset, length, pull.nbytes) + name]):
+                    pack_header(MessageType.CHUNK_REQUEST, indexes[0], pull.tid),
+                    CHUNK_BODY.pack(pull.asked_source, start, end - start, nbytes, chunk)
+                    + name]):
                 return False
-            pull.outstanding.add(index)
-            pull.next_offset = offset + length
+            pull.outstanding.update(indexes)
         return True
 
     def _chunk(self, sock, header) -> None:
@@ -669,13 +694,16 @@ class Endpoint:
         tid, index = header.ident, header.count
         pull = self._pulls.get(tid)
         if pull is None:
-            relay = self._relays.pop(tid, None) if self.is_head else None
+            relay = self._relays.get(tid) if self.is_head else None
             frame = sock.recv(copy=False)
             self._skip(sock)
             if relay is not None:  # a chunk for a node that asked through us: pass it on
-                rsock, rpeer, rtid, rindex, _ = relay
+                rsock, rpeer, rtid, left, _ = relay
+                if left <= 1:
+                    del self._relays[tid]
+                relay[3], relay[4] = left - 1, time.monotonic()
                 self.relayed += 1
-                self._send((rsock, rpeer), [pack_header(MessageType.CHUNK, rindex, rtid), frame])
+                self._send((rsock, rpeer), [pack_header(MessageType.CHUNK, index, rtid), frame])
             return  # else: late, for an attempt given up on
         if index not in pull.outstanding or index in pull.landed:
             self._skip(sock)
@@ -740,8 +768,9 @@ class Endpoint:
             return
         relay = self._relays.pop(tid, None) if self.is_head else None
         if relay is not None:
-            rsock, rpeer, rtid, rindex, _ = relay
-            self._send((rsock, rpeer), [pack_header(MessageType.CHUNK_ERROR, rindex, rtid), body])
+            rsock, rpeer, rtid = relay[:3]
+            self._send((rsock, rpeer), [pack_header(MessageType.CHUNK_ERROR, header.count, rtid),
+                                        body])
 
     def _check_progress(self, now: float) -> None:
         limit = config.TRANSFER_TIMEOUT

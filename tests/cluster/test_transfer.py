@@ -136,9 +136,11 @@ def test_a_pull_whose_filesystem_fills_up_lands_whole_in_the_spill_directory(
                 continue
             peer, head, body = holder.recv_multipart()
             header = decode_header(head)
-            _, offset, length, _ = CHUNK_BODY.unpack_from(body)
-            holder.send_multipart([peer, pack_header(MessageType.CHUNK, header.count,
-                                                     header.ident), data[offset:offset + length]])
+            _, offset, length, _, chunk = CHUNK_BODY.unpack_from(body)
+            for index, start in enumerate(range(offset, offset + length, chunk), header.count):
+                end = min(start + chunk, offset + length)
+                holder.send_multipart([peer, pack_header(MessageType.CHUNK, index, header.ident),
+                                       data[start:end]])
             served += 1
             if served == 1:  # another program takes what is left
                 with open(filler, "wb") as f, pytest.raises(OSError):
@@ -189,7 +191,7 @@ def test_a_peer_without_the_key_gets_nothing(stores, endpoints):
                 security.make_curve_client(sock, keys)
             sock.connect(head.address)
             sock.send_multipart([pack_header(MessageType.CHUNK_REQUEST, 0, 1),
-                                 CHUNK_BODY.pack(-1, 0, 1000, piece.nbytes)
+                                 CHUNK_BODY.pack(-1, 0, 1000, piece.nbytes, 0)
                                  + piece.name.encode()])
             assert not sock.poll(1000), "a stranger got an answer"
             sock.close()
@@ -200,7 +202,7 @@ def test_a_peer_without_the_key_gets_nothing(stores, endpoints):
         security.make_curve_client(sock, head.keys)
         sock.connect(head.address)
         sock.send_multipart([pack_header(MessageType.CHUNK_REQUEST, 0, 1),
-                             CHUNK_BODY.pack(-1, 0, 1000, piece.nbytes) + piece.name.encode()])
+                             CHUNK_BODY.pack(-1, 0, 1000, piece.nbytes, 0) + piece.name.encode()])
         assert sock.poll(TIMEOUT * 1000)
         header, chunk = sock.recv_multipart()
         assert decode_header(header).kind == MessageType.CHUNK and chunk == b"y" * 1000
@@ -214,9 +216,11 @@ def test_a_pull_in_progress_serves_what_has_landed_and_defers_the_rest(
     """Pipelined broadcast: b pulls a piece from a holder the test plays (answering out of
     order); a peer asking b for the piece by its primary name gets the chunks that have
     landed at once, the others when they land, and CHUNK_ERROR when b's own pull fails.
+    A run of chunks asked at once is served chunk by chunk, each when it has landed.
     Nothing else is served under that name (another size), and nothing stays in b's store."""
     monkeypatch.setattr(config, "TRANSFER_CHUNK", 1000)
     monkeypatch.setattr(config, "TRANSFER_WINDOW", 3)
+    monkeypatch.setattr(config, "TRANSFER_RUN", 1)  # b asks for its chunks one by one
     b_store = stores()
     b, b_done = endpoints(b_store, head=False, bind="tcp://127.0.0.1:0")
     key = f"{b_store.session}-abc-4294967296-0"  # as the directory names the primary
@@ -248,9 +252,11 @@ def test_a_pull_in_progress_serves_what_has_landed_and_defers_the_rest(
             holder.send_multipart([route, pack_header(MessageType.CHUNK, index, asked[index]),
                                    data[index * 1000:(index + 1) * 1000]])
 
-        def ask(tid, offset, length, nbytes=5000):
-            peer.send_multipart([pack_header(MessageType.CHUNK_REQUEST, tid, tid),
-                                 CHUNK_BODY.pack(-1, offset, length, nbytes) + key.encode()])
+        def ask(tid, offset, length, nbytes=5000, chunk=0, index=None):
+            peer.send_multipart([pack_header(MessageType.CHUNK_REQUEST,
+                                             tid if index is None else index, tid),
+                                 CHUNK_BODY.pack(-1, offset, length, nbytes, chunk)
+                                 + key.encode()])
 
         def reply():
             assert peer.poll(TIMEOUT * 1000), "no answer"
@@ -273,13 +279,19 @@ def test_a_pull_in_progress_serves_what_has_landed_and_defers_the_rest(
         kind, ident, body = reply()
         assert (kind, ident) == (MessageType.CHUNK_ERROR, 13), body
         assert b.forwarded == 3
+        ask(15, 0, 3000, chunk=1000, index=0)  # a run: chunks 0 and 1 now, 2 deferred
+        assert [reply() for _ in range(2)] == [(MessageType.CHUNK, 15, data[0:1000]),
+                                               (MessageType.CHUNK, 15, data[1000:2000])]
+        assert b.forwarded == 5
         ask(14, 4000, 1000)  # deferred, then b's own pull fails
         assert not peer.poll(200)
         holder.send_multipart([route, pack_header(MessageType.CHUNK_ERROR, 2, asked[2]),
                                b"gone"])
-        kind, ident, body = reply()
-        assert (kind, ident) == (MessageType.CHUNK_ERROR, 14)
-        assert b"its own pull failed" in body and b"gone" in body, body
+        failed = sorted(reply() for _ in range(2))
+        assert [(kind, ident) for kind, ident, _ in failed] == \
+            [(MessageType.CHUNK_ERROR, 14), (MessageType.CHUNK_ERROR, 15)]
+        for _, _, body in failed:
+            assert b"its own pull failed" in body and b"gone" in body, body
         pull_id, location, why = b_done.get(timeout=TIMEOUT)
         assert (pull_id, location) == (1, None) and "gone" in why
         assert key not in b._partial and _files(b_store) == []
