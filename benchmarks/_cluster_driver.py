@@ -3,11 +3,15 @@
 ``python _cluster_driver.py echo HOST`` binds a TCP port on HOST, prints it,
 and echoes what the one connection it accepts sends, until that closes.
 
-``python _cluster_driver.py floor-recv HOST NBYTES`` and ``python _cluster_driver.py
+``python _cluster_driver.py floor-recv HOST NBYTES [LAND]`` and ``python _cluster_driver.py
 floor-send tcp://HOST:PORT SERVER_KEY NBYTES CHUNK`` measure the floor of object
 transfers: pyzmq PUSH -> PULL over TCP with CURVE, NBYTES in chunks of CHUNK
 bytes. The receiver prints ``{"port", "key"}`` (its CURVE public key), then
-``{"seconds": ...}`` from the sender's first frame to the last byte.
+``{"seconds": ...}`` from the sender's first frame to the last byte. LAND
+``drop`` (the default) drops each chunk (the memory malloc hands libzmq for
+the next one is the same: warm); ``fresh`` writes them into a new file in
+/dev/shm with ``pwrite``, as a store receiving a value for the first time must
+(removed at the end).
 
 ``python _cluster_driver.py dask tcp://HOST:PORT`` and ``python
 _cluster_driver.py ray HOST:PORT NODE_IP`` connect a client (a
@@ -48,6 +52,7 @@ commands) come from ``PYTHONPATH``.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import time
@@ -79,7 +84,7 @@ def echo(host: str) -> int:
     return 0
 
 
-def floor_recv(host: str, nbytes: int) -> int:
+def floor_recv(host: str, nbytes: int, land: str = "drop") -> int:
     import zmq
 
     ctx = zmq.Context()
@@ -87,17 +92,27 @@ def floor_recv(host: str, nbytes: int) -> int:
     public, secret = zmq.curve_keypair()
     sock.curve_server, sock.curve_secretkey, sock.curve_publickey = True, secret, public
     port = sock.bind_to_random_port(f"tcp://{host}")
-    print(json.dumps({"port": port, "key": public.decode()}), flush=True)
-    if not sock.poll(ECHO_TIMEOUT * 1000):
-        return 1
-    sock.recv()  # the start frame
-    t0 = time.perf_counter()
-    received = 0
-    while received < nbytes:
-        received += len(sock.recv(copy=False).buffer)
-    print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
-    sock.close(linger=0)
-    ctx.term()
+    path = f"/dev/shm/fp_bench_floor_{os.getpid()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600) if land == "fresh" else -1
+    try:
+        print(json.dumps({"port": port, "key": public.decode()}), flush=True)
+        if not sock.poll(ECHO_TIMEOUT * 1000):
+            return 1
+        sock.recv()  # the start frame
+        t0 = time.perf_counter()
+        received = 0
+        while received < nbytes:
+            buffer = sock.recv(copy=False).buffer
+            if fd >= 0:
+                os.pwrite(fd, buffer, received)
+            received += len(buffer)
+        print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+            os.unlink(path)
+        sock.close(linger=0)
+        ctx.term()
     return 0
 
 
@@ -310,7 +325,7 @@ def main(argv: list[str]) -> int:
     if role == "echo":
         return echo(argv[1])
     if role == "floor-recv":
-        return floor_recv(argv[1], int(argv[2]))
+        return floor_recv(argv[1], int(argv[2]), *argv[3:4])
     if role == "floor-send":
         return floor_send(argv[1], argv[2], int(argv[3]), int(argv[4]))
     if role == "dask":
