@@ -278,11 +278,11 @@ def test_a_pull_in_progress_serves_what_has_landed_and_defers_the_rest(
         ask(13, 0, 1000, nbytes=999_999)  # not this piece's size: not served
         kind, ident, body = reply()
         assert (kind, ident) == (MessageType.CHUNK_ERROR, 13), body
-        assert b.forwarded == 3
+        assert wait_until(lambda: b.forwarded == 3, TIMEOUT), b.forwarded  # (counted after)
         ask(15, 0, 3000, chunk=1000, index=0)  # a run: chunks 0 and 1 now, 2 deferred
         assert [reply() for _ in range(2)] == [(MessageType.CHUNK, 15, data[0:1000]),
                                                (MessageType.CHUNK, 15, data[1000:2000])]
-        assert b.forwarded == 5
+        assert wait_until(lambda: b.forwarded == 5, TIMEOUT), b.forwarded
         ask(14, 4000, 1000)  # deferred, then b's own pull fails
         assert not peer.poll(200)
         holder.send_multipart([route, pack_header(MessageType.CHUNK_ERROR, 2, asked[2]),
