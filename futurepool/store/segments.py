@@ -59,7 +59,6 @@ PAGE = mmap.PAGESIZE
 _FREE_SUFFIX = ".free"
 #: Live segments a writer keeps mapped (each mapping holds a descriptor).
 _MAX_MAPPED = 256
-
 _NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 #: Pooled segments a write looks at (the smallest that fit) before making one.
 _CANDIDATES = 4
@@ -589,7 +588,8 @@ class _Background:
 
     def __init__(self):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="futurepool-reaper", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="futurepool-store",
+                                        daemon=True)
         self._thread.start()
 
     def put(self, job) -> None:

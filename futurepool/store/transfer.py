@@ -88,8 +88,9 @@ COPY_WRITER = -2
 STORE_FULL = "store full: "
 #: Largest chunk a holder serves (a guard; pullers ask for config.TRANSFER_CHUNK).
 MAX_CHUNK = 64 << 20
-#: Most bytes one request asks for (a run of chunks; pullers ask for config.TRANSFER_RUN).
+#: Most bytes, and chunks, one request asks for (a run; pullers ask for config.TRANSFER_RUN).
 MAX_RUN = 256 << 20
+MAX_RUN_CHUNKS = 1024
 #: Pieces a holder keeps mapped between requests (each holds a shared lock).
 _MAX_VIEWS = 16
 #: Seconds a holder keeps an idle piece mapped.
@@ -458,9 +459,10 @@ class Endpoint:
                 self._refuse(route, header, "a node relays nothing")
             return
         chunk = chunk or length
-        if length > MAX_RUN or chunk > MAX_CHUNK or offset + length > nbytes or length == 0:
+        if length > MAX_RUN or chunk > MAX_CHUNK or offset + length > nbytes or length == 0 \
+                or length > chunk * MAX_RUN_CHUNKS:
             self._refuse(route, header, f"chunks {offset}+{length} (of {chunk}) outside"
-                                        f" {nbytes} bytes")
+                                        f" {nbytes} bytes, or too many")
             return
         end, tid = offset + length, header.ident
         chunks = [(index, start, min(chunk, end - start)) for index, start in

@@ -206,6 +206,12 @@ def test_a_peer_without_the_key_gets_nothing(stores, endpoints):
         assert sock.poll(TIMEOUT * 1000)
         header, chunk = sock.recv_multipart()
         assert decode_header(header).kind == MessageType.CHUNK and chunk == b"y" * 1000
+        # A run of more chunks than a request may name: refused, nothing sent.
+        sock.send_multipart([pack_header(MessageType.CHUNK_REQUEST, 0, 2),
+                             CHUNK_BODY.pack(-1, 0, 5000, piece.nbytes, 1) + piece.name.encode()])
+        assert sock.poll(TIMEOUT * 1000)
+        header, body = sock.recv_multipart()
+        assert decode_header(header).kind == MessageType.CHUNK_ERROR and b"too many" in body
         sock.close()
     finally:
         ctx.term()
