@@ -166,6 +166,10 @@ class Owner:
         # Closes our descriptors exactly once: at the end of the I/O thread, or
         # when an executor that never started is shut down or collected.
         self.release_fds = weakref.finalize(self, close_fds, [self.wake_fd, *inherited_fds])
+        # post() may find the I/O thread asleep just before it wakes, exits and closes
+        # wake_fd: the write and the close are serialized, or the write could land in
+        # whatever file next gets that descriptor number.
+        self.wake_lock = threading.RLock()  # (a finalizer may post while it is held)
         self.sleeping = False
         self.broken: BaseException | None = None
         self.thread: threading.Thread | None = None
@@ -265,7 +269,13 @@ class Owner:
     def post(self, command) -> None:
         self.commands.append(command)
         if self.sleeping:
-            os.eventfd_write(self.wake_fd, 1)
+            with self.wake_lock:
+                if self.release_fds.alive:
+                    os.eventfd_write(self.wake_fd, 1)
+
+    def _release_fds(self) -> None:
+        with self.wake_lock:
+            self.release_fds()
 
     def make_task(self, future, fn, args, kwargs, options=None) -> Task:
         """Pickle a call (in the caller's thread); raises PicklingError naming the culprit.
@@ -342,7 +352,7 @@ class Owner:
         """Shutdown of an executor that never ran a task: fds and stored values to free."""
         self.store.pin_all()
         self.store.close()
-        self.release_fds()
+        self._release_fds()
 
     def _executor_gone(self, _ref) -> None:
         self.post(("shutdown", False))
@@ -864,7 +874,7 @@ class Owner:
         if self.sock is not None:
             self.sock.close(linger=0)
             self.ctx.term()
-        self.release_fds()
+        self._release_fds()
         if self.run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         # Whatever is still pending can never complete now.

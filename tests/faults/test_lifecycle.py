@@ -287,6 +287,26 @@ def test_shutdown_leaves_nothing_behind():
     assert futurepool_processes(since) == []
 
 
+def test_a_command_posted_as_the_io_thread_closes_touches_no_descriptor():
+    """A thread posting a command (a finalizer's free, shutdown) can find the I/O thread
+    asleep just before it wakes, exits and closes its wake-up descriptor: the post must
+    then write nothing, neither failing (EBADF) nor into whatever file got that number."""
+    executor = futurepool.Executor(max_workers=1)
+    assert executor.submit(abs, -1).result(timeout=TIMEOUT) == 1
+    owner = executor._owner
+    executor.shutdown(wait=True)
+    read_end, write_end = os.pipe()  # (the lowest free numbers: the closed one, likely)
+    try:
+        owner.sleeping = True  # as it was when the poster looked
+        owner.post(("shutdown", False))
+        os.set_blocking(read_end, False)
+        with pytest.raises(BlockingIOError):
+            os.read(read_end, 8)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 def test_garbage_collected_executor_finishes_its_work_then_stops():
     since = time.time()
     dirs_before = _run_entries()
