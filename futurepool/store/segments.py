@@ -499,7 +499,7 @@ class SegmentWriter:
         the transfer that reuses it then writes at memory speed, without faults, and
         without mapping it first (13 ms for 200 MB, on that transfer's time)."""
         with self._lock:
-            if seg.mm is not None or not any(entry[2] is seg for entry in self._pool):
+            if seg.mm is not None or not self._pooled(seg):
                 return  # taken (or trimmed) meanwhile
             name = seg.name
         try:
@@ -513,11 +513,14 @@ class SegmentWriter:
         finally:
             os.close(fd)
         with self._lock:
-            if seg.mm is None and seg.name == name and \
-                    any(entry[2] is seg for entry in self._pool):
+            if seg.mm is None and seg.name == name and self._pooled(seg):
                 seg.mm = mm
                 return
         mm.close()
+
+    def _pooled(self, seg: _Segment) -> bool:
+        """Whether ``seg`` is still in the pool (call with the lock held)."""
+        return any(entry[2] is seg for entry in self._pool)
 
     def trim(self, keep_bytes: int) -> None:
         """Unlink pooled segments until at most ``keep_bytes`` remain (now, not later)."""

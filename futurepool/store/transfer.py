@@ -700,10 +700,11 @@ class Endpoint:
             frame = sock.recv(copy=False)
             self._skip(sock)
             if relay is not None:  # a chunk for a node that asked through us: pass it on
-                rsock, rpeer, rtid, left, _ = relay
-                if left <= 1:
+                rsock, rpeer, rtid = relay[:3]
+                relay[3] -= 1  # chunks of its run still to come
+                relay[4] = time.monotonic()
+                if relay[3] <= 0:
                     del self._relays[tid]
-                relay[3], relay[4] = left - 1, time.monotonic()
                 self.relayed += 1
                 self._send((rsock, rpeer), [pack_header(MessageType.CHUNK, index, rtid), frame])
             return  # else: late, for an attempt given up on
